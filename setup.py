@@ -1,0 +1,47 @@
+"""var-jax: VAR (next-scale prediction) in JAX/Flax, for Cloud TPU pods and anywhere JAX runs."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "ml_collections>=1.1",
+    "clu>=0.0.12",
+    # clu's metric writers import tensorflow and tensorboard without declaring them.
+    "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",
+    "numpy>=1.26",
+    "pillow>=10",
+    "absl-py>=2",
+    "huggingface_hub>=0.24",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "tpu": ["jax[tpu]>=0.10"],
+    "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
+    "test": [
+        "pytest>=8",
+        "tensorflow-datasets>=4.9",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+    ],
+}
+
+setup(
+    name="var-jax",
+    version="0.1.0",
+    description="VAR (Visual AutoRegressive modeling) in JAX/Flax: tokenizer, transformer, sampler, pod-scale training.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["var_jax", "var_jax.*"]),
+    package_data={"var_jax": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["var-jax=var_jax.cli:main"]},
+    license="MIT",
+)
