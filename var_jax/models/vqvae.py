@@ -1,0 +1,216 @@
+"""The official VAR tokenizer (VQVAE encoder/decoder, VAR_SPEC §2) as Flax linen modules, NHWC.
+
+Module names follow the PyTorch state dict with list indices folded in (`down.0.block.1` is
+`down_0/block_1`), so conversion is a rename plus kernel transposes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from var_jax.models.quant import MultiScaleQuantizer
+from var_jax.models.vqvae_config import VQVAEConfig
+
+_PAD1 = ((1, 1), (1, 1))
+
+
+def _conv(features: int, name: str, dtype, kernel: int = 3) -> nn.Conv:
+  pad = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), padding=pad, name=name, dtype=dtype)
+
+
+def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, use_fast_variance=False, name=name,
+                      dtype=jnp.float32)
+
+
+class ResnetBlock(nn.Module):
+  """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 shortcut when widths differ."""
+  cfg: VQVAEConfig
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = _conv(self.out_channels, "conv1", self.dtype)(nn.silu(_norm(self.cfg, "norm1")(x)))
+    h = _conv(self.out_channels, "conv2", self.dtype)(nn.silu(_norm(self.cfg, "norm2")(h)))
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, "nin_shortcut", self.dtype, kernel=1)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over the h*w positions, logits scaled by C**-0.5."""
+  cfg: VQVAEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    B, H, W, C = x_BHWC.shape
+    qkv = _conv(3 * C, "qkv", self.dtype, kernel=1)(_norm(self.cfg, "norm")(x_BHWC))
+    qkv = qkv.reshape(B, H * W, 3, C)  # channel order is [q | k | v]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (C ** -0.5)
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
+    return x_BHWC + _conv(C, "proj_out", self.dtype, kernel=1)(h)
+
+
+class Downsample(nn.Module):
+  """Zero-pad one row at the bottom and one column at the right, then a stride-2 3x3 conv."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name="conv",
+                   dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then a 3x3 conv."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(x.shape[-1], "conv", self.dtype)(x)
+
+
+class Level(nn.Module):
+  """One resolution level: res blocks (each followed by attention if `with_attn`), then resampling."""
+  cfg: VQVAEConfig
+  out_channels: int
+  num_blocks: int
+  with_attn: bool
+  resample: str | None  # "down", "up" or None.
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    for i in range(self.num_blocks):
+      h = ResnetBlock(self.cfg, self.out_channels, self.dtype, name=f"block_{i}")(h)
+      if self.with_attn:
+        h = AttnBlock(self.cfg, self.dtype, name=f"attn_{i}")(h)
+    if self.resample == "down":
+      h = Downsample(self.dtype, name="downsample")(h)
+    elif self.resample == "up":
+      h = Upsample(self.dtype, name="upsample")(h)
+    return h
+
+
+class Mid(nn.Module):
+  cfg: VQVAEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    c = h.shape[-1]
+    h = ResnetBlock(self.cfg, c, self.dtype, name="block_1")(h)
+    if self.cfg.using_mid_sa:
+      h = AttnBlock(self.cfg, self.dtype, name="attn_1")(h)
+    return ResnetBlock(self.cfg, c, self.dtype, name="block_2")(h)
+
+
+class Encoder(nn.Module):
+  """Image (B, H, W, 3) in [-1, 1] -> latent (B, H/16, W/16, z_channels)."""
+  cfg: VQVAEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    n = len(cfg.ch_mult)
+    h = _conv(cfg.ch, "conv_in", self.dtype)(x.astype(self.dtype))
+    for i, mult in enumerate(cfg.ch_mult):
+      last = i == n - 1
+      h = Level(cfg, cfg.ch * mult, cfg.num_res_blocks, with_attn=last and cfg.using_sa,
+                resample=None if last else "down", dtype=self.dtype, name=f"down_{i}")(h)
+    h = Mid(cfg, self.dtype, name="mid")(h)
+    h = nn.silu(_norm(cfg, "norm_out")(h))
+    return _conv(cfg.z_channels, "conv_out", self.dtype)(h)
+
+
+class Decoder(nn.Module):
+  """Latent (B, h, w, z_channels) -> image (B, 16h, 16w, 3), not clamped."""
+  cfg: VQVAEConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z):
+    cfg = self.cfg
+    n = len(cfg.ch_mult)
+    h = _conv(cfg.ch * cfg.ch_mult[-1], "conv_in", self.dtype)(z.astype(self.dtype))
+    h = Mid(cfg, self.dtype, name="mid")(h)
+    for i in reversed(range(n)):  # Lowest resolution first; up_0 is the full-resolution level.
+      h = Level(cfg, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1,
+                with_attn=(i == n - 1) and cfg.using_sa, resample="up" if i else None,
+                dtype=self.dtype, name=f"up_{i}")(h)
+    h = nn.silu(_norm(cfg, "norm_out")(h))
+    return _conv(cfg.in_channels, "conv_out", self.dtype)(h).astype(jnp.float32)
+
+
+class VQVAE(nn.Module):
+  """Encoder + quant_conv + multi-scale quantizer + post_quant_conv + decoder.
+
+  Use the methods with `apply(..., method=...)`:
+    encode(img) -> list of (B, pn, pn) int32 token maps;
+    decode(idx_maps) -> image in [-1, 1];
+    decode_fhat(f_hat) -> image in [-1, 1];
+    indices_to_var_input(idx_maps) -> (B, L - pn_0**2, Cvae);
+    next_autoregressive_input(si, f_hat, h) -> (f_hat, next map);
+    __call__(img) -> (unclamped reconstruction, vq_loss, hits_SV) for tokenizer training.
+  """
+  config: VQVAEConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    self.encoder = Encoder(cfg, dtype)
+    self.decoder = Decoder(cfg, dtype)
+    self.quant_conv = _conv(cfg.z_channels, "quant_conv", dtype, kernel=cfg.quant_conv_ks)
+    self.post_quant_conv = _conv(cfg.z_channels, "post_quant_conv", dtype, kernel=cfg.quant_conv_ks)
+    self.quantize = MultiScaleQuantizer(cfg)
+
+  def encode_to_latent(self, img_BHWC: jax.Array) -> jax.Array:
+    """The continuous map f that gets quantized, float32."""
+    return self.quant_conv(self.encoder(img_BHWC)).astype(jnp.float32)
+
+  def encode(self, img_BHWC: jax.Array) -> list[jax.Array]:
+    return self.quantize.encode(self.encode_to_latent(img_BHWC))
+
+  def encode_fhats(self, img_BHWC: jax.Array) -> list[jax.Array]:
+    """Cumulative f_hat after each scale (the official `f_to_idxBl_or_fhat(to_fhat=True)`)."""
+    return self.quantize.quantize(self.encode_to_latent(img_BHWC))[1]
+
+  def decode_fhat_unclamped(self, f_hat_BhwC: jax.Array) -> jax.Array:
+    return self.decoder(self.post_quant_conv(f_hat_BhwC.astype(jnp.dtype(self.config.dtype))))
+
+  def decode_fhat(self, f_hat_BhwC: jax.Array) -> jax.Array:
+    return jnp.clip(self.decode_fhat_unclamped(f_hat_BhwC), -1.0, 1.0)
+
+  def indices_to_fhat(self, idx_maps: Sequence[jax.Array]) -> jax.Array:
+    return self.quantize.indices_to_fhat(idx_maps, last_only=True)
+
+  def decode(self, idx_maps: Sequence[jax.Array]) -> jax.Array:
+    return self.decode_fhat(self.quantize.indices_to_fhat(idx_maps, last_only=True))
+
+  def indices_to_var_input(self, idx_maps: Sequence[jax.Array]) -> jax.Array:
+    return self.quantize.indices_to_var_input(idx_maps)
+
+  def next_autoregressive_input(self, si: int, f_hat: jax.Array, h_BpnpnC: jax.Array):
+    return self.quantize.next_autoregressive_input(si, f_hat, h_BpnpnC)
+
+  def lookup(self, idx_Bhw: jax.Array) -> jax.Array:
+    """Codebook vectors (B, h, w, Cvae) of a token map."""
+    return self.quantize.lookup(idx_Bhw)
+
+  def codebook(self) -> jax.Array:
+    return self.quantize.codebook()
+
+  def __call__(self, img_BHWC: jax.Array):
+    f = self.encode_to_latent(img_BHWC)
+    f_hat, vq_loss, hits_SV = self.quantize(f)
+    return self.decode_fhat_unclamped(f_hat), vq_loss, hits_SV

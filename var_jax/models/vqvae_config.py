@@ -1,0 +1,98 @@
+"""The multi-scale VQVAE's hyper-parameters as a frozen dataclass (hashable, so jit can key on it)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from var_jax import scales
+from var_jax.errors import ConfigError
+
+# The released tokenizer, vae_ch160v4096z32.pth (VAR_SPEC §0, §2).
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+  """Architecture of the official multi-scale VQVAE (encoder, decoder, residual quantizer)."""
+  vocab_size: int = 4096
+  z_channels: int = 32          # Cvae: latent and codebook width.
+  ch: int = 160
+  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2       # The decoder uses one more per level.
+  num_groups: int = 32          # GroupNorm groups.
+  using_sa: bool = True         # Attention at the lowest resolution.
+  using_mid_sa: bool = True
+  in_channels: int = 3
+  quant_conv_ks: int = 3
+  beta: float = 0.25            # Commitment weight.
+  quant_resi: float = 0.5       # Phi mixing ratio; |r| <= 1e-6 means no Phi at all.
+  share_quant_resi: int = 4     # 0: one Phi per scale, 1: one shared, n: n partially shared.
+  patch_nums: tuple[int, ...] = PATCH_NUMS_256
+  dtype: str = "float32"        # Compute dtype; parameters are always float32.
+
+  def __post_init__(self):
+    object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+    try:
+      object.__setattr__(self, "patch_nums", scales.validate_patch_nums(self.patch_nums))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    for name in ("vocab_size", "z_channels", "ch", "num_res_blocks", "num_groups", "in_channels"):
+      if int(getattr(self, name)) < 1:
+        raise ConfigError(f"VQVAEConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if not self.ch_mult:
+      raise ConfigError("VQVAEConfig.ch_mult is empty.")
+    for width in {self.ch * m for m in (1,) + self.ch_mult}:
+      if width % self.num_groups:
+        raise ConfigError(f"GroupNorm needs every width divisible by num_groups={self.num_groups}, "
+                          f"but ch={self.ch} x ch_mult={self.ch_mult} gives {width}.")
+    if self.share_quant_resi < 0:
+      raise ConfigError(f"share_quant_resi must be >= 0, got {self.share_quant_resi}.")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ConfigError(f"VQVAEConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+
+  @property
+  def downsample(self) -> int:
+    """Image side / latent side."""
+    return 2 ** (len(self.ch_mult) - 1)
+
+  @property
+  def latent_size(self) -> int:
+    return self.patch_nums[-1]
+
+  @property
+  def image_size(self) -> int:
+    return self.latent_size * self.downsample
+
+  @property
+  def num_scales(self) -> int:
+    return len(self.patch_nums)
+
+  @property
+  def num_phi(self) -> int:
+    """How many Phi convolutions exist (0 when quant_resi is off)."""
+    if abs(self.quant_resi) <= 1e-6:
+      return 0
+    if self.share_quant_resi == 0:
+      return self.num_scales
+    return self.share_quant_resi
+
+  @property
+  def phi_table(self) -> tuple[int, ...]:
+    """Phi index used by each scale."""
+    if self.num_phi == 0:
+      return ()
+    if self.share_quant_resi == 1:
+      return (0,) * self.num_scales
+    return scales.phi_index_table(self.num_scales, self.num_phi)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "VQVAEConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"Unknown VQVAE config fields {unknown}; known fields: {sorted(known)}.")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
