@@ -136,3 +136,121 @@ def vqvae_params_from_torch(sd: Mapping[str, np.ndarray], config: VQVAEConfig) -
       lambda: vqvae.VQVAE(config).init(jax.random.key(0), jnp.zeros((1, size, size, config.in_channels))))
   return check_and_assign(converted, abstract["params"], "VQVAE")
 
+
+
+# -- VAR -----------------------------------------------------------------------------------------
+
+def infer_var_config(sd: Mapping[str, np.ndarray], *, patch_nums, vocab_size: int | None = None,
+                     z_channels: int | None = None, **overrides):
+  """Reads the VAR architecture from state-dict shapes and checks it against the tokenizer's."""
+  from var_jax import scales
+  from var_jax.models.var_config import VARConfig
+
+  class_emb = _require(sd, "class_emb.weight", "VAR")
+  head = _require(sd, "head.weight", "VAR")
+  word = _require(sd, "word_embed.weight", "VAR")
+  pos = _require(sd, "pos_1LC", "VAR")
+  C = int(class_emb.shape[1])
+  depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+  if depth == 0:
+    raise CheckpointError("VAR checkpoint has no blocks.* keys.")
+  l2 = "blocks.0.attn.scale_mul_1H11" in sd
+  heads = int(sd["blocks.0.attn.scale_mul_1H11"].shape[1]) if l2 else overrides.pop("num_heads", depth)
+  fc1 = _require(sd, "blocks.0.ffn.fc1.weight", "VAR")
+  values = dict(depth=depth, embed_dim=C, num_heads=heads, mlp_ratio=fc1.shape[0] / C,
+                num_classes=int(class_emb.shape[0]) - 1, vocab_size=int(head.shape[0]),
+                z_channels=int(word.shape[1]), patch_nums=tuple(patch_nums),
+                shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm=l2)
+  if vocab_size is not None and vocab_size != values["vocab_size"]:
+    raise CheckpointError(
+        f"The VAR checkpoint predicts {values['vocab_size']} codes but the tokenizer has {vocab_size}: "
+        "this VAR was trained with another tokenizer. Load the VQVAE it was released with.")
+  if z_channels is not None and z_channels != values["z_channels"]:
+    raise CheckpointError(
+        f"The VAR checkpoint embeds {values['z_channels']}-dim latents but the tokenizer's are "
+        f"{z_channels}-dim: this VAR was trained with another tokenizer.")
+  if int(pos.shape[1]) != scales.seq_len(patch_nums):
+    raise CheckpointError(
+        f"The VAR checkpoint has {pos.shape[1]} positions but patch_nums {tuple(patch_nums)} give "
+        f"{scales.seq_len(patch_nums)} tokens: pass the patch_nums it was trained with "
+        "(256 px: 1,2,3,4,5,6,8,10,13,16; 512 px: 1,2,3,4,6,9,13,18,24,32).")
+  values.update(overrides)
+  return VARConfig.from_mapping(values)
+
+
+def _check_var_buffers(sd: Mapping[str, np.ndarray], config) -> None:
+  """The official buffers depend on patch_nums only: they must equal what we recompute."""
+  from var_jax import scales
+  if "lvl_1L" in sd and not np.array_equal(np.asarray(sd["lvl_1L"]).reshape(-1),
+                                           scales.scale_ids(config.patch_nums)):
+    raise CheckpointError("The checkpoint's lvl_1L buffer does not match patch_nums "
+                          f"{config.patch_nums}: the model was trained with another scale schedule.")
+  if "attn_bias_for_masking" in sd:
+    bias = np.asarray(sd["attn_bias_for_masking"]).reshape(config.seq_len, config.seq_len)
+    if not np.array_equal(bias == 0, scales.block_causal_mask(config.patch_nums)):
+      raise CheckpointError("The checkpoint's attn_bias_for_masking is not the block-causal mask of "
+                            f"patch_nums {config.patch_nums}.")
+  for key, value in sd.items():
+    if key.endswith("attn.zero_k_bias") and np.any(np.asarray(value) != 0):
+      raise CheckpointError(f"{key} is not zero: this is not an official VAR checkpoint.")
+
+
+def _var_leaf(key: str, value: np.ndarray, config) -> tuple[Path, np.ndarray] | None:
+  """One official VAR tensor -> (Flax path, array), or None for buffers."""
+  H, D, C = config.num_heads, config.head_dim, config.embed_dim
+  if key in ("lvl_1L", "attn_bias_for_masking") or key.endswith("zero_k_bias"):
+    return None
+  simple = {
+      "pos_start": ("pos_start",), "pos_1LC": ("pos_1LC",),
+      "class_emb.weight": ("class_emb", "embedding"), "lvl_embed.weight": ("lvl_embed", "embedding"),
+  }
+  if key in simple:
+    return simple[key], value
+  m = re.match(r"blocks\.\d+\.(.*)", key)
+  prefix: Path = ("blocks",) if m else ()
+  rest = m.group(1) if m else key
+  rest = rest.replace("ada_lin.1.", "ada_lin.").replace("shared_ada_lin.1.", "shared_ada_lin.")
+  if rest == "attn.mat_qkv.weight":
+    return prefix + ("attn", "mat_qkv", "kernel"), value.reshape(3, H, D, C).transpose(3, 0, 1, 2)
+  if rest in ("attn.q_bias", "attn.v_bias"):
+    return prefix + tuple(rest.split(".")), value.reshape(H, D)
+  if rest == "attn.scale_mul_1H11":
+    return prefix + ("attn", "scale_mul_1H11"), value.reshape(-1)
+  if rest == "attn.proj.weight":
+    return prefix + ("attn", "proj", "kernel"), value.T.reshape(H, D, C)
+  if rest == "ada_gss":
+    return prefix + ("ada_gss",), value.reshape(6, C)
+  parts = rest.split(".")
+  if parts[-1] == "weight" and value.ndim == 2:
+    return prefix + tuple(parts[:-1]) + ("kernel",), value.T
+  return prefix + tuple(parts), value
+
+
+def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
+  """Official VAR state dict -> Flax params of `var_jax.models.var.VAR(config)` (blocks stacked)."""
+  import jax
+  import jax.numpy as jnp
+  from flax.core import meta
+  from var_jax.models.var import VAR
+
+  _check_var_buffers(sd, config)
+  per_layer: dict[Path, dict[int, np.ndarray]] = {}
+  converted: dict[Path, np.ndarray] = {}
+  for key, value in sd.items():
+    leaf = _var_leaf(key, np.asarray(value), config)
+    if leaf is None:
+      continue
+    path, array = leaf
+    if path[0] == "blocks":
+      per_layer.setdefault(path, {})[int(key.split(".")[1])] = array
+    else:
+      converted[path] = array
+  for path, layers in per_layer.items():
+    if sorted(layers) != list(range(config.depth)):
+      missing = sorted(set(range(config.depth)) - set(layers))
+      raise CheckpointError(f"VAR checkpoint lacks {'/'.join(path)} for blocks {missing}.")
+    converted[path] = np.stack([layers[i] for i in range(config.depth)])
+  L = config.seq_len
+  abstract = jax.eval_shape(lambda: VAR(config).init(
+      jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - config.first_l, config.z_channels))))
+  return check_and_assign(converted, meta.unbox(abstract["params"]), "VAR")
