@@ -1,2 +1,15 @@
-"""var_jax: VAR (Visual AutoRegressive modeling, next-scale prediction) in JAX/Flax."""
+"""var_jax: VAR (Visual AutoRegressive modeling, next-scale prediction) in JAX/Flax.
+
+    import jax, var_jax
+    model = var_jax.load_pretrained("d16")
+    images = var_jax.sample(model, [207, 360], rng=jax.random.key(0))   # uint8 (2, 256, 256, 3)
+"""
+from var_jax import errors
+from var_jax.sampling import edit, sample
+from var_jax.tokenizer import Tokenizer
+from var_jax.torch_checkpoint import load_torch_checkpoint
+from var_jax.var_model import VARModel
+
 __version__ = "0.1.0"
+
+__all__ = ["Tokenizer", "VARModel", "edit", "errors", "load_torch_checkpoint", "sample"]
