@@ -16,7 +16,7 @@ def test_area_bins_overlap_like_adaptive_pool():
 
 def test_bicubic_uses_a_minus_075_and_clamped_taps():
   m = R.bicubic_matrix(2, 16)
-  np.testing.assert_allclose(m[1], [1.1108398, -0.1108398], atol=1e-6)  # edge overshoot (§3.3)
+  np.testing.assert_allclose(m[1], [1.1108, -0.1108], atol=5e-5)  # edge overshoot (§3.3)
   np.testing.assert_allclose(R.bicubic_matrix(1, 16), np.ones((16, 1)))
   for n_in, n_out in [(3, 16), (13, 16), (24, 32)]:
     np.testing.assert_allclose(R.bicubic_matrix(n_in, n_out).sum(1), 1.0, atol=1e-12)

@@ -9,7 +9,8 @@ from var_jax.sampling import edit, sample
 from var_jax.tokenizer import Tokenizer
 from var_jax.torch_checkpoint import load_torch_checkpoint
 from var_jax.var_model import VARModel
+from var_jax.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokenizer", "VARModel", "edit", "errors", "load_torch_checkpoint", "sample"]
+__all__ = ["Tokenizer", "VARModel", "edit", "errors", "load_pretrained", "load_torch_checkpoint", "sample"]

@@ -249,6 +249,12 @@ def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
     if sorted(layers) != list(range(config.depth)):
       missing = sorted(set(range(config.depth)) - set(layers))
       raise CheckpointError(f"VAR checkpoint lacks {'/'.join(path)} for blocks {missing}.")
+    shapes = {i: layers[i].shape for i in range(config.depth)}
+    if len(set(shapes.values())) > 1:
+      first = shapes[0]
+      odd = [f"blocks.{i}: {s}" for i, s in shapes.items() if s != first]
+      raise CheckpointError(f"VAR checkpoint has mis-shaped {'/'.join(path)} across blocks (block 0: "
+                            f"{first}; {', '.join(odd)}): the file is corrupt or mixes two models.")
     converted[path] = np.stack([layers[i] for i in range(config.depth)])
   L = config.seq_len
   abstract = jax.eval_shape(lambda: VAR(config).init(

@@ -127,14 +127,25 @@ _edit_jit = jax.jit(_encode_and_generate, static_argnames=("var_config", "vae_co
 
 # -- argument checks ---------------------------------------------------------------------------
 
+DEFAULT_TOP_K = 900  # The released models' setting (VAR_SPEC §6.2).
+
+
+def effective_top_k(model, top_k) -> int:
+  """The default top_k=900 keeps every token of a vocabulary smaller than 900 (e.g. shapes-tiny)."""
+  if isinstance(top_k, (int, np.integer)) and top_k == DEFAULT_TOP_K:
+    return min(DEFAULT_TOP_K, model.config.vocab_size)
+  return top_k
+
+
 def check_sampling_options(model, cfg, top_k, top_p) -> None:
   """Raises InputError on guidance or filter values outside their ranges (before any compile)."""
   V = model.config.vocab_size
+  top_k = effective_top_k(model, top_k)
   if not np.isscalar(cfg) or not np.isfinite(cfg) or cfg < 0:
     raise InputError(f"cfg (guidance scale) must be a finite number >= 0, got {cfg!r}.")
   if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= V:
     raise InputError(f"top_k must be an int in [0, {V}] (0 = off), got {top_k!r}.")
-  if not np.isscalar(top_p) or not 0.0 <= float(top_p) <= 1.0:
+  if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)) or not 0.0 <= top_p <= 1.0:
     raise InputError(f"top_p must be a number in [0, 1] (0 = off), got {top_p!r}.")
 
 
@@ -178,7 +189,8 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
     labels: int class ids (B,), in [0, num_classes); num_classes itself means unconditional.
     rng: a JAX PRNG key. The same key gives the same images on every call.
     cfg: classifier-free guidance scale, ramped linearly from 0 at the first scale to cfg at the last.
-    top_k: keep the k largest logits per token (0 = off).
+    top_k: keep the k largest logits per token (0 = off); at most the vocabulary size, except
+      that the default 900 keeps every token of a smaller vocabulary.
     top_p: nucleus filtering on top of top-k (0 = off).
     more_smooth: the official Gumbel-softmax smoothing of the residual (for visualisation).
     return_tokens: also return the per-scale int32 token maps (B, pn, pn).
@@ -187,6 +199,7 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
     uint8 images (B, H, W, 3), or (images, token maps) with return_tokens=True.
   """
   check_sampling_options(model, cfg, top_k, top_p)
+  top_k = effective_top_k(model, top_k)
   labels_B = model.check_labels(labels, allow_null=True)
   rng = _check_rng(rng)
   (labels_B,) = _place(labels_B)
@@ -225,14 +238,14 @@ def _latent_keep_mask(mask, batch: int, image_size: int, latent: int) -> np.ndar
     m = m[None]
   if m.ndim != 3 or m.shape[0] not in (1, batch):
     raise InputError(f"mask must be (H, W) or (B, H, W) with B={batch}, got shape {np.asarray(mask).shape}.")
+  if np.any((m < 0) | (m > 1)) or not np.all(np.isfinite(m)):
+    raise InputError("mask values must lie in [0, 1] (1 = keep the source, 0 = generate).")
   if m.shape[1:] == (image_size, image_size):
     m = np.asarray(resize(jnp.asarray(m, jnp.float32)[..., None], latent, "area"))[..., 0]
     m = (m >= 0.5).astype(np.float32)
   elif m.shape[1:] != (latent, latent):
     raise InputError(f"mask is {m.shape[1]}x{m.shape[2]}, but must be the image size "
                      f"{image_size}x{image_size} or the latent size {latent}x{latent}.")
-  if np.any((m < 0) | (m > 1)) or not np.all(np.isfinite(m)):
-    raise InputError("mask values must lie in [0, 1] (1 = keep the source, 0 = generate).")
   return np.broadcast_to(m, (batch,) + m.shape[1:]).astype(np.float32)
 
 
@@ -250,6 +263,7 @@ def edit(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, mo
     rng, cfg, top_k, top_p, more_smooth, return_tokens: as in `sample`.
   """
   check_sampling_options(model, cfg, top_k, top_p)
+  top_k = effective_top_k(model, top_k)
   labels_B = model.check_labels(labels, allow_null=True)
   rng = _check_rng(rng)
   images = np.asarray(images)

@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
     else:
       begin, end = self.decode_range
       B = x_BLC.shape[0]
-      cache_shape = (B, H, cfg.seq_len, D)
+      cache_shape = (B, H, attention_ops.kv_cache_len(cfg.patch_nums), D)
       names = ("cache_batch", "cache_heads", "cache_sequence", "cache_kv")
       cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, dtype)

@@ -1,0 +1,178 @@
+"""The Flax VAR transformer against the official one (fixtures), conversion and config checks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+import var_jax
+from helpers import TAGS, model, reference, split_tokens, tokenizer
+from var_jax import convert
+from var_jax.errors import CheckpointError, ConfigError, InputError
+from var_jax.models.var import VAR
+from var_jax.models.var_config import VARConfig
+from var_jax.models.vqvae_config import PATCH_NUMS_512
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_config_inferred_from_shapes(tag):
+  cfg = model(tag).config
+  assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.num_classes) == (2, 128, 2, 10)
+  assert cfg.shared_aln == (tag == "tiny_saln")
+  assert (cfg.vocab_size, cfg.z_channels, cfg.patch_nums) == (64, 8, (1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_logits_match_official(tag):
+  ref = reference(tag)
+  logits = model(tag).logits(ref["tf_label"], split_tokens(ref["vae_idx_BL"]))
+  assert logits.shape == (2, 30, 64) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), ref["tf_logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_block_inputs_and_loss_and_grads_match_official(tag):
+  """Teacher-forcing loss and every parameter gradient against torch autograd."""
+  ref = reference(tag)
+  m = model(tag)
+  x = ref["tf_x_BLCv_wo_first_l"]
+  target = jnp.asarray(ref["vae_idx_BL"])
+
+  def loss_fn(params):
+    logits = VAR(m.config).apply({"params": params}, ref["tf_label"], x)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, target[..., None], axis=-1))
+
+  loss, grads = jax.value_and_grad(loss_fn)(m.params)
+  np.testing.assert_allclose(float(loss), float(ref["tf_loss"]), rtol=1e-5)
+  # Map the official gradient names onto our tree with the same converter as the weights.
+  sd_grads = {k[len("grad/var/"):]: v for k, v in ref.items() if k.startswith("grad/var/")}
+  expected = convert.var_params_from_torch(
+      {**sd_grads, "lvl_1L": ref["lvl_1L"], "attn_bias_for_masking": ref["attn_bias_for_masking"]}, m.config)
+  flat_got = jax.tree_util.tree_leaves_with_path(grads)
+  flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))
+  assert len(flat_got) == len(flat_exp)
+  for path, g in flat_got:
+    e = flat_exp[path]
+    np.testing.assert_allclose(np.asarray(g), e, atol=2e-5 + 1e-4 * np.abs(e).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  # The clamped scale_mul element (last block, last head) gets exactly zero gradient.
+  assert float(grads["blocks"]["attn"]["scale_mul_1H11"][1, 1]) == 0.0
+
+
+def test_class_dropout_only_in_training_and_driven_by_key():
+  m = model("tiny")
+  ref = reference("tiny")
+  x = ref["tf_x_BLCv_wo_first_l"]
+  labels = jnp.asarray([3] * 2)
+  cfg = m.config
+  base = VAR(cfg).apply({"params": m.params}, labels, x)
+  null = VAR(cfg).apply({"params": m.params}, jnp.full((2,), cfg.num_classes), x)
+  # With rate ~1 every label becomes the null class; drop path off to isolate the effect.
+  import dataclasses
+  all_drop = dataclasses.replace(cfg, cond_drop_rate=0.999999, drop_path_rate=0.0)
+  out = VAR(all_drop, train=True).apply({"params": m.params}, labels, x, rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_allclose(np.asarray(out), np.asarray(null), atol=1e-5)
+  # Same key -> same result; training with dropout differs from eval.
+  train = VAR(cfg, train=True)
+  a = train.apply({"params": m.params}, labels, x, rngs={"dropout": jax.random.key(3)})
+  b = train.apply({"params": m.params}, labels, x, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(base), np.asarray(null))
+
+
+def test_kv_cached_decode_equals_teacher_forcing():
+  """Scale-by-scale decode with teacher-forced inputs reproduces the full masked forward."""
+  m = model("tiny")
+  ref = reference("tiny")
+  tok = tokenizer()
+  idx = split_tokens(ref["vae_idx_BL"])
+  labels = jnp.asarray(ref["tf_label"])
+  full = np.asarray(m.logits(labels, idx))
+  x = np.asarray(tok.apply(idx, method=var_jax.models.vqvae.VQVAE.indices_to_var_input))
+  cache, start = None, 0
+  for si, pn in enumerate(m.config.patch_nums):
+    variables = {"params": m.params} if cache is None else {"params": m.params, "cache": cache}
+    x_in = None if si == 0 else x[:, start - 1:start - 1 + pn * pn]
+    out, mutated = VAR(m.config, decode_scale=si).apply(variables, labels, x_in, mutable=["cache"])
+    cache = mutated["cache"]
+    np.testing.assert_allclose(np.asarray(out), full[:, start:start + pn * pn], atol=2e-5)
+    start += pn * pn
+
+
+@pytest.mark.parametrize("depth,expected", [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360),
+                                            (30, 2_010_020_356), (36, 2_353_893_904)])
+def test_parameter_counts_equal_official(depth, expected):
+  kw = dict(depth=depth)
+  if depth == 36:
+    kw.update(shared_aln=True, patch_nums=PATCH_NUMS_512)
+  cfg = VARConfig(**kw)
+  abstract = jax.eval_shape(lambda: VAR(cfg).init(
+      jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, cfg.seq_len - 1, 32))))
+  leaves = jax.tree.leaves(meta.unbox(abstract["params"]))
+  assert sum(int(np.prod(x.shape)) for x in leaves) == expected
+
+
+def test_params_carry_logical_axis_names():
+  cfg = VARConfig(depth=2, patch_nums=(1, 2), num_classes=10, vocab_size=64, z_channels=8)
+  abstract = jax.eval_shape(lambda: VAR(cfg).init(
+      jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 4, 8))))
+  specs = meta.get_partition_spec(abstract["params"]) if hasattr(meta, "get_partition_spec") else None
+  import flax.linen as nn
+  specs = nn.get_partition_spec(abstract)["params"]
+  assert tuple(specs["blocks"]["attn"]["mat_qkv"]["kernel"]) == ("layers", "embed", None, "heads", "kv")
+  assert tuple(specs["blocks"]["ffn"]["fc1"]["kernel"]) == ("layers", "embed", "mlp")
+  assert tuple(specs["head"]["kernel"]) == ("embed", "vocab")
+  assert tuple(specs["class_emb"]["embedding"]) == ("classes", "embed")
+
+
+def test_official_init_statistics():
+  cfg = VARConfig(depth=4, patch_nums=(1, 2, 3), num_classes=10, vocab_size=256, z_channels=8,
+                  init_adaln_gamma=1e-3)
+  params = meta.unbox(VAR(cfg).init(jax.random.key(0), jnp.zeros((2,), jnp.int32),
+                                    jnp.zeros((2, 13, 8)))["params"])
+  sigma = cfg.init_sigma
+  np.testing.assert_allclose(np.std(params["blocks"]["ffn"]["fc1"]["kernel"]), sigma, rtol=0.05)
+  np.testing.assert_allclose(np.std(params["blocks"]["ffn"]["fc2"]["kernel"]), sigma / np.sqrt(8), rtol=0.05)
+  np.testing.assert_allclose(np.std(params["head"]["kernel"]), sigma * 0.02, rtol=0.05)
+  ada = np.asarray(params["blocks"]["ada_lin"]["kernel"])
+  C = cfg.embed_dim
+  np.testing.assert_allclose(np.std(ada[..., :2 * C]), sigma * 1e-3, rtol=0.05)
+  np.testing.assert_allclose(np.std(ada[..., 2 * C:]), sigma * 0.5, rtol=0.05)
+  np.testing.assert_allclose(params["blocks"]["attn"]["scale_mul_1H11"], np.log(4.0), rtol=1e-6)
+  assert not np.any(params["head"]["bias"]) and not np.any(params["blocks"]["attn"]["q_bias"])
+
+
+def test_vocab_mismatch_names_the_tokenizer(fixtures_dir):
+  sd = dict(var_jax.load_torch_checkpoint(fixtures_dir / "official_tiny_seed0_var.pth"))
+  sd["head.weight"] = np.zeros((128, 128), np.float32)
+  sd["head.bias"] = np.zeros((128,), np.float32)
+  with pytest.raises(CheckpointError, match="128 codes but the tokenizer has 64"):
+    var_jax.VARModel.from_torch(sd, tokenizer())
+
+
+def test_shape_mismatch_and_wrong_patch_nums(fixtures_dir):
+  sd = dict(var_jax.load_torch_checkpoint(fixtures_dir / "official_tiny_seed0_var.pth"))
+  bad = dict(sd)
+  bad["blocks.1.ffn.fc2.weight"] = np.zeros((128, 256), np.float32)
+  with pytest.raises(CheckpointError, match="mis-shaped blocks/ffn/fc2/kernel across blocks"):
+    var_jax.VARModel.from_torch(bad, tokenizer())
+  other = var_jax.Tokenizer(tokenizer().config.__class__(**{**tokenizer().config.to_dict(),
+                                                           "patch_nums": (1, 2, 4)}), tokenizer().params)
+  with pytest.raises(CheckpointError, match="30 positions"):
+    var_jax.VARModel.from_torch(sd, other)
+  with pytest.raises(CheckpointError, match="VAR"):
+    var_jax.VARModel.from_torch(fixtures_dir / "official_tiny_vae.pth", tokenizer())
+
+
+def test_bad_labels_and_configs():
+  m = model("tiny")
+  idx = split_tokens(reference("tiny")["vae_idx_BL"])
+  with pytest.raises(InputError, match=r"outside \[0, 11\)"):
+    m.logits(np.array([3, 11]), idx)
+  with pytest.raises(InputError, match="batch"):
+    m.logits(np.array([3, 4, 5]), idx)
+  with pytest.raises(ConfigError, match="divisible"):
+    VARConfig(depth=2, embed_dim=100, num_heads=3)
+  with pytest.raises(ConfigError, match="attention_impl"):
+    VARConfig(depth=2, attention_impl="flash")

@@ -1,0 +1,171 @@
+"""The `var-jax` command line: sample, edit, convert, train, pretokenize, train-tokenizer, evaluate."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from var_jax.errors import VarJaxError
+
+DEFAULT_MODEL = "shapes-tiny"
+
+
+def _parse_classes(text: str) -> list[int]:
+  try:
+    return [int(c) for c in text.split(",") if c.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--classes takes comma-separated ints, got {text!r}") from None
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", default=DEFAULT_MODEL,
+                 help="shapes-tiny (shipped), d16|d20|d24|d30|d36 (released), or a converted directory")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (>= 0)")
+  p.add_argument("--top-k", type=int, default=900, help="keep the k largest logits (0 = off)")
+  p.add_argument("--top-p", type=float, default=0.96, help="nucleus filtering (0 = off)")
+  p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation)")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+
+
+def _load_model(name: str, dtype: str | None):
+  from var_jax import shipped
+  from var_jax.pretrained import load_pretrained
+  overrides = {"dtype": dtype} if dtype else {}
+  if name in shipped.SHIPPED:
+    return shipped.load_shipped(name, **overrides)
+  return load_pretrained(name, **overrides)
+
+
+def cmd_sample(args) -> int:
+  import jax
+  import numpy as np
+  from tqdm import tqdm
+  from var_jax import images as image_io
+  from var_jax.sampling import check_sampling_options, sample
+
+  model = _load_model(args.model, args.dtype)
+  classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
+  model.check_labels(np.asarray(classes), allow_null=True)
+  check_sampling_options(model, args.cfg, args.top_k, args.top_p)
+  labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
+  batch = args.batch_size or len(labels)
+  key = jax.random.key(args.seed)
+  outputs, t_start, n_done = [], None, 0
+  for start in tqdm(range(0, len(labels), batch), desc="sampling", unit="batch"):
+    chunk = labels[start:start + batch]
+    pad = batch - len(chunk)  # keep one batch shape: one compile
+    padded = np.concatenate([chunk, np.full(pad, chunk[-1])]) if pad else chunk
+    imgs = sample(model, padded, rng=jax.random.fold_in(key, start // batch), cfg=args.cfg,
+                  top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+    imgs = np.asarray(imgs)[:len(chunk)]
+    if t_start is None:
+      t_start = time.perf_counter()  # time after the first (compiling) batch
+    else:
+      n_done += len(chunk)
+    outputs.append(imgs)
+  images = np.concatenate(outputs)
+  elapsed = time.perf_counter() - t_start if t_start else 0.0
+  rate = f"{n_done / elapsed:.2f} images/s after compile" if n_done and elapsed > 0 else "(one batch: rate includes compile)"
+  print(f"sampled {len(images)} images of {len(classes)} classes, {rate}")
+  if args.out:
+    path = image_io.save_png(image_io.make_grid(images, ncols=args.per_class if args.per_class > 1 else None), args.out)
+    print(f"wrote the sample grid to {path.resolve()}")
+  if args.out_dir:
+    import pathlib
+    out_dir = pathlib.Path(args.out_dir)
+    for i, (img, lab) in enumerate(zip(images, labels)):
+      image_io.save_png(img, out_dir / f"{i:06d}_class{lab}.png")
+    npz = image_io.save_npz_batch(images, out_dir / "samples.npz")
+    print(f"wrote {len(images)} PNGs and {npz} (arr_0: uint8 {images.shape}) to {out_dir.resolve()}")
+  if args.model == DEFAULT_MODEL:
+    print("This is the small model shipped with var-jax (10 synthetic shape classes). For ImageNet "
+          "models use --model d16 (or d20, d24, d30, d36): released weights download from the "
+          "Hugging Face hub (FoundationVision/var) on first use; see README.md.")
+  return 0
+
+
+def cmd_edit(args) -> int:
+  import jax
+  import numpy as np
+  from var_jax import images as image_io
+  from var_jax.sampling import check_sampling_options, edit
+
+  model = _load_model(args.model, args.dtype)
+  size = model.tokenizer.config.image_size
+  image = image_io.load_image(args.image, size)
+  mask = image_io.load_image(args.mask, size, mode="L").astype(np.float32) / 255.0
+  label = args.class_id if args.class_id is not None else model.config.num_classes
+  model.check_labels(np.asarray([label]), allow_null=True)
+  check_sampling_options(model, args.cfg, args.top_k, args.top_p)
+  keep = mask >= 0.5 if not args.white_is_generate else mask < 0.5
+  out = edit(model, image[None], keep.astype(np.float32), [label], rng=jax.random.key(args.seed),
+             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+  path = image_io.save_png(np.asarray(out)[0], args.out)
+  print(f"wrote the edited image to {path.resolve()}")
+  return 0
+
+
+def cmd_convert(args) -> int:
+  from var_jax.pretrained import convert_files, save_converted
+  model = convert_files(args.vae, args.var)
+  out = save_converted(model, args.out)
+  print(f"converted depth-{model.config.depth} VAR ({model.num_params():,} params) and its tokenizer "
+        f"to {out}; load it with var_jax.load_pretrained('{out}')")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="var-jax", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("sample", help="class-conditional samples to a PNG grid / PNGs + npz")
+  _add_sampling_flags(p)
+  p.add_argument("--classes", type=_parse_classes, default=None, help="e.g. 207,360,388 (default: all)")
+  p.add_argument("--per-class", type=int, default=4)
+  p.add_argument("--batch-size", type=int, default=0, help="images per jitted call (0 = all at once)")
+  p.add_argument("--out", default="samples.png", help="PNG grid path ('' to skip)")
+  p.add_argument("--out-dir", default=None, help="also write one PNG per image and samples.npz here")
+  p.set_defaults(fn=cmd_sample)
+
+  p = sub.add_parser("edit", help="zero-shot in/out-painting and class editing")
+  _add_sampling_flags(p)
+  p.add_argument("--image", required=True)
+  p.add_argument("--mask", required=True, help="greyscale PNG of the image size: white = keep, black = generate")
+  p.add_argument("--white-is-generate", action="store_true", help="invert the mask convention")
+  p.add_argument("--class", dest="class_id", type=int, default=None, help="default: unconditional")
+  p.add_argument("--out", default="edited.png")
+  p.set_defaults(fn=cmd_edit)
+
+  p = sub.add_parser("convert", help="official .pth files -> a var-jax (Orbax) directory")
+  p.add_argument("--vae", required=True)
+  p.add_argument("--var", required=True)
+  p.add_argument("--out", required=True)
+  p.set_defaults(fn=cmd_convert)
+
+  for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
+                             ("train-tokenizer", "var_jax.train.train_vqvae", "train the tokenizer"),
+                             ("pretokenize", "var_jax.train.pretokenize", "encode a dataset to token maps"),
+                             ("evaluate", "var_jax.evaluate", "class-consistency of samples")):
+    p = sub.add_parser(name, help=what, add_help=False)
+    p.set_defaults(fn=None, module=module)
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  if argv and argv[0] in ("train", "train-tokenizer", "pretokenize", "evaluate"):
+    import importlib
+    module = importlib.import_module(parser.parse_args(argv[:1]).module)
+    return module.main(["var-jax " + argv[0]] + argv[1:])
+  args = parser.parse_args(argv)
+  try:
+    return args.fn(args)
+  except VarJaxError as e:
+    print(f"var-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
