@@ -1,0 +1,1 @@
+"""Model-agnostic training machinery: optimizer, checkpoints, metrics."""

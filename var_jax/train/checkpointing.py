@@ -1,0 +1,415 @@
+"""Orbax checkpoints of the train state: async save, keep-N, auto-resume, preemption.
+
+Layout: `WORKDIR/checkpoints/<step>/{state, meta}`; `state` is the train-state pytree
+(`StandardSave`), `meta` a small JSON object (step, config hash, data position, ...).
+
+Restore order (`Checkpointer.restore_or_init`): the latest step in this workdir (auto-resume
+after preemption) → `init_from` (parameters only, from another run's checkpoint) → fresh init.
+Arrays are restored straight into the shardings of the abstract state, so nothing is ever
+materialised unsharded.
+
+Nothing here deletes or rewrites a saved step: a checkpoint that does not fit the model, or
+that cannot be read, raises `CheckpointError` naming the directory and the problem, and the
+files stay as they are. (Orbax itself only removes steps beyond `max_to_keep` after a newer
+save has completed.)
+
+Paths go through `etils.epath`, so `gs://bucket/run` workdirs work as local ones do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import signal
+import threading
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from var_jax.errors import CheckpointError, ConfigError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+STATE_ITEM = "state"
+META_ITEM = "meta"
+
+
+def config_hash(config: Any) -> str:
+  """Short stable hash of a config (ConfigDict, dict or JSON-able value) for the meta record."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  text = json.dumps(config, sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _as_absolute(path: epath.PathLike) -> epath.Path:
+  # Orbax's tensorstore writer needs absolute paths; gs:// paths already are.
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/dense/kernel': (shape, dtype name)} for every leaf of `tree` (or its metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    out["/".join(_key_name(k) for k in path)] = (
+        tuple(np.shape(leaf) if getattr(leaf, "shape", None) is None else leaf.shape),
+        str(np.dtype(dtype)) if dtype is not None else type(leaf).__name__)
+  return out
+
+
+def describe_mismatch(saved: Any, expected: Any) -> list[str]:
+  """Human-readable differences in structure and shape between saved metadata and a target.
+
+  Dtypes may differ (orbax casts on restore); shapes and the set of leaves may not.
+  """
+  have, want = _shapes_by_path(saved), _shapes_by_path(expected)
+  problems = []
+  for name in sorted(want.keys() - have.keys()):
+    problems.append(f"{name}: expected {want[name][0]}, missing from the checkpoint")
+  for name in sorted(have.keys() - want.keys()):
+    problems.append(f"{name}: saved {have[name][0]}, not in the model's state")
+  for name in sorted(have.keys() & want.keys()):
+    if have[name][0] != want[name][0]:
+      problems.append(f"{name}: saved shape {have[name][0]}, model expects {want[name][0]}")
+  return problems
+
+
+def _short(error: Exception, limit: int = 400) -> str:
+  """The error's type and the start of its message (tensorstore appends whole JSON specs)."""
+  text = f"{type(error).__name__}: {error}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _restore_args(abstract: Any) -> Any:
+  return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+  """What `Checkpointer.restore_or_init` did.
+
+  Attributes:
+    state: the train state.
+    meta: the JSON meta record of the restored step ({} for init_from and fresh starts).
+    source: "resume", "init_from" or "fresh".
+    step: the restored step (None for a fresh start; the source step for init_from).
+  """
+  state: Any
+  meta: dict[str, Any]
+  source: str
+  step: int | None
+
+
+class Checkpointer:
+  """Owns `WORKDIR/checkpoints`: periodic async saves, auto-resume and preemption saves.
+
+  Usage in a trainer:
+
+    ckpt = Checkpointer(workdir, save_interval_steps=..., max_to_keep=...,
+                        config_hash=config_hash(config))
+    result = ckpt.restore_or_init(abstract_state, init_fn, init_from=config.init_from)
+    for step in range(start, total):
+      state, metrics = p_step(state, batch, rng)
+      ckpt.save(step + 1, state, meta={"data_position": ...})      # every step; orbax decides
+      if ckpt.should_stop_and_save(step + 1):
+        ckpt.save_now(step + 1, state, meta=...)                     # forced save + wait
+        break
+    ckpt.close()
+
+  The SIGTERM handler (single-host runs) only sets a flag; the save happens in the training
+  loop at the next `should_stop_and_save`, where the state is consistent. On multi-host runs
+  JAX's preemption service owns SIGTERM (and TPU maintenance events) and all hosts agree on
+  the save step through `reached_preemption`; a per-host flag would make one host save alone
+  and hang the collective write, so no Python handler is installed there.
+  """
+
+  def __init__(
+      self,
+      workdir: epath.PathLike,
+      *,
+      save_interval_steps: int = 1000,
+      max_to_keep: int | None = 3,
+      async_save: bool = True,
+      config_hash: str | None = None,
+      handle_sigterm: bool | None = None,
+  ):
+    """Opens (creating if needed) `workdir/checkpoints`.
+
+    Args:
+      workdir: run directory, local or gs://.
+      save_interval_steps: `save` writes only every this many steps (unless forced).
+      max_to_keep: newest steps to keep; None keeps all.
+      async_save: write in a background thread after the device→host copy.
+      config_hash: stored in each meta record; a resume with another hash logs a warning.
+      handle_sigterm: install the SIGTERM flag handler; None = only on single-host runs.
+
+    Raises:
+      ConfigError: on a bad interval / keep count.
+    """
+    if save_interval_steps < 1:
+      raise ConfigError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ConfigError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
+    self.directory = _as_absolute(workdir) / CHECKPOINT_SUBDIR
+    self.config_hash = config_hash
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       META_ITEM: ocp.JsonCheckpointHandler()})
+    self._sigterm = threading.Event()
+    self._handler_installed = False
+    self._previous_handler = None
+    if handle_sigterm is None:
+      handle_sigterm = jax.process_count() == 1
+    if handle_sigterm:
+      self._install_sigterm_handler()
+
+  # -- preemption ------------------------------------------------------------------------------
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: will save a checkpoint at the next step and stop.")
+    self._sigterm.set()
+
+  def _install_sigterm_handler(self):
+    try:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # signal handlers can only be set from the main thread
+      logging.warning("Not in the main thread: SIGTERM will not trigger a checkpoint save.")
+    else:
+      self._handler_installed = True
+
+  @property
+  def sigterm_received(self) -> bool:
+    return self._sigterm.is_set()
+
+  def should_stop_and_save(self, step: int) -> bool:
+    """True when the run must save now and exit (SIGTERM, or a pod-wide preemption point).
+
+    Call it at every step on every host: `reached_preemption` is a collective agreement on
+    the step at which all hosts save.
+    """
+    preempted = self._manager.reached_preemption(step)
+    return preempted or self._sigterm.is_set()
+
+  # -- saving ----------------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def _meta_record(self, step: int, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    record = dict(meta or {})
+    record["step"] = int(step)
+    record["config_hash"] = self.config_hash
+    # numpy / jax scalars (a data position read off the device, say) become plain JSON values.
+    return json.loads(json.dumps(record, default=lambda x: np.asarray(x).tolist()))
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Saves `state` at `step` if the interval says so (or `force`); returns whether it did.
+
+    Asynchronous: returns once the arrays are copied off the devices, so `state` may be
+    donated to the next step right away. A step that already exists is never overwritten.
+    """
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(
+        step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            META_ITEM: ocp.args.JsonSave(self._meta_record(step, meta))}),
+        force=force)
+
+  def save_now(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+    """Forced save (unless `step` is already saved) and wait until it is on disk."""
+    self.save(step, state, meta, force=True)
+    self._manager.wait_until_finished()
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, closes the manager and puts the old SIGTERM handler back."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+    if self._handler_installed:
+      # None means the old handler was not set from Python; the default is the best we can do.
+      previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
+      signal.signal(signal.SIGTERM, previous)
+      self._handler_installed = False
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- restoring -------------------------------------------------------------------------------
+
+  def _read_metadata(self, step: int) -> Any:
+    try:
+      saved = self._manager.item_metadata(step)[STATE_ITEM]
+      saved = saved.tree if hasattr(saved, "tree") else saved
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      raise CheckpointError(
+          f"Cannot read the metadata of checkpoint step {step} in {self.directory} "
+          f"({_short(e)}). Nothing was changed on disk. Move that step directory aside to "
+          "resume from an older step, or start in a new workdir.") from e
+    if not _shapes_by_path(saved):
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} has no readable state metadata (a file "
+          "is missing or corrupt). Nothing was changed on disk. Move that step directory aside "
+          "to resume from an older step, or start in a new workdir.")
+    return saved
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores step `step` (default: latest) into the shapes and shardings of `abstract_state`.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` (see
+        `var_jax.sharding.abstract_sharded_state`), or of real arrays to take those from.
+      step: which step; None = the latest.
+
+    Returns:
+      (state, meta).
+
+    Raises:
+      CheckpointError: no checkpoint, a structure/shape mismatch (each one listed), or an
+        unreadable checkpoint. The files on disk are left untouched.
+    """
+    self._manager.wait_until_finished()  # a step still being written is not readable yet
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self._manager.all_steps():
+      raise CheckpointError(
+          f"No checkpoint step {step} in {self.directory} (have {self.all_steps()}).")
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    saved = self._read_metadata(step)
+    problems = describe_mismatch(saved, abstract_state)
+    if problems:
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} does not fit the current model/optimizer "
+          f"config ({len(problems)} differences): " + "; ".join(problems[:20]) +
+          ". The checkpoint was left untouched. Use the config it was saved with, or start a "
+          "new workdir (optionally with init_from pointing here for the parameters).")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+          META_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # corrupt or truncated files surface as various orbax errors
+      raise CheckpointError(
+          f"Cannot restore checkpoint step {step} from {self.directory} ({_short(e)}). Nothing "
+          "was changed on disk. Move that step directory aside to resume from an older step, "
+          "or start in a new workdir.") from e
+    meta = dict(restored[META_ITEM] or {})
+    if self.config_hash and meta.get("config_hash") not in (None, self.config_hash):
+      logging.warning("Resuming step %d saved with config hash %s under config hash %s.",
+                      step, meta.get("config_hash"), self.config_hash)
+    return restored[STATE_ITEM], meta
+
+  def restore_or_init(
+      self,
+      abstract_state: Any,
+      init_fn: Callable[[], Any],
+      init_from: epath.PathLike | None = None,
+  ) -> RestoreResult:
+    """Latest step here → parameters from `init_from` → `init_fn()`.
+
+    Args:
+      abstract_state: abstract sharded train state (what `init_fn` returns, as shapes).
+      init_fn: () -> fresh sharded train state (e.g. `var_jax.sharding.init_sharded`).
+      init_from: another run's workdir, its `checkpoints` directory or one step directory;
+        only `params` are taken from it (also copied into `ema_params` if the state has one).
+
+    Raises:
+      CheckpointError: as `restore` and `restore_params`.
+    """
+    step = self.latest_step()
+    if step is not None:
+      state, meta = self.restore(abstract_state, step)
+      logging.info("Resumed from %s step %d.", self.directory, step)
+      return RestoreResult(state, meta, "resume", step)
+    if init_from:
+      source_step, params = restore_params(init_from, abstract_state.params)
+      state = init_fn()
+      updates = {"params": params}
+      if getattr(state, "ema_params", None) is not None:
+        updates["ema_params"] = params
+      logging.info("Initialised params from %s step %d.", init_from, source_step)
+      return RestoreResult(state.replace(**updates), {}, "init_from", source_step)
+    return RestoreResult(init_fn(), {}, "fresh", None)
+
+
+def _find_step_dir(path: epath.Path) -> epath.Path:
+  """The step directory `path` names: itself, or the latest step under it (or its checkpoints)."""
+  if (path / STATE_ITEM).exists():
+    return path
+  for root in (path, path / CHECKPOINT_SUBDIR):
+    if root.is_dir():
+      steps = sorted((int(p.name), p) for p in root.iterdir()
+                     if p.name.isdigit() and (p / STATE_ITEM).exists())
+      if steps:
+        return steps[-1][1]
+  raise CheckpointError(
+      f"init_from={path} holds no checkpoint: expected a step directory with a '{STATE_ITEM}' "
+      f"item, or a workdir / '{CHECKPOINT_SUBDIR}' directory containing numbered steps.")
+
+
+def restore_params(init_from: epath.PathLike, abstract_params: Any) -> tuple[int, Any]:
+  """Loads only the `params` subtree of another run's checkpoint into `abstract_params`.
+
+  Returns:
+    (source step, params) with params in the shardings of `abstract_params`.
+
+  Raises:
+    CheckpointError: if there is no checkpoint, or its params do not fit.
+  """
+  step_dir = _find_step_dir(_as_absolute(init_from))
+  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return _restore_params_with(checkpointer, step_dir, abstract_params)
+
+
+def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
+                         abstract_params: Any) -> tuple[int, Any]:
+  state_dir = step_dir / STATE_ITEM
+  try:
+    saved = checkpointer.metadata(state_dir).item_metadata
+    saved = saved.tree if hasattr(saved, "tree") else saved
+  except Exception as e:  # unreadable metadata
+    raise CheckpointError(
+        f"Cannot read checkpoint metadata in {state_dir} ({_short(e)}). Point init_from at a "
+        "complete checkpoint.") from e
+  if not isinstance(saved, Mapping) or "params" not in saved:
+    raise CheckpointError(f"Checkpoint {state_dir} has no 'params' entry to initialise from.")
+  problems = describe_mismatch(saved["params"], abstract_params)
+  if problems:
+    raise CheckpointError(
+        f"Parameters in {state_dir} do not fit the model ({len(problems)} differences): "
+        + "; ".join(problems[:20]) + ". Check that init_from was trained with the same model "
+        "config.")
+  item = {"params": abstract_params}
+  try:
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=_restore_args(item), partial_restore=True))
+  except Exception as e:
+    raise CheckpointError(
+        f"Cannot restore params from {state_dir} ({_short(e)}). Point init_from at a complete "
+        "checkpoint.") from e
+  return int(step_dir.name) if step_dir.name.isdigit() else -1, restored["params"]

@@ -1,0 +1,172 @@
+"""The training loop shared by VAR and tokenizer training.
+
+A task (`TrainTask`) says how to build the state and how one step maps (state, batch) to the next;
+this module does the rest the same way for both: the mesh and logical rules from config, sharded
+init or auto-resume, the per-host input iterator positioned at the resumed step, the jitted step
+with donated state, metrics (TensorBoard, stdout, metrics.jsonl) read one step late, periodic and
+preemption-triggered checkpoints, and periodic task hooks (sample grids).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from var_jax import sharding
+from var_jax.data.pipeline import make_input_iterator
+from var_jax.errors import ConfigError
+from var_jax.train import checkpointing, metrics as metrics_lib
+
+
+@dataclasses.dataclass
+class TrainTask:
+  """What a trainer plugs into `run`.
+
+  Attributes:
+    init_state: rng -> boxed TrainState (params annotated with logical axes); jitted with the
+      shardings the rules give, so no unsharded copy exists.
+    train_step: (state, batch, frozen, rng) -> (state, metrics dict of scalars); pure.
+    frozen: arrays the step reads but never updates (e.g. the tokenizer's params), passed as a
+      non-donated argument (closing over them would copy them into the executable).
+    frozen_shardings: shardings of `frozen` (None: replicated).
+    tokens_per_example: for tokens/s.
+    flops_per_example: model FLOPs of one example's forward+backward (for MFU), or None.
+    hooks: {name: (every_steps, fn(state, step, workdir))}, run on every host (the functions
+      may be collective); writing files is the hook's business (host 0).
+    data_kwargs: extra keyword arguments for `make_input_iterator` (patch_nums, vocab_size).
+  """
+  init_state: Callable[[jax.Array], Any]
+  train_step: Callable[..., tuple[Any, Mapping[str, jax.Array]]]
+  frozen: Any = None
+  frozen_shardings: Any = None
+  tokens_per_example: int = 1
+  flops_per_example: float | None = None
+  hooks: Mapping[str, tuple[int, Callable[[Any, int, epath.Path], None]]] = dataclasses.field(default_factory=dict)
+  data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def validate_run_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the loop's own fields once at start-up."""
+  for name in ("global_batch_size", "total_steps", "log_every", "checkpoint_every"):
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"config.{name} must be an int >= 1, got {value!r}.")
+  if config.global_batch_size % jax.process_count():
+    raise ConfigError(f"global_batch_size {config.global_batch_size} does not split over "
+                      f"{jax.process_count()} hosts.")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str, float]:
+  """Trains until `config.total_steps` or a preemption; returns the last logged scalars."""
+  workdir = epath.Path(workdir)
+  validate_run_config(config)
+  save_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh, dcn_mesh_config=config.get("dcn_mesh"))
+  rules = sharding.logical_axis_rules(config.get("rules"), mesh)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  abstract, boxed_shardings = sharding.abstract_sharded_state(task.init_state, init_rng, mesh, rules)
+  state_shardings = nn.unbox(boxed_shardings)
+
+  def init_fn():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return nn.unbox(jax.jit(task.init_state, out_shardings=boxed_shardings)(init_rng))
+
+  ckpt = checkpointing.Checkpointer(
+      workdir, save_interval_steps=config.checkpoint_every, max_to_keep=config.get("keep_checkpoints", 3),
+      async_save=config.get("async_checkpointing", True),
+      config_hash=checkpointing.config_hash(config))
+  restored = ckpt.restore_or_init(abstract, init_fn, init_from=config.get("init_from") or None)
+  state = restored.state
+  start_step = int(jax.device_get(state.step))
+  logging.info("Train state: %s at step %d.", restored.source, start_step)
+  report = sharding.param_sharding_report(state.params, mesh)
+  logging.info("%s", report.summary())
+
+  data = make_input_iterator(config.data, global_batch=config.global_batch_size, seed=config.seed,
+                             start_step=start_step, process_index=jax.process_index(),
+                             process_count=jax.process_count(), train=True, **task.data_kwargs)
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen_shardings = task.frozen_shardings
+  if frozen_shardings is None:
+    frozen_shardings = jax.tree.map(lambda _: repl, task.frozen)
+  frozen = jax.device_put(task.frozen, frozen_shardings)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def step_fn(state, batch, frozen, rng):
+    return task.train_step(state, batch, frozen, jax.random.fold_in(rng, state.step))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, frozen_shardings, repl),
+                     out_shardings=(state_shardings, repl), donate_argnums=0)
+
+  logger = metrics_lib.MetricsLogger(workdir)
+  flops_per_step = (task.flops_per_example * config.global_batch_size
+                    if task.flops_per_example else None)
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind) if flops_per_step else None
+  pending = None  # (step, device metrics, host stats) of the last logged step, read one step late
+  last_scalars: dict[str, float] = {}
+  t_log, steps_since_log = time.perf_counter(), 0
+  step = start_step
+  try:
+    for step in range(start_step, config.total_steps):
+      local = next(data)
+      batch = sharding.make_global_batch(local, mesh)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, step_metrics = p_step(state, batch, frozen, step_rng)
+      steps_since_log += 1
+      done = step + 1
+      if pending is not None:
+        last_scalars = _write(logger, *pending)
+        pending = None
+      if done % config.log_every == 0 or done == config.total_steps:
+        now = time.perf_counter()
+        rate = steps_since_log / max(now - t_log, 1e-9)
+        host = {"steps_per_sec": rate,
+                "tokens_per_sec": rate * config.global_batch_size * task.tokens_per_example,
+                "data_corrupt_skipped": float(data.stats.get("corrupt_skipped", 0))}
+        if flops_per_step and peak:
+          host["mfu"] = metrics_lib.model_flops_utilization(flops_per_step, rate, peak, jax.device_count())
+        pending = (done, step_metrics, host)
+        t_log, steps_since_log = now, 0
+      for name, (every, hook) in task.hooks.items():
+        if every and done % every == 0:
+          with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            hook(state, done, workdir)
+      meta = {"data_step": done}
+      if ckpt.should_stop_and_save(done):
+        if pending is not None:
+          last_scalars = _write(logger, *pending)
+          pending = None
+        ckpt.save_now(done, state, meta)
+        logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", done)
+        return last_scalars
+      ckpt.save(done, state, meta)
+    if pending is not None:
+      last_scalars = _write(logger, *pending)
+    ckpt.save_now(config.total_steps, state, {"data_step": config.total_steps})
+    return last_scalars
+  finally:
+    ckpt.close()
+    logger.close()
+    if hasattr(data, "close"):
+      data.close()
+
+
+def _write(logger, step, device_metrics, host):
+  scalars = {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
+  scalars.update(host)
+  return logger.write_scalars(step, scalars)  # raises on a non-finite loss / grad norm

@@ -1,0 +1,224 @@
+"""VAR training: `var-jax train --config configs/var_d16.py --workdir DIR [--config.x=y ...]`.
+
+The official recipe (VAR_SPEC §5): a frozen tokenizer turns images into token maps inside the step
+(or pre-tokenized maps are read from disk), teacher forcing over all L tokens, cross-entropy with
+label smoothing (default 0), label dropout 0.1, AdamW with the official LR/WD schedules and no-decay
+set, clipping at 2.0, bfloat16 compute with float32 parameters, optional EMA.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from etils import epath
+from flax.core import meta
+from ml_collections import config_flags
+
+from var_jax import scales
+from var_jax.data.augment import scale_to_model_range
+from var_jax.errors import ConfigError
+from var_jax.models.var import VAR
+from var_jax.models.var_config import VARConfig
+from var_jax.models.vqvae import VQVAE
+from var_jax.models.vqvae_config import VQVAEConfig
+from var_jax.train import loop, optim
+from var_jax.train.state import TrainState
+
+
+# -- the tokenizer -----------------------------------------------------------------------------
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  """(VQVAEConfig, params) from config.tokenizer: an official .pth, a converted dir, a tokenizer
+  training workdir, or "random" (tests and smoke runs only)."""
+  tc = config.tokenizer
+  overrides = dict(tc.get("overrides", {}) or {})
+  patch_nums = tuple(config.patch_nums)
+  path = str(tc.path)
+  if path == "random":
+    cfg = VQVAEConfig.from_mapping({**overrides, "patch_nums": patch_nums})
+    size = cfg.image_size
+    params = VQVAE(cfg).init(jax.random.key(tc.get("seed", 0)), jnp.zeros((1, size, size, 3)))["params"]
+    return cfg, params
+  p = epath.Path(path)
+  if path.endswith(".pth"):
+    from var_jax.tokenizer import Tokenizer
+    tok = Tokenizer.from_torch(path, patch_nums=patch_nums, **overrides)
+    return tok.config, tok.params
+  if (p / "config.json").exists() and (p / "params").exists():
+    from var_jax.pretrained import load_converted
+    model = load_converted(p)
+    if model.tokenizer.config.patch_nums != patch_nums:
+      raise ConfigError(f"tokenizer at {p} uses patch_nums {model.tokenizer.config.patch_nums}, "
+                        f"but config.patch_nums is {patch_nums}.")
+    return model.tokenizer.config, model.tokenizer.params
+  from var_jax.train.train_vqvae import load_trained_tokenizer
+  return load_trained_tokenizer(p, patch_nums=patch_nums)
+
+
+def var_config_from(config: ml_collections.ConfigDict, vae_cfg: VQVAEConfig) -> VARConfig:
+  model = dict(config.model)
+  return VARConfig.from_mapping({**model, "vocab_size": vae_cfg.vocab_size,
+                                 "z_channels": vae_cfg.z_channels, "patch_nums": vae_cfg.patch_nums})
+
+
+# -- the step ----------------------------------------------------------------------------------
+
+def cross_entropy(logits_BLV, targets_BL, label_smoothing: float):
+  """Per-token CE in float32, optionally label-smoothed (the official `--ls`)."""
+  logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+  return nll
+
+
+def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict):
+  """(state, batch, vae_params, rng) -> (state, metrics)."""
+  vae = VQVAE(vae_cfg)
+  model = VAR(var_cfg, train=True)
+  patch_nums = var_cfg.patch_nums
+  last_begin = scales.begin_ends(patch_nums)[-1][0]
+  ema_decay = float(config.optim.ema_decay)
+  smoothing = float(config.get("label_smoothing", 0.0))
+
+  def token_maps(batch, vae_params):
+    if "tokens" in batch:
+      flat = batch["tokens"].astype(jnp.int32)
+      maps, start = [], 0
+      for pn in patch_nums:
+        maps.append(flat[:, start:start + pn * pn].reshape(-1, pn, pn))
+        start += pn * pn
+      return maps
+    images = scale_to_model_range(batch["image"])
+    return vae.apply({"params": vae_params}, images, method=VQVAE.encode)
+
+  def step(state: TrainState, batch, vae_params, rng):
+    maps = [jax.lax.stop_gradient(m) for m in token_maps(batch, vae_params)]
+    x_BlCv = jax.lax.stop_gradient(vae.apply({"params": vae_params}, maps, method=VQVAE.indices_to_var_input))
+    targets_BL = jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
+    labels = batch["label"].astype(jnp.int32)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, labels, x_BlCv, rngs={"dropout": rng})
+      nll_BL = cross_entropy(logits, targets_BL, smoothing)
+      return jnp.mean(nll_BL), (logits, nll_BL)
+
+    (loss, (logits, nll_BL)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = optim.ema_update(ema, params, ema_decay, optim.optimizer_updated(opt_state))
+    correct_BL = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32)
+    stats = optim.last_update_stats(opt_state)
+    metrics = {
+        "loss": loss, "accuracy": jnp.mean(correct_BL),
+        "loss_last_scale": jnp.mean(nll_BL[:, last_begin:]),
+        "accuracy_last_scale": jnp.mean(correct_BL[:, last_begin:]),
+        "learning_rate": stats["learning_rate"], "weight_decay": stats["weight_decay"],
+        "grad_norm": stats["grad_norm"],
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+  return step
+
+
+def make_init_state(var_cfg: VARConfig, tx, ema: bool):
+  L = var_cfg.seq_len
+
+  def init(rng):
+    variables = VAR(var_cfg).init(rng, jnp.zeros((1,), jnp.int32),
+                                  jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels), jnp.float32))
+    params = variables["params"]  # boxed: the loop reads the logical axes off it
+    return TrainState.create(params, tx, ema=ema)
+
+  return init
+
+
+def flops_per_example(var_cfg: VARConfig, num_params: int) -> float:
+  """6 N per token for the linear layers, plus attention's 12 L_vis d per token per layer."""
+  L = var_cfg.seq_len
+  visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())  # keys summed over queries
+  attention = 12.0 * var_cfg.depth * var_cfg.embed_dim * visible
+  return 6.0 * num_params * L + attention
+
+
+# -- periodic sample grids -----------------------------------------------------------------------
+
+def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, config):
+  from var_jax import images as image_io
+  from var_jax.sampling import _generate_jit
+  classes = list(config.get("sample_classes") or range(min(var_cfg.num_classes, 8)))
+  labels = jnp.asarray(classes, jnp.int32)
+
+  def hook(state: TrainState, step: int, workdir: epath.Path):
+    params = state.ema_params if state.ema_params is not None else state.params
+    imgs, _ = _generate_jit(params, vae_params, labels, jax.random.key(0), jnp.float32(config.sample_cfg),
+                            jnp.int32(min(config.sample_top_k, var_cfg.vocab_size)),
+                            jnp.float32(config.sample_top_p), None, None, var_config=var_cfg,
+                            vae_config=vae_cfg, more_smooth=False)
+    from jax.experimental import multihost_utils
+    imgs = np.asarray(multihost_utils.process_allgather(imgs, tiled=True))
+    if jax.process_index() == 0:
+      path = image_io.save_png(image_io.make_grid(imgs), workdir / "samples" / f"step_{step:08d}.png")
+      logging.info("Wrote sample grid %s", path)
+
+  return hook
+
+
+# -- entry points --------------------------------------------------------------------------------
+
+def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARConfig]:
+  vae_cfg, vae_params = load_tokenizer(config)
+  var_cfg = var_config_from(config, vae_cfg)
+  opt = optim.make_optimizer(config.optim, global_batch_size=config.global_batch_size,
+                             total_steps=config.total_steps // max(1, config.optim.grad_accum_steps))
+  ema = config.optim.ema_decay > 0
+  init = make_init_state(var_cfg, opt.tx, ema)
+  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
+      meta.unbox(jax.eval_shape(init, jax.random.key(0)).params))))
+  hooks = {}
+  if config.get("sample_every", 0):
+    hooks["samples"] = (config.sample_every, make_sample_hook(var_cfg, vae_cfg, vae_params, config))
+  task = loop.TrainTask(
+      init_state=init, train_step=make_train_step(var_cfg, vae_cfg, opt.tx, config), frozen=vae_params,
+      tokens_per_example=var_cfg.seq_len, flops_per_example=flops_per_example(var_cfg, num_params),
+      hooks=hooks, data_kwargs={"patch_nums": var_cfg.patch_nums, "vocab_size": var_cfg.vocab_size})
+  logging.info("VAR: depth %d, %s params, peak lr %.3g", var_cfg.depth, f"{num_params:,}",
+               opt.peak_learning_rate)
+  return task, var_cfg
+
+
+def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
+  """Trains VAR per `config` in `workdir` (resuming from its latest checkpoint if any)."""
+  from var_jax.sharding import maybe_initialize_distributed
+  maybe_initialize_distributed(config.get("distributed", "auto"))
+  if config.data.source != "pretokenized" and config.data.image_size != 16 * config.patch_nums[-1]:
+    raise ConfigError(f"data.image_size {config.data.image_size} must be 16 x the last patch number "
+                      f"({16 * config.patch_nums[-1]}).")
+  task, _ = build_task(config)
+  return loop.run(config, workdir, task)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (gs:// ok).")
+
+
+def _main(argv):
+  del argv
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+def main(argv=None) -> int:
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(_main, argv=argv or sys.argv)
+  return 0
