@@ -120,7 +120,8 @@ def test_params_carry_logical_axis_names():
   specs = meta.get_partition_spec(abstract["params"]) if hasattr(meta, "get_partition_spec") else None
   import flax.linen as nn
   specs = nn.get_partition_spec(abstract)["params"]
-  assert tuple(specs["blocks"]["attn"]["mat_qkv"]["kernel"]) == ("layers", "embed", None, "heads", "kv")
+  assert tuple(specs["blocks"]["attn"]["mat_qkv"]) == ("layers", "embed", None, "heads", "kv")
+  assert tuple(specs["blocks"]["attn"]["proj_kernel"]) == ("layers", "heads", "kv", "embed")
   assert tuple(specs["blocks"]["ffn"]["fc1"]["kernel"]) == ("layers", "embed", "mlp")
   assert tuple(specs["head"]["kernel"]) == ("embed", "vocab")
   assert tuple(specs["class_emb"]["embedding"]) == ("classes", "embed")

@@ -211,13 +211,15 @@ def _var_leaf(key: str, value: np.ndarray, config) -> tuple[Path, np.ndarray] | 
   rest = m.group(1) if m else key
   rest = rest.replace("ada_lin.1.", "ada_lin.").replace("shared_ada_lin.1.", "shared_ada_lin.")
   if rest == "attn.mat_qkv.weight":
-    return prefix + ("attn", "mat_qkv", "kernel"), value.reshape(3, H, D, C).transpose(3, 0, 1, 2)
+    return prefix + ("attn", "mat_qkv"), value.reshape(3, H, D, C).transpose(3, 0, 1, 2)
   if rest in ("attn.q_bias", "attn.v_bias"):
     return prefix + tuple(rest.split(".")), value.reshape(H, D)
   if rest == "attn.scale_mul_1H11":
     return prefix + ("attn", "scale_mul_1H11"), value.reshape(-1)
   if rest == "attn.proj.weight":
-    return prefix + ("attn", "proj", "kernel"), value.T.reshape(H, D, C)
+    return prefix + ("attn", "proj_kernel"), value.T.reshape(H, D, C)
+  if rest == "attn.proj.bias":
+    return prefix + ("attn", "proj_bias"), value
   if rest == "ada_gss":
     return prefix + ("ada_gss",), value.reshape(6, C)
   parts = rest.split(".")

@@ -68,8 +68,10 @@ class SelfAttention(nn.Module):
     H, D = cfg.num_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
     sigma = cfg.init_sigma
-    qkv = nn.DenseGeneral((3, H, D), use_bias=False, dtype=dtype, name="mat_qkv",
-                          kernel_init=_normal(sigma, ("embed", None, "heads", "kv")))(x_BLC)
+    # Hand-rolled rather than nn.DenseGeneral: DenseGeneral initialises a flattened 2-D kernel and
+    # reshapes it, which breaks 4-D logical partitioning under a mesh.
+    w_qkv = self.param("mat_qkv", _normal(sigma, ("embed", None, "heads", "kv")), (cfg.embed_dim, 3, H, D))
+    qkv = jnp.einsum("blc,cjhd->bljhd", x_BLC.astype(dtype), w_qkv.astype(dtype))
     q_bias = self.param("q_bias", _zeros(("heads", "kv")), (H, D))
     v_bias = self.param("v_bias", _zeros(("heads", "kv")), (H, D))
     q = (qkv[:, :, 0] + q_bias.astype(dtype)).astype(jnp.float32)
@@ -104,9 +106,10 @@ class SelfAttention(nn.Module):
       o_BHLD = attention_ops.prefix_attention(q_BHLD, cached_k.value, cached_v.value, kv_len=end,
                                               impl=cfg.attention_impl)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
-    return nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), dtype=dtype, name="proj",
-                           kernel_init=_normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
-                           bias_init=_zeros(("embed",)))(o_BLHD)
+    w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
+                        (H, D, cfg.embed_dim))
+    b_proj = self.param("proj_bias", _zeros(("embed",)), (cfg.embed_dim,))
+    return jnp.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
 
 
 class FFN(nn.Module):

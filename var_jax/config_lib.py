@@ -1,0 +1,100 @@
+"""What config files share: `:k=v` variant parsing, the base training config, the official recipes.
+
+Config files in configs/ are loaded by path (and copied alone to TPU workers), so they import
+this module rather than each other.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from var_jax.data.config import default_data_config
+from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
+from var_jax.train import optim
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"depth=20,tiny" -> ConfigDict over `defaults`; unknown keys are an error (typos fail early)."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, raw = item.partition("=")
+    if key not in defaults:
+      raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    current = defaults[key]
+    if isinstance(current, bool):
+      values[key] = raw.lower() in ("", "1", "true", "yes")
+    else:
+      values[key] = type(current)(raw)
+  return ml_collections.ConfigDict(values)
+
+
+def base_train_config() -> ml_collections.ConfigDict:
+  """Loop, mesh, data and optimizer fields with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.global_batch_size = 768
+  c.total_steps = 1000
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.init_from = ""
+  c.distributed = "auto"
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.dcn_mesh = ml_collections.config_dict.placeholder(list)
+  c.rules = ml_collections.config_dict.placeholder(list)
+  c.data = default_data_config()
+  c.optim = optim.default_config()
+  return c
+
+
+# depth: (global batch, epochs, tblr, init_adaln_gamma, wpe, twde)
+RECIPES = {
+    16: (768, 200, 1e-4, 1e-3, 0.1, None),
+    20: (768, 250, 1e-4, 1e-3, 0.1, None),
+    24: (768, 350, 8e-5, 1e-4, 0.01, None),
+    30: (1024, 350, 8e-5, 1e-5, 0.01, 0.08),
+    36: (768, 350, 8e-5, 5e-6, 0.01, 0.08),
+}
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool = False) -> ml_collections.ConfigDict:
+  """The official ImageNet recipe for `depth`; `tiny` shrinks it to a 2-step CPU smoke run."""
+  args = ml_collections.ConfigDict(dict(depth=depth, tiny=tiny, pretokenized=pretokenized))
+  if args.depth not in RECIPES:
+    raise ValueError(f"no official recipe for depth {args.depth}; choose one of {sorted(RECIPES)}.")
+  bs, epochs, tblr, alng, wpe, twde = RECIPES[args.depth]
+  c = base_train_config()
+  c.patch_nums = PATCH_NUMS_512 if args.depth == 36 else PATCH_NUMS_256
+  c.model = dict(depth=args.depth, shared_aln=args.depth == 36, dtype="bfloat16",
+                 remat_policy="nothing_saveable" if args.depth >= 24 else "none",
+                 attention_impl="auto", cond_drop_rate=0.1, init_adaln=0.5, init_adaln_gamma=alng,
+                 init_head=0.02)
+  c.tokenizer = dict(path="vae_ch160v4096z32.pth", overrides={})
+  c.global_batch_size = bs
+  steps_per_epoch = -(-IMAGENET_TRAIN_IMAGES // bs)
+  c.total_steps = epochs * steps_per_epoch
+  c.log_every = 100
+  c.checkpoint_every = 2000
+  c.sample_every = 10_000
+  c.sample_classes = [207, 360, 387, 974, 88, 979, 417, 279]
+  c.sample_cfg, c.sample_top_k, c.sample_top_p = 1.5, 900, 0.96
+  c.label_smoothing = 0.0
+  c.data.image_size = 16 * c.patch_nums[-1]
+  c.data.source = "pretokenized" if args.pretokenized else "tfds"
+  c.mesh = [("data", -1), ("fsdp", 1 if args.depth < 24 else 8), ("tensor", 1)]
+  c.optim.tblr, c.optim.wpe = tblr, wpe
+  c.optim.twde = twde
+  c.optim.warmup_steps = round(epochs / 50 * steps_per_epoch)
+  if args.tiny:
+    c.model.update(depth=2, dtype="float32", remat_policy="none")
+    c.tokenizer = dict(path="random", overrides=dict(ch=32, vocab_size=64, z_channels=8))
+    c.patch_nums = (1, 2, 3, 4)
+    c.data.image_size = 64
+    c.data.source = "shapes"
+    c.data.num_workers = 2
+    c.global_batch_size, c.total_steps, c.log_every, c.checkpoint_every = 16, 2, 1, 1
+    c.sample_every = 0
+    c.optim.warmup_steps = 1
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  return c
