@@ -1,0 +1,209 @@
+"""VAR attention: the one entry point the transformer calls, for training and for sampling.
+
+`block_causal_attention`: teacher forcing over all L = sum(pn²) tokens; token q sees token k iff
+scale(k) <= scale(q) (spec §4.3).
+`prefix_attention`: sampling with a KV cache; the queries of the current scale see the first
+`kv_len` cache entries, unmasked (spec §6).
+
+q is already scaled (attn_l2_norm's per-head scale is folded in), so the softmax scale is 1.
+Inputs are float32 or bfloat16; the softmax is float32; the output has q's dtype.
+
+`impl` picks the implementation:
+* "xla": plain einsum + masked float32 softmax (`xla_attention`), the reference for the kernels;
+* "pallas_tpu": training uses JAX's splash attention (`splash_block_causal`), sampling a small
+  Pallas kernel (`tpu_prefix_attention`);
+* "pallas_gpu": a Pallas Triton flash kernel with VAR's masks (`gpu_attention`);
+* "auto": the kernel of the backend the computation runs on (the active mesh's devices, else
+  jax.default_backend()), with the size thresholds below; XLA on CPU.
+Kernel paths run under shard_map over the active mesh (`mesh_sharding`). `interpret=True` runs
+the Pallas kernels in interpret mode, on any backend (slow; for tests).
+
+GPU "auto" uses the Pallas kernel rather than cuDNN (`jax.nn.dot_product_attention`): cuDNN can
+only take VAR's mask as a dense (L, L) bias it reads for every head, cannot skip the fully
+masked tiles, and refuses float32; the Pallas kernel computes the mask from a row-end vector,
+skips masked tiles, takes both dtypes, and is the GPU path this project can check without a GPU
+(interpret-mode numerics and lowering to Triton on CPU, tests/test_attention.py). Neither has
+been timed on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from var_jax import scales
+from var_jax.errors import ConfigError, InputError
+from var_jax.ops import gpu_attention
+from var_jax.ops import mesh_sharding
+from var_jax.ops import splash_block_causal
+from var_jax.ops import tpu_prefix_attention
+from var_jax.ops import xla_attention
+
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+# impl="auto" on TPU, training: splash from this many tokens up (every VAR resolution: L >= 680);
+# shorter toy sequences would be mostly padding, so they stay on XLA (STYLE.md §7).
+TRAINING_KERNEL_MIN_LEN = 128
+
+# impl="auto" on TPU, sampling: the Pallas kernel for scales with at least this many query rows
+# (pn >= 3: scales 2..9 at 256 and 512 px), XLA for the 1x1 and 2x2 scales. Decided with the TPU
+# cost model on AOT-compiled sampling steps (benchmarks/aot_tpu_attention.py: d16, v5e:2x2,
+# mesh data=4, 16 sequences x 16 heads per chip, bf16, cache 768 / 2304), adding the ~0.35 us per
+# Pallas grid step that the cost model does not charge (one step per sequence x head block x row
+# block):
+#   px   scale (rows, kv_len)   kernel: model + steps x 0.35 = total    XLA model
+#   256  0 (1, 1)                  1.5 +   16 x 0.35 =    7.1 us           0.4 us
+#   256  1 (4, 5)                  1.8 +   16 x 0.35 =    7.4 us           5.3 us
+#   256  2 (9, 14)                 2.2 +   16 x 0.35 =    7.8 us          17.4 us
+#   256  6 (64, 155)              19.9 +   16 x 0.35 =   25.5 us         102.7 us
+#   256  9 (256, 680)             83.9 +   32 x 0.35 =   95.1 us         757.0 us
+#   512  9 (1024, 2240)          763.1 + 1024 x 0.35 = 1121.5 us        7440.1 us
+# XLA writes the float32 (rows x kv_len) logits to HBM (170 MiB at 256 px scale 9, 2.2 GiB at
+# 512 px) and pads each head's tiny matrices of the small scales to whole (8, 128) tiles; the
+# kernel keeps the logits in VMEM. At 1 and 4 rows both are a few microseconds and the kernel's
+# grid steps tip it to XLA. 4x the batch, or float32 with 30 heads on data=2 x tensor=2, moves no
+# boundary; with a tiny per-chip load (8 sequences x 4 heads) XLA would also win scales 2-3, by
+# under 1 us per call.
+PREFIX_KERNEL_MIN_ROWS = 9
+
+
+def kv_cache_len(patch_nums: Sequence[int]) -> int:
+  """KV-cache length to allocate: L rounded up to 128, so every kernel reads the cache in place."""
+  return splash_block_causal.padded_seq_len(scales.seq_len(_patch_nums(patch_nums)))
+
+
+def _patch_nums(patch_nums) -> tuple[int, ...]:
+  try:
+    return scales.validate_patch_nums(patch_nums)
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"Bad patch_nums {patch_nums!r}: {err}") from err
+
+
+def _platform() -> str:
+  """Where the computation will run, "tpu", "gpu" or "cpu": the mesh's devices, if any."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  platform = device.platform if device is not None else jax.default_backend()
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def _resolve_impl(impl: str, interpret: bool) -> str:
+  """The concrete implementation ("xla", "pallas_tpu" or "pallas_gpu") a call will use."""
+  if impl not in IMPLS:
+    raise ConfigError(f"Unknown attention impl {impl!r}; valid choices are {IMPLS}.")
+  if not isinstance(interpret, bool):
+    raise ConfigError(f"interpret must be a bool, got {interpret!r}.")
+  platform = _platform()
+  if impl == "auto":
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
+  needed = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}.get(impl)
+  if needed is not None and needed != platform and not interpret:
+    raise ConfigError(
+        f"impl={impl!r} needs a {needed.upper()} backend but this computation runs on "
+        f"{platform!r}; use interpret=True to run the kernel in interpret mode, or one of "
+        f"the valid choices {IMPLS} that fits (\"auto\" or \"xla\")."
+    )
+  return impl
+
+
+def _check_arrays(names_arrays) -> jnp.dtype:
+  """Checks q/k/v are 4-D float32/bfloat16 arrays of one dtype; returns the dtype."""
+  for name, x in names_arrays:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise InputError(f"{name} must be an array, got {type(x).__name__}.")
+    if x.ndim != 4:
+      raise InputError(f"{name} must be 4-D (batch, heads, length, head_dim), got shape {x.shape}.")
+    if jnp.dtype(x.dtype) not in DTYPES:
+      raise InputError(f"{name} has dtype {x.dtype}; attention takes float32 or bfloat16.")
+  dtypes = {jnp.dtype(x.dtype) for _, x in names_arrays}
+  if len(dtypes) != 1:
+    raise InputError(
+        f"q, k and v must share one dtype, got {[str(x.dtype) for _, x in names_arrays]}.")
+  return dtypes.pop()
+
+
+def _check_gpu_head_dim(head_dim: int) -> None:
+  """Triton tiles are powers of two, and tensor-core dots need >= 16 along each side."""
+  if head_dim < gpu_attention.MIN_BLOCK_Q or head_dim & (head_dim - 1):
+    raise InputError(
+        f"impl='pallas_gpu' needs head_dim to be a power of two >= {gpu_attention.MIN_BLOCK_Q}, "
+        f"got {head_dim}; use impl='xla'."
+    )
+
+
+def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int], impl: str = "auto",
+                           interpret: bool = False):
+  """VAR teacher-forcing attention: token q sees token k iff scale(k) <= scale(q).
+
+  Args:
+    q_BHLD: queries (batch, heads, L, head_dim), already scaled; float32 or bfloat16.
+    k_BHLD: keys, same shape and dtype.
+    v_BHLD: values, same shape and dtype.
+    patch_nums: the scales' sides; L must equal sum(pn²).
+    impl: "auto", "xla", "pallas_tpu" or "pallas_gpu" (module docstring).
+    interpret: run a Pallas kernel in interpret mode (any backend; slow).
+
+  Returns:
+    (batch, heads, L, head_dim) in q's dtype. Differentiable (the kernels' custom vjps).
+  """
+  pns = _patch_nums(patch_nums)
+  _check_arrays((("q", q_BHLD), ("k", k_BHLD), ("v", v_BHLD)))
+  if not q_BHLD.shape == k_BHLD.shape == v_BHLD.shape:
+    raise InputError(f"q, k, v shapes differ: {q_BHLD.shape}, {k_BHLD.shape}, {v_BHLD.shape}.")
+  seq_len = scales.seq_len(pns)
+  if q_BHLD.shape[2] != seq_len:
+    raise InputError(f"Sequence length {q_BHLD.shape[2]} != L={seq_len} of patch_nums {pns}.")
+  chosen = _resolve_impl(impl, interpret)
+  if chosen == "pallas_tpu" and impl == "auto" and seq_len < TRAINING_KERNEL_MIN_LEN:
+    chosen = "xla"
+  if chosen == "xla":
+    return xla_attention.block_causal_attention(q_BHLD, k_BHLD, v_BHLD, patch_nums=pns)
+  if chosen == "pallas_gpu":
+    _check_gpu_head_dim(q_BHLD.shape[3])
+  module = splash_block_causal if chosen == "pallas_tpu" else gpu_attention
+  per_device = functools.partial(module.block_causal_attention, patch_nums=pns,
+                                 interpret=interpret)
+  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHLD, k_BHLD, v_BHLD)
+
+
+def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
+                     interpret: bool = False):
+  """Sampling attention: queries of one scale against the first `kv_len` KV-cache entries.
+
+  Args:
+    q_BHlD: queries of the current scale (batch, heads, pn², head_dim), already scaled.
+    k_BHSD: the preallocated key cache (batch, heads, S, head_dim), S >= kv_len, same dtype.
+    v_BHSD: the value cache, same shape as k_BHSD.
+    kv_len: static int, the number of valid cache entries (end of the current scale).
+    impl: "auto", "xla", "pallas_tpu" or "pallas_gpu" (module docstring).
+    interpret: run a Pallas kernel in interpret mode (any backend; slow).
+
+  Returns:
+    (batch, heads, pn², head_dim) in q's dtype.
+  """
+  _check_arrays((("q", q_BHlD), ("k", k_BHSD), ("v", v_BHSD)))
+  if k_BHSD.shape != v_BHSD.shape:
+    raise InputError(f"k and v cache shapes differ: {k_BHSD.shape} vs {v_BHSD.shape}.")
+  if q_BHlD.shape[:2] != k_BHSD.shape[:2] or q_BHlD.shape[3] != k_BHSD.shape[3]:
+    raise InputError(
+        f"q {q_BHlD.shape} and the cache {k_BHSD.shape} must agree on batch, heads and head_dim."
+    )
+  if isinstance(kv_len, bool) or not isinstance(kv_len, numbers.Integral):
+    raise InputError(f"kv_len must be a static Python int, got {type(kv_len).__name__}.")
+  kv_len = int(kv_len)
+  if not 1 <= kv_len <= k_BHSD.shape[2]:
+    raise InputError(f"kv_len={kv_len} must be in [1, cache length {k_BHSD.shape[2]}].")
+  chosen = _resolve_impl(impl, interpret)
+  if chosen == "pallas_tpu" and impl == "auto" and q_BHlD.shape[2] < PREFIX_KERNEL_MIN_ROWS:
+    chosen = "xla"
+  if chosen == "xla":
+    return xla_attention.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
+  if chosen == "pallas_gpu":
+    _check_gpu_head_dim(q_BHlD.shape[3])
+  module = tpu_prefix_attention if chosen == "pallas_tpu" else gpu_attention
+  per_device = functools.partial(module.prefix_attention, kv_len=kv_len, interpret=interpret)
+  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD)

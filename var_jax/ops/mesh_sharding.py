@@ -1,0 +1,65 @@
+"""Run a per-device attention function under shard_map over the active mesh.
+
+A Pallas (Mosaic or Triton) call is opaque to XLA's SPMD partitioner, so under a sharded jit it
+must sit inside shard_map, where every device runs it on its own shard. The model runs under
+`jax.set_mesh(mesh)` with batch sharded over ("data", "fsdp") and heads over "tensor"; attention
+needs nothing across the batch or across heads, so the per-device function sees (B/dp, H/tp, ·, D)
+and the outputs are the matching shards, with no communication.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax.sharding import AxisType, PartitionSpec
+
+from var_jax.errors import InputError
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+
+def _usable_axes(mesh, names):
+  """The axes in `names` that the mesh has and that are not already manual (inside shard_map)."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  return tuple(n for n in names if n in types and types[n] != AxisType.Manual)
+
+
+def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH):
+  """Calls `per_device_fn(*arrays)` on every device's (batch, head) shard of the (B, H, ...) arrays.
+
+  Without an active mesh (or with an empty one, or one whose axes are all manual already) the
+  function is called directly. Returns an array laid out like the first argument's batch and heads.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(t == AxisType.Manual for t in mesh.axis_types):
+    return per_device_fn(*arrays_BH)
+  batch_axes = _usable_axes(mesh, BATCH_AXES)
+  head_axes = _usable_axes(mesh, (HEAD_AXIS,))
+  batch_shards = 1
+  for name in batch_axes:
+    batch_shards *= mesh.shape[name]
+  head_shards = mesh.shape[HEAD_AXIS] if head_axes else 1
+  for x in arrays_BH:
+    if x.shape[0] % batch_shards:
+      raise InputError(
+          f"Batch {x.shape[0]} (array shape {x.shape}) is not divisible by the {batch_shards} "
+          f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {batch_shards}."
+      )
+    if x.shape[1] % head_shards:
+      raise InputError(
+          f"{x.shape[1]} heads (array shape {x.shape}) are not divisible by the {head_shards} "
+          f"shards of mesh axis {HEAD_AXIS!r}."
+      )
+  spec = PartitionSpec(batch_axes or None, head_axes[0] if head_axes else None)
+  # Every axis not already manual becomes manual: XLA must not try to partition the Pallas call.
+  newly_manual = frozenset(
+      n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual)
+  return jax.shard_map(
+      per_device_fn,
+      mesh=mesh,
+      in_specs=(spec,) * len(arrays_BH),
+      out_specs=spec,
+      axis_names=newly_manual,
+      check_vma=False,
+  )(*arrays_BH)

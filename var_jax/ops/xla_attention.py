@@ -1,0 +1,50 @@
+"""Plain-XLA attention: the reference every kernel is tested against, and the path on CPU.
+
+Softmax scale is 1 (VAR folds its attn_l2_norm scale into q before attention). Logits and softmax
+are float32. float32 inputs use precision=HIGHEST on both contractions; for bfloat16 inputs the
+probabilities are rounded to bfloat16 before P·V (float32 accumulation), as the official model's
+fused kernels do under autocast.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from var_jax import scales
+
+
+def _precision(dtype) -> jax.lax.Precision:
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def masked_attention(q_BHQD, k_BHKD, v_BHKD, visible_QK=None):
+  """softmax(q kᵀ) v over the keys where `visible_QK` (bool, broadcastable to (Q, K)) is True."""
+  precision = _precision(q_BHQD.dtype)
+  logits_BHQK = jnp.einsum(
+      "bhqd,bhkd->bhqk", q_BHQD, k_BHKD, precision=precision, preferred_element_type=jnp.float32
+  )
+  if visible_QK is not None:
+    logits_BHQK = jnp.where(visible_QK, logits_BHQK, -jnp.inf)
+  probs_BHQK = jax.nn.softmax(logits_BHQK, axis=-1)
+  out_BHQD = jnp.einsum(
+      "bhqk,bhkd->bhqd",
+      probs_BHQK.astype(v_BHKD.dtype),
+      v_BHKD,
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
+  return out_BHQD.astype(q_BHQD.dtype)
+
+
+def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int]):
+  """Teacher-forcing attention over all L tokens: token q sees token k iff scale(k) <= scale(q)."""
+  visible_LL = jnp.asarray(scales.block_causal_mask(patch_nums), dtype=bool)
+  return masked_attention(q_BHLD, k_BHLD, v_BHLD, visible_LL)
+
+
+def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int):
+  """Queries of one scale against the first `kv_len` entries of the KV cache, unmasked."""
+  return masked_attention(q_BHlD, k_BHSD[:, :, :kv_len], v_BHSD[:, :, :kv_len])
+
