@@ -157,8 +157,8 @@ def adaptive_generator_weight(grad_rec: Any, grad_gan: Any,
     float32 scalar with its gradient stopped. Zero gradients give 0 (rec) or
     ||grad_rec|| / 1e-4 clipped (gan), never NaN.
   """
-  norm_rec = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grad_rec))
-  norm_gan = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), grad_gan))
+  norm_rec = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grad_rec))
+  norm_gan = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grad_gan))
   weight = jnp.clip(norm_rec / (norm_gan + ADAPTIVE_EPS), 0.0, max_weight)
   return jax.lax.stop_gradient(weight)
 
