@@ -138,6 +138,16 @@ def maybe_initialize_distributed(
       coordinator_address or _distributed_env_present(env) or on_tpu_vm(env)):
     logging.info("Single-host run: skipping jax.distributed.initialize().")
     return False
+  # Outside managed clusters (TPU pods, SLURM, ...) JAX cannot detect the process layout; our
+  # launchers and tests then give it as JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  if coordinator_address is None and env.get("JAX_COORDINATOR_ADDRESS"):
+    coordinator_address = env["JAX_COORDINATOR_ADDRESS"]
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  # CPU-only multi-process runs (tests, debugging) need a collectives backend; TPUs ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id)

@@ -187,7 +187,11 @@ class AdaLNBeforeHead(nn.Module):
     ada = nn.Dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
                    kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
                    bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
-    scale, shift = ada[:, None, :C], ada[:, None, C:]
+    # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
+    # tensor-sharded axis (ada[:, :C] with 2C split over "tensor" gave wrong gradients on a
+    # 2x2x2 mesh; tests/test_train_var.py::test_sharded_step_equals_unsharded guards this).
+    ada = ada.reshape(-1, 2, C)
+    scale, shift = ada[:, None, 0], ada[:, None, 1]
     return _LN(cfg.norm_eps)(x_BLC) * (1.0 + scale) + shift
 
 
