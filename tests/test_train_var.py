@@ -83,7 +83,7 @@ def test_sharded_step_equals_unsharded():
 def test_config_errors_are_clear(tmp_path):
   config = _tiny_config()
   config.data.image_size = 32
-  with pytest.raises(ConfigError, match="16 x the last patch number"):
+  with pytest.raises(ConfigError, match="the tokenizer.s image size"):
     train_var.train(config, tmp_path / "a")
   config = _tiny_config()
   config.model["embed_dim"] = 100

@@ -29,12 +29,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(name: str, dtype: str | None):
-  from var_jax import shipped
   from var_jax.pretrained import load_pretrained
-  overrides = {"dtype": dtype} if dtype else {}
-  if name in shipped.SHIPPED:
-    return shipped.load_shipped(name, **overrides)
-  return load_pretrained(name, **overrides)
+  return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
 
 
 def cmd_sample(args) -> int:

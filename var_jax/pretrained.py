@@ -15,6 +15,7 @@ import pathlib
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from var_jax import scales
@@ -56,15 +57,20 @@ def convert_files(vae_path, var_path, **overrides) -> VARModel:
   return VARModel.from_torch(var_sd, tok, **overrides)
 
 
-def save_converted(model: VARModel, out_dir) -> pathlib.Path:
-  """Writes `config.json` and an Orbax checkpoint of both param trees to `out_dir`."""
+def save_converted(model: VARModel, out_dir, *, storage_dtype: str = "float32") -> pathlib.Path:
+  """Writes `config.json` and an Orbax checkpoint of both param trees to `out_dir`.
+
+  storage_dtype="bfloat16" halves the files (the shipped model); loading casts back to float32.
+  """
   import orbax.checkpoint as ocp
   out = pathlib.Path(out_dir).absolute()
   if (out / "params").exists():
     raise CheckpointError(f"{out} already holds a converted model; choose another --out or delete it.")
   out.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(out / "params", {"vae": model.tokenizer.params, "var": model.params})
+  tree = {"vae": model.tokenizer.params, "var": model.params}
+  tree = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(storage_dtype)), tree)
+  ckptr.save(out / "params", tree)
   ckptr.wait_until_finished()
   meta = {"format": FORMAT, "version": FORMAT_VERSION, "vae": model.tokenizer.config.to_dict(),
           "var": model.config.to_dict()}
@@ -135,7 +141,8 @@ def _hub_file(filename: str, cache_dir: pathlib.Path, allow_download: bool) -> p
 
 def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=None, allow_download=True,
                     **overrides) -> VARModel:
-  """Loads a VAR model by released name ("d16" ... "d36"), converted directory, or (.pth, .pth).
+  """Loads a VAR model by name ("shapes-tiny" ships with the package; "d16" ... "d36" are the
+  released ImageNet models), converted directory, or a (vae.pth, var.pth) pair.
 
   Names resolve in this order: a converted copy in the cache, the .pth files in the cache (the
   Hugging Face hub cache under `<cache>/hub`, or files placed by hand in `<cache>/torch/`), a
@@ -147,6 +154,9 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return convert_files(name_or_path[0], name_or_path[1], **overrides)
   cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
   name = str(name_or_path)
+  from var_jax import shipped
+  if name in shipped.SHIPPED:
+    return shipped.load_shipped(name, **overrides)
   if name in RELEASED:
     converted = cache / "converted" / name
     if (converted / "config.json").is_file():
@@ -167,4 +177,5 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return load_converted(path, **overrides)
   if path.suffix == ".pth":
     raise InputError(f"{path} is a single .pth file: pass (vae.pth, var.pth) as a pair.")
-  raise InputError(f"'{name}' is neither a released model ({', '.join(RELEASED)}) nor a directory.")
+  raise InputError(f"'{name}' is neither a shipped model ({', '.join(shipped.SHIPPED)}), a released "
+                   f"model ({', '.join(RELEASED)}) nor a directory.")

@@ -371,8 +371,8 @@ def _find_step_dir(path: epath.Path) -> epath.Path:
       f"item, or a workdir / '{CHECKPOINT_SUBDIR}' directory containing numbered steps.")
 
 
-def restore_params(init_from: epath.PathLike, abstract_params: Any) -> tuple[int, Any]:
-  """Loads only the `params` subtree of another run's checkpoint into `abstract_params`.
+def restore_params(init_from: epath.PathLike, abstract_params: Any, *, key: str = "params") -> tuple[int, Any]:
+  """Loads only the `key` subtree (default `params`; or `ema_params`) of another run's checkpoint.
 
   Returns:
     (source step, params) with params in the shardings of `abstract_params`.
@@ -383,11 +383,11 @@ def restore_params(init_from: epath.PathLike, abstract_params: Any) -> tuple[int
   step_dir = _find_step_dir(_as_absolute(init_from))
   abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    return _restore_params_with(checkpointer, step_dir, abstract_params)
+    return _restore_params_with(checkpointer, step_dir, abstract_params, key)
 
 
 def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
-                         abstract_params: Any) -> tuple[int, Any]:
+                         abstract_params: Any, key: str = "params") -> tuple[int, Any]:
   state_dir = step_dir / STATE_ITEM
   try:
     saved = checkpointer.metadata(state_dir).item_metadata
@@ -396,15 +396,15 @@ def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
     raise CheckpointError(
         f"Cannot read checkpoint metadata in {state_dir} ({_short(e)}). Point init_from at a "
         "complete checkpoint.") from e
-  if not isinstance(saved, Mapping) or "params" not in saved:
-    raise CheckpointError(f"Checkpoint {state_dir} has no 'params' entry to initialise from.")
-  problems = describe_mismatch(saved["params"], abstract_params)
+  if not isinstance(saved, Mapping) or not saved.get(key):
+    raise CheckpointError(f"Checkpoint {state_dir} has no '{key}' entry to initialise from.")
+  problems = describe_mismatch(saved[key], abstract_params)
   if problems:
     raise CheckpointError(
         f"Parameters in {state_dir} do not fit the model ({len(problems)} differences): "
         + "; ".join(problems[:20]) + ". Check that init_from was trained with the same model "
         "config.")
-  item = {"params": abstract_params}
+  item = {key: abstract_params}
   try:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=_restore_args(item), partial_restore=True))
@@ -412,4 +412,4 @@ def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
     raise CheckpointError(
         f"Cannot restore params from {state_dir} ({_short(e)}). Point init_from at a complete "
         "checkpoint.") from e
-  return int(step_dir.name) if step_dir.name.isdigit() else -1, restored["params"]
+  return int(step_dir.name) if step_dir.name.isdigit() else -1, restored[key]

@@ -179,6 +179,9 @@ def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, confi
 
 def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARConfig]:
   vae_cfg, vae_params = load_tokenizer(config)
+  if config.data.source != "pretokenized" and config.data.image_size != vae_cfg.image_size:
+    raise ConfigError(f"data.image_size {config.data.image_size} must be the tokenizer's image size "
+                      f"{vae_cfg.image_size} (16 x the last patch number for the official layout).")
   var_cfg = var_config_from(config, vae_cfg)
   opt = optim.make_optimizer(config.optim, global_batch_size=config.global_batch_size,
                              total_steps=config.total_steps // max(1, config.optim.grad_accum_steps))
@@ -202,9 +205,6 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
   """Trains VAR per `config` in `workdir` (resuming from its latest checkpoint if any)."""
   from var_jax.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", "auto"))
-  if config.data.source != "pretokenized" and config.data.image_size != 16 * config.patch_nums[-1]:
-    raise ConfigError(f"data.image_size {config.data.image_size} must be 16 x the last patch number "
-                      f"({16 * config.patch_nums[-1]}).")
   task, _ = build_task(config)
   return loop.run(config, workdir, task)
 
