@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from var_jax.errors import VarJaxError
+from var_jax.errors import InputError, VarJaxError
 
 DEFAULT_MODEL = "shapes-tiny"
 
@@ -15,6 +15,16 @@ def _parse_classes(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c.strip()]
   except ValueError:
     raise argparse.ArgumentTypeError(f"--classes takes comma-separated ints, got {text!r}") from None
+
+
+def _parse_patch_nums(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(p) for p in text.split(",") if p.strip())
+  except ValueError:
+    values = ()
+  if not values:
+    raise argparse.ArgumentTypeError(f"--patch-nums takes comma-separated ints, e.g. 1,2,3,4; got {text!r}")
+  return values
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -40,9 +50,11 @@ def cmd_sample(args) -> int:
   from var_jax import images as image_io
   from var_jax.sampling import check_sampling_options, sample
 
+  if args.per_class < 1 or args.batch_size < 0:
+    raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
   model = _load_model(args.model, args.dtype)
   classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
-  model.check_labels(np.asarray(classes), allow_null=True)
+  model.check_labels(np.asarray(classes), allow_null=False)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
   labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
   batch = args.batch_size or len(labels)
@@ -104,7 +116,7 @@ def cmd_edit(args) -> int:
 
 def cmd_convert(args) -> int:
   from var_jax.pretrained import convert_files, save_converted
-  model = convert_files(args.vae, args.var)
+  model = convert_files(args.vae, args.var, patch_nums=args.patch_nums)
   out = save_converted(model, args.out)
   print(f"converted depth-{model.config.depth} VAR ({model.num_params():,} params) and its tokenizer "
         f"to {out}; load it with var_jax.load_pretrained('{out}')")
@@ -137,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vae", required=True)
   p.add_argument("--var", required=True)
   p.add_argument("--out", required=True)
+  p.add_argument("--patch-nums", type=_parse_patch_nums, default=None,
+                 help="scales, e.g. 1,2,3,4 (default: the released 256/512 px schedule the VAR fits)")
   p.set_defaults(fn=cmd_convert)
 
   for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
@@ -154,12 +168,14 @@ def main(argv=None) -> int:
   if argv and argv[0] in ("train", "train-tokenizer", "pretokenize", "evaluate"):
     import importlib
     module = importlib.import_module(parser.parse_args(argv[:1]).module)
-    return module.main(["var-jax " + argv[0]] + argv[1:])
-  args = parser.parse_args(argv)
+    command, run = argv[0], lambda: module.main(["var-jax " + argv[0]] + argv[1:])
+  else:
+    args = parser.parse_args(argv)
+    command, run = args.command, lambda: args.fn(args)
   try:
-    return args.fn(args)
+    return run()
   except VarJaxError as e:
-    print(f"var-jax {args.command}: error: {e}", file=sys.stderr)
+    print(f"var-jax {command}: error: {e}", file=sys.stderr)
     return 2
 
 

@@ -170,3 +170,29 @@ def _write(logger, step, device_metrics, host):
   scalars = {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
   scalars.update(host)
   return logger.write_scalars(step, scalars)  # raises on a non-finite loss / grad norm
+
+
+def cli_main(argv, train_fn: Callable[[ml_collections.ConfigDict, str], Any], what: str) -> int:
+  """`--config FILE[:args] --workdir DIR [--config.x=y ...]` -> train_fn(config, workdir).
+
+  Flags live in a private FlagValues created per call, so importing several trainers (tests,
+  notebooks) never collides on flag names.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, f"{what} config file.", flag_values=fv,
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here (gs:// ok).",
+                                flag_values=fv)
+  try:
+    fv(list(argv))
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    # config_flags reports an unknown --config.field as AttributeError/KeyError.
+    raise ConfigError(f"bad flag or config override ({type(e).__name__}: {e}). Usage: {argv[0]} "
+                      "--config FILE[:args] --workdir DIR [--config.existing_field=value ...]") from None
+  if config.value is None or not workdir.value:
+    raise ConfigError(f"{argv[0]} needs --config FILE and --workdir DIR.")
+  logging.set_verbosity(logging.INFO)
+  train_fn(config.value, workdir.value)
+  return 0

@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
 from flax.core import meta
-from ml_collections import config_flags
 
 from var_jax import scales
 from var_jax.data.augment import scale_to_model_range
@@ -209,16 +208,5 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
   return loop.run(config, workdir, task)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (gs:// ok).")
-
-
-def _main(argv):
-  del argv
-  train(_CONFIG.value, _WORKDIR.value)
-
-
 def main(argv=None) -> int:
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main, argv=argv or sys.argv)
-  return 0
+  return loop.cli_main(argv or sys.argv, train, "VAR training")

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
-from ml_collections import config_flags
 
 from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import CheckpointError, ConfigError
@@ -203,16 +202,5 @@ def load_trained_tokenizer(workdir, *, patch_nums=None, use_ema: bool = True):
   return vae_cfg, params
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenizer training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reconstructions.")
-
-
-def _main(argv):
-  del argv
-  train(_CONFIG.value, _WORKDIR.value)
-
-
 def main(argv=None) -> int:
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main, argv=argv or sys.argv)
-  return 0
+  return loop.cli_main(argv or sys.argv, train, "Tokenizer training")
