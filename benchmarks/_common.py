@@ -1,0 +1,357 @@
+"""Shared helpers of the benchmarks: flags, timing, memory, tables, JSON lines and model set-up.
+
+Each benchmark builds random-weight models (ours, or ours and the official PyTorch ones with the
+same weights when VAR_REF points at an official VAR checkout and torch imports), times them and
+prints a table plus one JSON line per measurement (lines starting with `{`; `grep '^{'`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The official models of the brief: build_vae_var(...) with these arguments (plus depth).
+OFFICIAL_BUILD_KWARGS = dict(
+    V=4096, Cvae=32, ch=160, share_quant_resi=4, device="cpu",
+    patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=1000, shared_aln=False,
+    attn_l2_norm=True, flash_if_available=False, fused_if_available=False)
+
+
+# -- flags -------------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+  """argparse type: "1,8" -> [1, 8]."""
+  try:
+    values = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+  if not values or any(v < 1 for v in values):
+    raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+  return values
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, batch_sizes: str, iters: int) -> None:
+  """Flags every benchmark takes."""
+  parser.add_argument("--batch-sizes", type=int_list, default=int_list(batch_sizes),
+                      help=f"comma-separated batch sizes (default {batch_sizes})")
+  parser.add_argument("--iters", type=int, default=iters,
+                      help=f"timed steady-state calls per measurement, after the first (default {iters})")
+  parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default 0)")
+  parser.add_argument("--var-ref", default=os.environ.get("VAR_REF", ""),
+                      help="official VAR checkout to compare with (default: $VAR_REF; empty: ours only)")
+  parser.add_argument("--no-official", action="store_true",
+                      help="skip the official PyTorch comparison even when VAR_REF is set")
+  parser.add_argument("--torch-warmup", type=int, default=1,
+                      help="untimed official calls before its timed ones (default 1; 0: none)")
+
+
+# -- environment -------------------------------------------------------------------------------
+
+def cpu_count() -> int:
+  """Cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def environment() -> dict[str, Any]:
+  """Backend, device and versions: printed once and attached to every JSON line."""
+  dev = jax.devices()[0]
+  return {
+      "backend": jax.default_backend(),
+      "device": dev.device_kind,
+      "num_devices": jax.device_count(),
+      "cpu_cores": cpu_count(),
+      "jax": jax.__version__,
+  }
+
+
+def print_environment(env: dict[str, Any]) -> None:
+  print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Timing:
+  """Wall times of one measured callable: the first call and the steady-state calls after it."""
+  first_s: float
+  steady_s: list[float]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.steady_s)
+
+  @property
+  def min_s(self) -> float:
+    return min(self.steady_s)
+
+  @property
+  def first_minus_steady_s(self) -> float:
+    """The first call's extra time: tracing + compilation (+ first-run allocation)."""
+    return self.first_s - self.median_s
+
+
+def time_calls(fn: Callable[[], Any], iters: int) -> Timing:
+  """JAX: calls `fn` 1 + iters times, waiting for its result (block_until_ready) each time.
+
+  The first call (trace + compile + run) is timed on its own.
+  """
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  steady = []
+  for _ in range(max(iters, 1)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    steady.append(time.perf_counter() - t0)
+  return Timing(first, steady)
+
+
+def time_torch(fn: Callable[[], Any], iters: int, warmup: int) -> Timing:
+  """PyTorch on CPU (synchronous): `warmup` untimed calls, then `iters` timed ones.
+
+  `first_s` is the first call's time, whether it was a warm-up call or the first timed one.
+  """
+  first = None
+  for _ in range(warmup):
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0 if first is None else first
+  steady = []
+  for _ in range(max(iters, 1)):
+    t0 = time.perf_counter()
+    fn()
+    steady.append(time.perf_counter() - t0)
+  return Timing(steady[0] if first is None else first, steady)
+
+
+def aot_compile(jitted, *args, **kwargs):
+  """(compiled, lower_s, compile_s): trace+lower, then XLA compile, of a jitted function."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args, **kwargs)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return compiled, t1 - t0, t2 - t1
+
+
+def matmul_flops_per_s(n: int = 2048, iters: int = 5) -> float:
+  """Achieved float32 FLOP/s of one (n, n) @ (n, n) matmul on the default backend (best of iters)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  mm = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+  t = time_calls(lambda: mm(a, b), iters)
+  return 2.0 * n ** 3 / t.min_s
+
+
+def torch_matmul_flops_per_s(torch, n: int = 2048, iters: int = 5) -> float:
+  """Achieved float32 FLOP/s of torch's (n, n) @ (n, n) matmul on CPU (best of iters)."""
+  g = torch.Generator().manual_seed(0)
+  a = torch.randn(n, n, generator=g)
+  b = torch.randn(n, n, generator=g)
+  t = time_torch(lambda: a @ b, iters, warmup=1)
+  return 2.0 * n ** 3 / t.min_s
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+  """Resets the process's peak RSS (Linux VmHWM) so the next reading covers one phase only."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_since_reset() -> int | None:
+  """Peak RSS in bytes since the last `reset_peak_rss` (Linux VmHWM), or None elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def lifetime_peak_rss() -> int:
+  """Peak RSS in bytes over the whole process (resource.getrusage)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == "darwin" else peak * 1024
+
+
+def device_peak_bytes() -> int | None:
+  """Accelerator peak bytes in use (GPU/TPU `memory_stats`), None where not reported (CPU)."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # Backends without memory stats raise or return None.
+    return None
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def memory_analysis(compiled) -> dict[str, int]:
+  """temp/argument/output/alias/code bytes of a compiled executable ({} when unavailable)."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return {}
+  if isinstance(ma, (list, tuple)):
+    ma = ma[0] if ma else None
+  if ma is None:
+    return {}
+  out = {}
+  for name in ("temp", "argument", "output", "alias", "generated_code"):
+    value = getattr(ma, f"{name}_size_in_bytes", None)
+    if value is not None:
+      out[f"{name}_bytes"] = int(value)
+  return out
+
+
+def mib(n: float | None) -> str:
+  return "-" if n is None else f"{n / 2 ** 20:.0f}"
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def emit(record: dict[str, Any]) -> None:
+  """One measurement as one JSON line."""
+  print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
+  """Prints rows as an aligned table; columns are (header, key, format spec); missing -> "-"."""
+  cells = [[h for h, _, _ in columns]]
+  for row in rows:
+    line = []
+    for _, key, fmt in columns:
+      value = row.get(key)
+      line.append("-" if value is None else (format(value, fmt) if fmt else str(value)))
+    cells.append(line)
+  widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+  print(f"\n== {title} ==")
+  for i, r in enumerate(cells):
+    print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if i == 0:
+      print("  ".join("-" * w for w in widths))
+  print(flush=True)
+
+
+def speedup(ours_s: float | None, official_s: float | None) -> float | None:
+  """ours/official speed (= official time / our time): > 1 means ours is faster."""
+  if not ours_s or not official_s:
+    return None
+  return official_s / ours_s
+
+
+# -- models ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Official:
+  """The official PyTorch models (random weights), for side-by-side timing."""
+  torch: Any
+  vae: Any
+  var: Any
+
+
+def load_official(args, depth: int) -> tuple[Official | None, str]:
+  """Builds the official VQVAE and VAR-d{depth} from args.var_ref, or says why not."""
+  if args.no_official:
+    return None, "--no-official"
+  if not args.var_ref:
+    return None, "VAR_REF not set"
+  if not os.path.isfile(os.path.join(args.var_ref, "models", "var.py")):
+    return None, f"VAR_REF={args.var_ref} has no models/var.py"
+  try:
+    import torch
+  except ImportError as err:
+    return None, f"torch does not import ({err})"
+  if args.var_ref not in sys.path:
+    sys.path.insert(0, args.var_ref)
+  from models import build_vae_var  # The official checkout's package, found through VAR_REF.
+  warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
+  torch.set_num_threads(cpu_count())
+  torch.manual_seed(args.seed)
+  with contextlib.redirect_stdout(io.StringIO()):
+    vae, var = build_vae_var(depth=depth, **OFFICIAL_BUILD_KWARGS)
+  with torch.no_grad():
+    for p in vae.parameters():  # The official VQVAE leaves its weights uninitialised.
+      torch.nn.init.normal_(p, std=0.02)
+  vae.eval()
+  var.eval()
+  return Official(torch, vae, var), f"official code from {args.var_ref}, torch {torch.__version__}, " \
+                                    f"{torch.get_num_threads()} threads"
+
+
+def _numpy_state_dict(module) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def tokenizer_from_official(official: Official):
+  import var_jax
+  return var_jax.Tokenizer.from_torch(_numpy_state_dict(official.vae))
+
+
+def var_model_from_official(official: Official, tokenizer):
+  import var_jax
+  return var_jax.VARModel.from_torch(_numpy_state_dict(official.var), tokenizer)
+
+
+def random_tokenizer(seed: int):
+  """The released 256 px tokenizer config with random weights (no torch)."""
+  import var_jax
+  from var_jax.models.vqvae import VQVAE
+  from var_jax.models.vqvae_config import VQVAEConfig
+  cfg = VQVAEConfig()
+  size = cfg.image_size
+  init = jax.jit(lambda key: VQVAE(cfg).init(key, jnp.zeros((1, size, size, cfg.in_channels)))["params"])
+  return var_jax.Tokenizer(cfg, init(jax.random.key(seed)))
+
+
+def random_var_model(depth: int, tokenizer, seed: int):
+  """A VAR-d{depth} with random (official-init) weights for `tokenizer` (no torch)."""
+  import flax
+  import var_jax
+  from var_jax.models.var import VAR
+  from var_jax.models.var_config import VARConfig
+  tc = tokenizer.config
+  cfg = VARConfig(depth=depth, vocab_size=tc.vocab_size, z_channels=tc.z_channels, patch_nums=tc.patch_nums)
+  x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.z_channels))
+  init = jax.jit(lambda key: VAR(cfg).init(key, jnp.zeros((1,), jnp.int32), x)["params"])
+  params = flax.core.meta.unbox(init(jax.random.key(seed + 1)))
+  return var_jax.VARModel(cfg, params, tokenizer)
+
+
+def models(args, depth: int, *, need_var: bool):
+  """(official or None, why, tokenizer, VARModel or None): ours share the official weights if any."""
+  official, why = load_official(args, depth)
+  if official is not None:
+    tok = tokenizer_from_official(official)
+    model = var_model_from_official(official, tok) if need_var else None
+  else:
+    tok = random_tokenizer(args.seed)
+    model = random_var_model(depth, tok, args.seed) if need_var else None
+  return official, why, tok, model
+
+
+def random_index_maps(seed: int, batch: int, patch_nums: Sequence[int], vocab_size: int) -> list[np.ndarray]:
+  """Uniform random token maps [(B, pn, pn) int32] * K."""
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab_size, (batch, pn, pn), dtype=np.int32) for pn in patch_nums]
