@@ -446,3 +446,15 @@ def test_gpu_kernels_lower_to_triton_without_a_gpu():
   for fn in (train_step, sample):
     hlo = jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton_kernel_call" in hlo or "__gpu$xla.gpu.triton" in hlo, hlo[:2000]
+
+
+def test_cpu_prefix_attention_batch_chunks_equal_whole(monkeypatch):
+  """The CPU XLA path's batch chunking (large logits) changes nothing but the schedule."""
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((6, 2, 9, 64)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((6, 2, 32, 64)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((6, 2, 32, 64)), jnp.float32)
+  whole = attention.prefix_attention(q, k, v, kv_len=14, impl="xla")
+  monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * 2 * 9 * 14)  # two sequences
+  chunked = jax.jit(lambda q, k, v: attention.prefix_attention(q, k, v, kv_len=14, impl="xla"))(q, k, v)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)

@@ -108,7 +108,13 @@ def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tok
                            method=VQVAE.next_autoregressive_input)
     if si < K - 1:
       x_next = jnp.tile(nxt.reshape(B, -1, Cvae), (2, 1, 1))
-  images = vae.apply({"params": vae_params}, f_hat, method=VQVAE.decode_fhat)
+  decode = lambda f: vae.apply({"params": vae_params}, f, method=VQVAE.decode_fhat)
+  if jax.default_backend() == "cpu" and B > 1:
+    # One image at a time on CPU: the decoder's full-resolution convs run ~1.4x faster per image
+    # than batched there (cache-bound); accelerators keep the batched decode.
+    images = jax.lax.map(lambda f: decode(f[None])[0], f_hat)
+  else:
+    images = decode(f_hat)
   return to_uint8(images), tokens
 
 
