@@ -182,7 +182,7 @@ def cli_main(argv, train_fn: Callable[[ml_collections.ConfigDict, str], Any], wh
   from ml_collections import config_flags
   fv = flags.FlagValues()
   config = config_flags.DEFINE_config_file("config", None, f"{what} config file.", flag_values=fv,
-                                           lock_config=True)
+                                           lock_config=True, sys_argv=list(argv))
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here (gs:// ok).",
                                 flag_values=fv)
   try:
@@ -193,6 +193,9 @@ def cli_main(argv, train_fn: Callable[[ml_collections.ConfigDict, str], Any], wh
                       "--config FILE[:args] --workdir DIR [--config.existing_field=value ...]") from None
   if config.value is None or not workdir.value:
     raise ConfigError(f"{argv[0]} needs --config FILE and --workdir DIR.")
+  if not isinstance(config.value, ml_collections.ConfigDict):  # e.g. an unreadable config file
+    cause = object.__getattribute__(config.value, "_error") if hasattr(type(config.value), "_ReportError") else config.value
+    raise ConfigError(f"could not load the config file: {cause}")
   logging.set_verbosity(logging.INFO)
   train_fn(config.value, workdir.value)
   return 0

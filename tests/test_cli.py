@@ -1,0 +1,138 @@
+"""`var-jax sample` and `var-jax edit` on the converted fixture model, called in-process."""
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers
+from var_jax import cli
+from var_jax.pretrained import convert_files, save_converted
+
+SIZE = 64  # the fixture model: 64 px, 10 classes, vocabulary 64, patch_nums (1, 2, 3, 4)
+_COMPILES = []
+
+
+def _count_compile(event, duration, **kwargs):
+  del duration, kwargs
+  if event.endswith("backend_compile_duration"):
+    _COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+@pytest.fixture(name="model_dir", scope="module")
+def fixture_model_dir(tmp_path_factory):
+  """The official tiny fixture converted to a var-jax directory, once for the module."""
+  model = convert_files(helpers.FIXTURES / "official_tiny_vae.pth",
+                        helpers.FIXTURES / "official_tiny_seed0_var.pth", patch_nums=helpers.PATCH_NUMS)
+  return str(save_converted(model, tmp_path_factory.mktemp("model") / "tiny"))
+
+
+@pytest.fixture(name="image_and_mask", scope="module")
+def fixture_image_and_mask(tmp_path_factory):
+  """A 64 px RGB image and a mask that keeps its left half (white = keep)."""
+  d = tmp_path_factory.mktemp("edit_inputs")
+  pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(d / "image.png")
+  mask = np.zeros((SIZE, SIZE), np.uint8)
+  mask[:, :SIZE // 2] = 255
+  Image.fromarray(mask).save(d / "mask.png")
+  return d / "image.png", d / "mask.png"
+
+
+def _grid(path):
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def test_sample_writes_the_grid_pngs_and_npz(model_dir, tmp_path, capsys):
+  out_dir = tmp_path / "samples"
+  argv = ["sample", "--model", model_dir, "--classes", "1,2", "--per-class", "2", "--seed", "7",
+          "--out", str(tmp_path / "grid.png"), "--out-dir", str(out_dir)]
+  compiles = len(_COMPILES)
+  assert cli.main(argv) == 0
+  assert len(_COMPILES) > compiles  # the listener the error tests rely on sees compiles
+  printed = capsys.readouterr().out
+  assert "sampled 4 images of 2 classes" in printed and str(out_dir) in printed
+
+  grid = _grid(tmp_path / "grid.png")
+  assert grid.shape == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2, 3)  # 2 x 2 tiles, 2 px padding
+  with np.load(out_dir / "samples.npz") as npz:
+    assert npz.files == ["arr_0"]
+    images = npz["arr_0"]
+  assert images.dtype == np.uint8 and images.shape == (4, SIZE, SIZE, 3)
+  names = sorted(p.name for p in out_dir.glob("*.png"))
+  assert names == ["000000_class1.png", "000001_class1.png", "000002_class2.png", "000003_class2.png"]
+  for i, name in enumerate(names):
+    np.testing.assert_array_equal(_grid(out_dir / name), images[i])
+    row, col = divmod(i, 2)
+    top, left = 2 + row * (SIZE + 2), 2 + col * (SIZE + 2)
+    np.testing.assert_array_equal(grid[top:top + SIZE, left:left + SIZE], images[i])
+
+  # The same seed gives the same grid; another seed another one.
+  assert cli.main(argv[:-4] + ["--out", str(tmp_path / "again.png")]) == 0
+  np.testing.assert_array_equal(_grid(tmp_path / "again.png"), grid)
+  assert cli.main(argv[:-4] + ["--seed", "8", "--out", str(tmp_path / "other.png")]) == 0
+  assert not np.array_equal(_grid(tmp_path / "other.png"), grid)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "1,10"], "class ids [10] are outside [0, 10) for this model with 10 classes"),
+    (["--classes", "-1"], "class ids [-1] are outside [0, 10)"),
+    (["--cfg", "-1"], "cfg (guidance scale) must be a finite number >= 0, got -1.0"),
+    (["--top-k", "65"], "top_k must be an int in [0, 64] (0 = off), got 65"),
+    (["--top-p", "1.5"], "top_p must be a number in [0, 1] (0 = off), got 1.5"),
+    (["--per-class", "0"], "--per-class must be >= 1"),
+    (["--model", "d17"], "'d17' is neither a shipped model"),
+])
+def test_sample_bad_input_exits_2_before_compiling(model_dir, tmp_path, capsys, args, message):
+  argv = ["sample", "--model", model_dir, "--classes", "1,2", "--per-class", "2",
+          "--out", str(tmp_path / "grid.png"), *args]
+  compiles = len(_COMPILES)
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("var-jax sample: error: ") and message in err, err
+  assert len(_COMPILES) == compiles and not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("args", [["--classes", "1,x"], ["--cfg", "high"], ["--no-such-flag"]])
+def test_sample_unparsable_flags_exit_2(args, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["sample", *args])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and "usage: var-jax" in err and args[-1] in err
+
+
+def test_edit_writes_the_edited_image(model_dir, image_and_mask, tmp_path, capsys):
+  image, mask = image_and_mask
+  out = tmp_path / "edited.png"
+  argv = ["edit", "--model", model_dir, "--image", str(image), "--mask", str(mask), "--class", "3",
+          "--out", str(out)]
+  assert cli.main(argv) == 0
+  assert str(out) in capsys.readouterr().out
+  with Image.open(out) as im:
+    assert im.mode == "RGB" and im.size == (SIZE, SIZE)
+  # Unconditional (the default class) with the mask convention inverted works too.
+  assert cli.main(argv[:-4] + ["--white-is-generate", "--out", str(tmp_path / "inverted.png")]) == 0
+  assert (tmp_path / "inverted.png").is_file()
+
+
+def test_edit_bad_files_exit_2_before_compiling(model_dir, image_and_mask, tmp_path, capsys):
+  image, mask = image_and_mask
+  small_mask = tmp_path / "small_mask.png"
+  Image.fromarray(np.full((32, 32), 255, np.uint8)).save(small_mask)
+  not_an_image = tmp_path / "notes.png"
+  not_an_image.write_text("not an image")
+  cases = [
+      (["--image", str(image), "--mask", str(small_mask)], "is 32x32 but the model takes 64x64"),
+      (["--image", str(not_an_image), "--mask", str(mask)], "is not a readable image"),
+      (["--image", str(tmp_path / "missing.png"), "--mask", str(mask)], "no such image file"),
+      (["--image", str(image), "--mask", str(mask), "--class", "11"], "class ids [11] are outside [0, 11)"),
+  ]
+  for args, message in cases:
+    compiles = len(_COMPILES)
+    code = cli.main(["edit", "--model", model_dir, "--out", str(tmp_path / "edited.png"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("var-jax edit: error: ") and message in err, (args, err)
+    assert len(_COMPILES) == compiles and not (tmp_path / "edited.png").exists()
