@@ -43,6 +43,22 @@ def _load_model(name: str, dtype: str | None):
   return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
 
 
+def _host_rows(images):
+  """This host's rows of a (possibly multi-host) global batch, with their batch indices."""
+  import jax
+  import numpy as np
+  if jax.process_count() == 1:
+    return np.asarray(images), np.arange(images.shape[0])
+  seen = {}
+  for shard in images.addressable_shards:
+    start = shard.index[0].start or 0
+    seen.setdefault(start, np.asarray(shard.data))
+  starts = sorted(seen)
+  rows = np.concatenate([seen[s] for s in starts])
+  idx = np.concatenate([np.arange(s, s + len(seen[s])) for s in starts])
+  return rows, idx
+
+
 def cmd_sample(args) -> int:
   import jax
   import numpy as np
@@ -60,31 +76,38 @@ def cmd_sample(args) -> int:
   batch = args.batch_size or len(labels)
   key = jax.random.key(args.seed)
   outputs, t_start, n_done = [], None, 0
-  for start in tqdm(range(0, len(labels), batch), desc="sampling", unit="batch"):
+  outputs, indices = [], []
+  for start in tqdm(range(0, len(labels), batch), desc="sampling", unit="batch",
+                    disable=jax.process_index() > 0):
     chunk = labels[start:start + batch]
     pad = batch - len(chunk)  # keep one batch shape: one compile
     padded = np.concatenate([chunk, np.full(pad, chunk[-1])]) if pad else chunk
     imgs = sample(model, padded, rng=jax.random.fold_in(key, start // batch), cfg=args.cfg,
                   top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-    imgs = np.asarray(imgs)[:len(chunk)]
+    rows, row_idx = _host_rows(imgs)
+    keep = row_idx < len(chunk)
     if t_start is None:
       t_start = time.perf_counter()  # time after the first (compiling) batch
     else:
       n_done += len(chunk)
-    outputs.append(imgs)
-  images = np.concatenate(outputs)
+    outputs.append(rows[keep])
+    indices.append(start + row_idx[keep])
+  images, index = np.concatenate(outputs), np.concatenate(indices)
   elapsed = time.perf_counter() - t_start if t_start else 0.0
   rate = f"{n_done / elapsed:.2f} images/s after compile" if n_done and elapsed > 0 else "(one batch: rate includes compile)"
-  print(f"sampled {len(images)} images of {len(classes)} classes, {rate}")
-  if args.out:
-    path = image_io.save_png(image_io.make_grid(images, ncols=args.per_class if args.per_class > 1 else None), args.out)
-    print(f"wrote the sample grid to {path.resolve()}")
+  host = f" (this host: {len(images)})" if jax.process_count() > 1 else ""
+  print(f"sampled {len(labels)} images of {len(classes)} classes{host}, {rate}")
+  if args.out and jax.process_index() == 0:
+    ncols = args.per_class if args.per_class > 1 else None
+    path = image_io.save_png(image_io.make_grid(images, ncols=ncols), args.out)
+    print(f"wrote the sample grid{' of host 0' if host else ''} to {path.resolve()}")
   if args.out_dir:
     import pathlib
     out_dir = pathlib.Path(args.out_dir)
-    for i, (img, lab) in enumerate(zip(images, labels)):
-      image_io.save_png(img, out_dir / f"{i:06d}_class{lab}.png")
-    npz = image_io.save_npz_batch(images, out_dir / "samples.npz")
+    for i, img in zip(index, images):
+      image_io.save_png(img, out_dir / f"{i:06d}_class{labels[i]}.png")
+    name = "samples.npz" if jax.process_count() == 1 else f"samples_process{jax.process_index()}.npz"
+    npz = image_io.save_npz_batch(images, out_dir / name)
     print(f"wrote {len(images)} PNGs and {npz} (arr_0: uint8 {images.shape}) to {out_dir.resolve()}")
   if args.model == DEFAULT_MODEL:
     print("This is the small model shipped with var-jax (10 synthetic shape classes). For ImageNet "
