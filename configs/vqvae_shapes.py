@@ -9,7 +9,7 @@ from var_jax.train import vqgan_losses
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, steps=1200, batch=32, seed=0)
+  args = config_lib.parse_arg(arg, steps=1000, batch=32, seed=0)
   c = config_lib.base_train_config()
   c.seed = args.seed
   # Three down-samplings (ch_mult of length 4, the official has 5) give an 8x8 latent at 64 px:
@@ -28,14 +28,14 @@ def get_config(arg=None):
   c.reconstruct_every = 1000
   c.loss = vqgan_losses.default_loss_config()
   c.loss.perceptual_weight = 0.0
-  c.loss.pixel_loss = "l2"
+  c.loss.pixel_loss = "l1"
   c.loss.disc_weight = 0.0
   c.loss.disc_start_step = 10**9
   c.loss.reseed_dead_codes = True
   c.loss.reseed_every_steps = 200
-  c.optim.tblr = 2e-4 * 256 / 32 / 4
+  c.optim.tblr = 1e-3 * 256 / 32  # peak lr 1e-3 at batch 32
   c.optim.schedule = "cos"
-  c.optim.warmup_steps = min(100, args.steps // 10)
+  c.optim.warmup_steps = min(50, args.steps // 10)
   c.optim.wpe = 0.05
   c.optim.twd = 0.0
   c.optim.b2 = 0.99
