@@ -1,0 +1,129 @@
+"""AOT TPU compilation of the whole VAR train step and sampler on a CPU machine (var_jax/aot.py).
+
+Needs libtpu (the tpu extra), no TPU: libtpu's compile-only client gives the devices of a v5e
+2x2 and a v4 2x2x1 slice, and the programs are partitioned, given their Pallas (Mosaic) kernels and
+memory-planned for them. A small model keeps the four compiles near a minute on 2 cores: depth 2
+(2 heads of 64), patch_nums (1, 3, 12) so that L = 154 >= 128 takes the splash training kernel
+and every scale with >= 9 query rows takes the Pallas sampling kernel, bfloat16 compute,
+pre-tokenized batches, and a small tokenizer for the sampler's decode.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from var_jax import aot, config_lib, scales
+from var_jax.errors import ConfigError
+
+pytestmark = [
+    pytest.mark.tpu_backend,
+    pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (pip install .[tpu])"),
+]
+
+PATCH_NUMS = (1, 3, 12)
+# (topology, mesh): data x tensor, so both the batch and the heads are split.
+SLICES = (("v5e:2x2", aot.mesh_config(2, 1, 2)), ("v4:2x2x1", aot.mesh_config(2, 1, 2)))
+
+
+def _small_config():
+  config = config_lib.var_imagenet_config(16, tiny=True, pretokenized=True)
+  config.patch_nums = PATCH_NUMS
+  config.model.update(depth=2, dtype="bfloat16", remat_policy="none", attention_impl="auto")
+  config.tokenizer = dict(path="random", overrides=dict(
+      ch=32, vocab_size=64, z_channels=8, num_res_blocks=1, using_sa=False, using_mid_sa=False))
+  config.global_batch_size = 8
+  return config
+
+
+def _check_memory(analysis: aot.Analysis, chip: aot.ChipSpec):
+  assert analysis.argument_bytes > 0 and analysis.temp_bytes > 0 and analysis.code_bytes > 0
+  assert 0 < analysis.peak_bytes < chip.hbm_bytes
+  assert analysis.fits
+
+
+@pytest.fixture(scope="module", params=SLICES, ids=[s[0] for s in SLICES])
+def compiled(request):
+  """Train step and sampler of the small config, compiled for one slice."""
+  topology, mesh_config = request.param
+  config = _small_config()
+  mesh = aot.topology_mesh(topology, mesh_config)
+  train = aot.compile_train_step(config, mesh)
+  sampler = aot.compile_sampler(train.var_config, aot.tokenizer_config(config), mesh, batch=4)
+  return topology, mesh, train, sampler
+
+
+def test_topology_mesh_uses_the_slice_chips(compiled):
+  topology, mesh, _, _ = compiled
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert {d.platform for d in mesh.devices.flat} == {"tpu"}
+  kind = mesh.devices.flat[0].device_kind
+  assert kind == {"v5e:2x2": "TPU v5 lite", "v4:2x2x1": "TPU v4"}[topology]
+
+
+def test_train_step_compiles_with_splash_and_fits(compiled):
+  topology, _, train, _ = compiled
+  hlo = train.compiled.as_text()
+  # splash forward + fused backward, under shard_map: each chip runs (8/2, 2/2) batch x heads.
+  assert hlo.count(aot.MOSAIC_CALL) == 2
+  assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo
+  padded = 256  # L = 154 padded to a multiple of 128 (splash blocks)
+  assert f"bf16[4,1,{padded},64]" in hlo
+  chip = aot.chip_spec(topology)
+  analysis = aot.analyze(train.compiled, chip)
+  _check_memory(analysis, chip)
+  # The state is donated: its buffers are reused for the new state.
+  assert analysis.alias_bytes > 0
+  assert analysis.flops > 0 and analysis.bytes_accessed > 0
+  assert train.var_config.seq_len == scales.seq_len(PATCH_NUMS) == 154
+  assert train.model_flops > 0 and train.num_params > 0
+
+
+def test_sampler_compiles_with_the_prefix_kernel_and_fits(compiled):
+  topology, _, _, sampler = compiled
+  hlo = sampler.compiled.as_text()
+  # Scales with 9 and 144 query rows use the Pallas prefix kernel, the 1x1 scale XLA.
+  assert hlo.count(aot.MOSAIC_CALL) == 2
+  assert "var_prefix_attention" in hlo
+  chip = aot.chip_spec(topology)
+  analysis = aot.analyze(sampler.compiled, chip)
+  _check_memory(analysis, chip)
+  assert analysis.flops > 0 and analysis.roofline_s > 0
+  out_images = sampler.compiled.out_info[0]
+  assert out_images.shape == (4, 192, 192, 3) and out_images.dtype == jnp.uint8
+
+
+def test_loop_correction_adds_the_uncounted_trips():
+  base = aot.Analysis(argument_bytes=1, output_bytes=1, alias_bytes=0, temp_bytes=1, code_bytes=1,
+                      hbm_bytes=10, flops=10.0, bytes_accessed=100.0, transcendentals=1.0,
+                      optimal_s=-1.0, mosaic_calls=0, peak_flops=1.0, hbm_bandwidth=1.0)
+  # Body counted once: 10 = 4 outside + 6 body; unroll=2 counts it twice: 16.
+  unrolled = dataclasses.replace(base, flops=16.0, bytes_accessed=130.0, transcendentals=2.0)
+  corrected = aot.loop_corrected(base, unrolled, trips=4)
+  assert corrected.flops == 4 + 4 * 6
+  assert corrected.bytes_accessed == 70 + 4 * 30
+  assert corrected.optimal_s == -1.0
+  assert corrected.peak_bytes == base.peak_bytes
+  with pytest.raises(ConfigError):
+    aot.loop_corrected(base, unrolled, trips=3)
+
+
+@pytest.mark.parametrize("name, canonical, generation", [
+    ("v5e:4x4", "v5e:4x4", "v5e"), ("v4-32", "v4:2x2x4", "v4"), ("v5p-128", "v5p:4x4x4", "v5p"),
+    ("v5e-256", "v5e:16x16", "v5e"), ("v5litepod-16", "v5e:4x4", "v5e"), ("v6e-8", "v6e:2x4", "v6e"),
+])
+def test_parse_topology(name, canonical, generation):
+  assert aot.parse_topology(name) == (canonical, aot.CHIPS[generation])
+
+
+@pytest.mark.parametrize("name", ["v5e", "v9:2x2", "v4-33", "v5e-12", "tpu"])
+def test_parse_topology_rejects(name):
+  with pytest.raises(ConfigError):
+    aot.parse_topology(name)
+
+
+def test_slice_device_counts():
+  assert len(aot.topology_devices("v4-32")) == 16  # megacore: one device per chip
+  assert len(aot.topology_devices("v5e:1x1")) == 1
