@@ -1,6 +1,6 @@
 """Trains and packages `shapes-tiny`, the model that ships inside var-jax (CPU, no download).
 
-  python scripts/train_shapes_tiny.py --workdir /tmp/shapes_tiny [--tokenizer-steps 1000 --var-steps 2000]
+  python scripts/train_shapes_tiny.py --workdir /tmp/shapes_tiny [--tokenizer-steps 1000 --var-steps 1000]
 
 1. a small multi-scale VQVAE on the generated shapes set (configs/vqvae_shapes.py);
 2. a small VAR on its tokens (configs/var_shapes.py);
@@ -33,7 +33,7 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--tokenizer-steps", type=int, default=1000)
-  parser.add_argument("--var-steps", type=int, default=2000)
+  parser.add_argument("--var-steps", type=int, default=1000)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--out", default=str(ASSET))
   parser.add_argument("--skip-evaluate", action="store_true")
