@@ -45,7 +45,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need n
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from var_jax import aot, config_lib  # noqa: E402
 from var_jax.models.var_config import REMAT_POLICIES  # noqa: E402
@@ -69,10 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "(default per case)")
   parser.add_argument("--mesh", help="data,fsdp,tensor sizes, -1 = the rest (default: the "
                       "config's mesh for training, all chips on data for sampling)")
-  parser.add_argument("--batch", help="global batch; comma-separated for the sampler (default per case)")
-  parser.add_argument("--impl", help="comma-separated attention impls, auto and/or xla (default per case)")
-  parser.add_argument("--remat", choices=REMAT_POLICIES, help="remat policy (default: the config's)")
-  parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype (default: the config's)")
+  parser.add_argument("--batch", help="global batches, comma-separated (default per case)")
+  parser.add_argument("--impl", help="comma-separated attention impls, auto and/or xla "
+                      "(default per case)")
+  parser.add_argument("--remat", choices=REMAT_POLICIES,
+                      help="remat policy (default: the config's)")
+  parser.add_argument("--dtype", choices=("bfloat16", "float32"),
+                      help="compute dtype (default: the config's)")
   parser.add_argument("--depth", type=int, help="VAR depth (default per case)")
   parser.add_argument("--pretokenized", action="store_true",
                       help="train on token maps (the config's :pretokenized variant) instead of "
@@ -106,6 +108,11 @@ def _mib(n: float) -> str:
 
 def _ms(s: float) -> str:
   return f"{s * 1e3:.2f} ms"
+
+
+def _kernels(a: aot.Analysis) -> str:
+  """Mosaic call sites by kernel ("online-softmax" is XLA's own, e.g. in the tokenizer)."""
+  return ", ".join(f"{name} x{count}" for name, count in a.kernels) or "none"
 
 
 def print_memory(a: aot.Analysis) -> None:
@@ -143,7 +150,8 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
   if args.mu_dtype:
     config.optim.mu_dtype = args.mu_dtype
   mesh_cfg = _mesh_arg(args.mesh) if args.mesh else config.mesh
-  mesh = aot.topology_mesh(topology, mesh_cfg, allow_split_physical_axes=args.allow_split_physical_axes)
+  mesh = aot.topology_mesh(topology, mesh_cfg,
+                           allow_split_physical_axes=args.allow_split_physical_axes)
   chips = mesh.devices.size
   print(f"\n== VAR-d{depth} train step, {config.data.image_size} px: {topology} ({chips} x "
         f"{mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}, global batch {batch}, "
@@ -155,11 +163,11 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
       chip, depth, not args.no_loop_correction)
   var_cfg = program.var_config
   print(f"  params {program.num_params / 1e6:.1f} M, L = {var_cfg.seq_len}, "
-        f"{batch // chips} images per chip; Pallas calls: {raw.mosaic_calls}")
+        f"{batch // chips} images per chip; Mosaic calls: {_kernels(raw)}")
   print_memory(raw)
   remat = config.model["remat_policy"] != "none"
   attention_flops = aot.attention_flops_per_example(var_cfg, remat) * batch / chips
-  kernel = raw.mosaic_calls > 0
+  kernel = aot.uses_kernel(raw, "splash")
   flops = cost.flops + (attention_flops if kernel else 0.0)
   compute_s, memory_s = flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth
   roofline_s = max(compute_s, memory_s)
@@ -171,11 +179,13 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         + (f"  [as compiled: {raw.flops / 1e12:.3f} TFLOP, {raw.bytes_accessed / 1e9:.2f} GB; "
            f"unroll-2 compile {unroll_s:.1f} s]" if unroll_s is not None else ""))
   if kernel:
-    print(f"    + splash attention (analytic, not in cost_analysis: (14{' + 4 remat' if remat else ''}) "
-          f"C per visible pair and layer): {attention_flops / 1e12:.3f} TFLOP -> {flops / 1e12:.3f} TFLOP")
+    rule = "14 + 4 (remat)" if remat else "14"
+    print(f"    + splash attention (analytic, not in cost_analysis: {rule} C per visible pair and "
+          f"layer): {attention_flops / 1e12:.3f} TFLOP -> {flops / 1e12:.3f} TFLOP")
   trainer_flops_chip = train_var.flops_per_example(var_cfg, program.num_params) * batch / chips
-  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (6 x {aot.per_token_params(var_cfg) / 1e6:.0f} M "
-        f"per-token weights x L + AdaLN + attention; train_var.flops_per_example, 6 x all "
+  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (6 x "
+        f"{aot.per_token_params(var_cfg) / 1e6:.0f} M per-token weights x L + AdaLN + attention; "
+        f"train_var.flops_per_example, 6 x all "
         f"{program.num_params / 1e6:.0f} M params x L, gives {trainer_flops_chip / 1e12:.3f}); "
         f"compiled / model = {flops / model_flops_chip:.2f}")
   print(f"  roofline per chip: compute {_ms(compute_s)}, memory {_ms(memory_s)} -> "
@@ -187,7 +197,8 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 remat=config.model["remat_policy"], pretokenized=args.pretokenized,
                 params=program.num_params,
                 lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
-                mosaic_calls=raw.mosaic_calls, argument_bytes=raw.argument_bytes,
+                mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
+                argument_bytes=raw.argument_bytes,
                 output_bytes=raw.output_bytes, alias_bytes=raw.alias_bytes,
                 temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes, live_bytes=raw.peak_bytes,
                 hbm_bytes=chip.hbm_bytes, fits=raw.fits, flops_compiled=raw.flops,
@@ -217,10 +228,11 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         f"{args.sample_param_dtype} params, attention {impl} ==", flush=True)
   param_dtype = None if args.sample_param_dtype == "float32" else args.sample_param_dtype
   program, raw, cost, unroll_s = analyses(
-      lambda unroll: aot.compile_sampler(var_cfg, vae_cfg, mesh, batch, shard_params=args.shard_sample_params,
+      lambda unroll: aot.compile_sampler(var_cfg, vae_cfg, mesh, batch,
+                                         shard_params=args.shard_sample_params,
                                          param_dtype=param_dtype, unroll=unroll),
       chip, depth, not args.no_loop_correction)
-  print(f"  params {program.num_params / 1e6:.1f} M; Pallas calls: {raw.mosaic_calls}")
+  print(f"  params {program.num_params / 1e6:.1f} M; Mosaic calls: {_kernels(raw)}")
   print_memory(raw)
   label = "loop-corrected" if unroll_s is not None else "as compiled"
   print(f"  cost per chip ({label}): {cost.flops / 1e12:.3f} TFLOP, "
@@ -234,7 +246,8 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 batch=batch, attention=impl, dtype=var_cfg.dtype,
                 param_dtype=args.sample_param_dtype, params=program.num_params,
                 lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
-                mosaic_calls=raw.mosaic_calls, argument_bytes=raw.argument_bytes,
+                mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
+                argument_bytes=raw.argument_bytes,
                 output_bytes=raw.output_bytes, alias_bytes=raw.alias_bytes,
                 temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes, live_bytes=raw.peak_bytes,
                 hbm_bytes=chip.hbm_bytes, fits=raw.fits, flops_compiled=raw.flops,
@@ -275,12 +288,11 @@ def main(argv=None) -> int:
               flush=True)
   if kind == "train" and len(records) == 2 and {r["attention"] for r in records} == {"auto", "xla"}:
     k, x = records if records[0]["attention"] == "auto" else records[::-1]
-    print(f"\nkernel vs XLA: live memory {_gib(k['live_bytes'])} vs {_gib(x['live_bytes'])} per chip"
-          f" (temp {_gib(k['temp_bytes'])} vs {_gib(x['temp_bytes'])}); roofline "
-          f"{_ms(k['roofline_s'])} vs {_ms(x['roofline_s'])}")
+    print(f"\nkernel vs XLA per chip: live memory {_gib(k['live_bytes'])} vs "
+          f"{_gib(x['live_bytes'])} (temp {_gib(k['temp_bytes'])} vs {_gib(x['temp_bytes'])}); "
+          f"roofline {_ms(k['roofline_s'])} vs {_ms(x['roofline_s'])}")
   return 0
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   sys.exit(main())

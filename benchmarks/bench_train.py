@@ -125,8 +125,30 @@ def median(values) -> float:
   return statistics.median(values)
 
 
+def reset_peak_rss() -> None:
+  """Restarts the process's peak-RSS count (Linux VmHWM), so a reading covers one phase."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def peak_rss_gib() -> float | None:
+  """Peak RSS in GiB since the last reset (Linux VmHWM), None elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return None
+
+
 def time_ours(config, global_batch: int, args) -> dict:
   """Compiles and times the trainer's step; returns timings, the model's config and the batch."""
+  reset_peak_rss()
   task, var_cfg = train_var.build_task(config)
   batch_np = make_batch(config, var_cfg, global_batch, args.seed)
   mesh = sharding.make_mesh(config.mesh)
@@ -159,7 +181,8 @@ def time_ours(config, global_batch: int, args) -> dict:
         times.append(time.perf_counter() - t)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   return {"lower_s": t1 - t0, "compile_s": t2 - t1, "step_s": median(times), "steps": times,
-          "loss": loss, "params": num_params, "var_cfg": var_cfg, "batch": batch_np}
+          "loss": loss, "params": num_params, "var_cfg": var_cfg, "batch": batch_np,
+          "peak_rss_gib": peak_rss_gib()}
 
 
 # -- the official step -------------------------------------------------------------------------
@@ -191,6 +214,7 @@ def load_torch(args):
 def time_official(official, config, var_cfg, batch_np, args) -> dict:
   """The official training step on the same architecture and batch (float32, CPU)."""
   torch, build_vae_var, AmpOptimizer = official
+  reset_peak_rss()
   vae_cfg = VQVAEConfig.from_mapping(  # the "random" tokenizer's architecture, as build_task's
       {**dict(config.tokenizer.get("overrides", {}) or {}), "patch_nums": tuple(config.patch_nums)})
   torch.manual_seed(args.seed)
@@ -246,14 +270,16 @@ def time_official(official, config, var_cfg, batch_np, args) -> dict:
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
   return {"step_s": median(times), "steps": times, "loss": loss,
-          "params": sum(p.numel() for p in var.parameters())}
+          "params": sum(p.numel() for p in var.parameters()), "peak_rss_gib": peak_rss_gib()}
 
 
 def _step_line(timing: dict, tokens: int) -> str:
   steps = ", ".join(f"{t * 1e3:.0f}" for t in timing["steps"])
   step_s = timing["step_s"]
+  rss = timing.get("peak_rss_gib")
   return (f"step {step_s * 1e3:.1f} ms (median of [{steps}] ms) -> {1 / step_s:.3f} steps/s, "
-          f"{tokens / step_s:.0f} tokens/s; loss {timing['loss']:.4f}")
+          f"{tokens / step_s:.0f} tokens/s; loss {timing['loss']:.4f}"
+          + (f"; peak RSS {rss:.1f} GiB" if rss is not None else ""))
 
 
 def main(argv=None) -> int:
@@ -276,7 +302,7 @@ def main(argv=None) -> int:
            "params": ours["params"], "L": var_cfg.seq_len, "lower_s": ours["lower_s"],
            "compile_s": ours["compile_s"], "step_s": ours["step_s"],
            "steps_per_s": 1.0 / ours["step_s"], "tokens_per_s": tokens / ours["step_s"],
-           "loss": ours["loss"]}
+           "loss": ours["loss"], "peak_rss_gib": ours["peak_rss_gib"]}
     print(f"  ours: {ours['params'] / 1e6:.2f} M params, trace+lower {ours['lower_s']:.1f} s, "
           f"compile {ours['compile_s']:.1f} s; {_step_line(ours, tokens)}", flush=True)
     if official is not None:
@@ -284,6 +310,7 @@ def main(argv=None) -> int:
       row.update(official_step_s=theirs["step_s"],
                  official_tokens_per_s=tokens / theirs["step_s"],
                  official_params=theirs["params"], official_loss=theirs["loss"],
+                 official_peak_rss_gib=theirs["peak_rss_gib"],
                  ratio=theirs["step_s"] / ours["step_s"])
       print(f"  official: {theirs['params'] / 1e6:.2f} M params; {_step_line(theirs, tokens)}")
       print(f"  official / ours step time: {row['ratio']:.2f}x "

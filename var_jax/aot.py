@@ -12,7 +12,12 @@ tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memor
   batch, frozen-tokenizer and rng shardings, state donated), from abstract inputs.
 * `compile_sampler`: `sampling._generate` (all scales, all layers, the decode) for a batch.
 * `analyze`: XLA's per-chip memory (`memory_analysis`) and cost (`cost_analysis`) of a compiled
-  program, with a roofline time against the chip's peak FLOP/s and HBM bandwidth.
+  program, the Mosaic kernels it calls, and a roofline time against the chip's peak FLOP/s and
+  HBM bandwidth. XLA's TPU cost analysis charges a while loop's body once, so the scanned blocks
+  are counted once rather than depth times; `loop_corrected` fixes that from a second compile
+  with the block scan unrolled by 2 (`unroll=2`).
+* `model_flops_per_example` / `attention_flops_per_example`: analytic FLOPs for MFU and for the
+  splash kernel, which declares no cost estimate to XLA.
 
 Used by tests/test_aot_tpu.py and benchmarks/aot_tpu.py. Needs libtpu (the `tpu` extra).
 """
@@ -89,7 +94,7 @@ _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128
 
 
 def parse_topology(name: str) -> tuple[str, ChipSpec]:
-  """"v5e:4x4" (generation:chip grid) or "v5p-128" / "v4-32" / "v5litepod-16" (Cloud TPU slice name).
+  """Reads "v5e:4x4" (generation:chip grid) or a Cloud TPU slice name ("v5p-128", "v4-32").
 
   Returns:
     (the topology string libtpu takes, e.g. "v5p:4x4x4", the chip's ChipSpec).
@@ -112,9 +117,10 @@ def parse_topology(name: str) -> tuple[str, ChipSpec]:
     count = int(match.group(2))
     chips = count // 2 if CHIPS[generation].cores_in_name else count
     shapes = _SHAPES_2D if generation in ("v5e", "v6e") else _SHAPES_3D
-    if chips not in shapes or (CHIPS[generation].cores_in_name and count % 2):
+    per_chip = 2 if CHIPS[generation].cores_in_name else 1
+    if chips not in shapes or count % per_chip:
       raise ConfigError(f"No standard {generation} slice {name!r}; known sizes: "
-                        f"{sorted(k * (2 if CHIPS[generation].cores_in_name else 1) for k in shapes)}.")
+                        f"{sorted(k * per_chip for k in shapes)}.")
     grid = shapes[chips]
   if generation not in CHIPS:
     raise ConfigError(f"Unknown TPU generation in {name!r}; known: {sorted(CHIPS)}.")
@@ -166,10 +172,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def _with_sharding(tree, shardings):
-  """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings` (a tree or one sharding)."""
+  """ShapeDtypeStructs of `tree`'s leaves with `shardings` (a matching tree, or one)."""
+  struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda x: struct(x, shardings), tree)
+  return jax.tree.map(struct, tree, shardings)
 
 
 # -- abstract inputs -----------------------------------------------------------------------------
@@ -186,7 +193,7 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
 
 
 def abstract_tokenizer_params(vae_cfg: VQVAEConfig, mesh: Mesh):
-  """The tokenizer's params as ShapeDtypeStructs, replicated over `mesh` (as `loop.run` places them)."""
+  """The tokenizer's params as ShapeDtypeStructs, replicated (as `loop.run` places them)."""
   size = vae_cfg.image_size
 
   def init(key):
@@ -234,8 +241,8 @@ def abstract_batch(config: ml_collections.ConfigDict, var_cfg: VARConfig, global
     return {"tokens": jax.ShapeDtypeStruct((global_batch, var_cfg.seq_len), jnp.int32,
                                            sharding=batch_sh), "label": labels}
   size = var_cfg.image_size
-  return {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8, sharding=batch_sh),
-          "label": labels}
+  images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8, sharding=batch_sh)
+  return {"image": images, "label": labels}
 
 
 def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
@@ -352,8 +359,9 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
   rules = sharding.logical_axis_rules(config.get("rules"), mesh)
   vae_cfg = tokenizer_config(config)
   var_cfg = train_var.var_config_from(config, vae_cfg)
+  total_updates = config.total_steps // max(1, config.optim.grad_accum_steps)
   opt = optim.make_optimizer(config.optim, global_batch_size=global_batch,
-                             total_steps=config.total_steps // max(1, config.optim.grad_accum_steps))
+                             total_steps=total_updates)
   init = train_var.make_init_state(var_cfg, opt.tx, config.optim.ema_decay > 0)
   train_step = train_var.make_train_step(var_cfg, vae_cfg, opt.tx, config)
 
@@ -436,7 +444,9 @@ class Analysis:
     flops, bytes_accessed, transcendentals: `cost_analysis()`; Pallas calls count only what their
       CostEstimate declares (splash declares nothing).
     optimal_s: the TPU cost model's time estimate (-1 where it has none).
-    mosaic_calls: Pallas TPU kernel call sites in the optimized HLO.
+    mosaic_calls: Mosaic (Pallas TPU) custom-call sites in the optimized HLO.
+    kernels: ((kernel name, call sites), ...) of those: ours (splash_mha_*, var_prefix_attention)
+      and any XLA emits itself (e.g. "online-softmax" for a softmax feeding a matmul).
     peak_flops, hbm_bandwidth: the chip's peaks.
   """
   argument_bytes: int
@@ -452,6 +462,7 @@ class Analysis:
   mosaic_calls: int
   peak_flops: float
   hbm_bandwidth: float
+  kernels: tuple[tuple[str, int], ...] = ()
 
   @property
   def peak_bytes(self) -> int:
@@ -504,7 +515,28 @@ def analyze(compiled: Any, chip: ChipSpec) -> Analysis:
       mosaic_calls=compiled.as_text().count(MOSAIC_CALL),
       peak_flops=chip.peak_flops,
       hbm_bandwidth=chip.hbm_bandwidth,
+      kernels=tuple(sorted(mosaic_kernels(compiled).items())),
   )
+
+
+def mosaic_kernels(compiled: Any) -> dict[str, int]:
+  """{kernel name: call sites} of the Mosaic custom calls in `compiled`'s optimized HLO.
+
+  The name is the HLO instruction's without its ".N" suffix: "splash_mha_fwd_residuals",
+  "var_prefix_attention", or XLA's own "online-softmax".
+  """
+  counts: dict[str, int] = {}
+  for line in compiled.as_text().splitlines():
+    if f'custom_call_target="{MOSAIC_CALL}"' not in line:
+      continue
+    name = re.sub(r"\.\d+$", "", line.split("=", 1)[0].strip().lstrip("%"))
+    counts[name] = counts.get(name, 0) + 1
+  return counts
+
+
+def uses_kernel(analysis: Analysis, prefix: str) -> bool:
+  """Whether a Mosaic kernel whose name starts with `prefix` (e.g. "splash") is called."""
+  return any(name.startswith(prefix) for name, _ in analysis.kernels)
 
 
 def loop_corrected(looped: Analysis, unrolled2: Analysis, trips: int) -> Analysis:
@@ -523,14 +555,13 @@ def loop_corrected(looped: Analysis, unrolled2: Analysis, trips: int) -> Analysi
   """
   if trips % 2:
     raise ConfigError(f"loop_corrected needs an even trip count (depth), got {trips}.")
-  extra = trips - 1
-  return dataclasses.replace(
-      looped,
-      flops=looped.flops + extra * (unrolled2.flops - looped.flops),
-      bytes_accessed=looped.bytes_accessed + extra * (unrolled2.bytes_accessed - looped.bytes_accessed),
-      transcendentals=looped.transcendentals + extra * (unrolled2.transcendentals - looped.transcendentals),
-      optimal_s=(looped.optimal_s + extra * (unrolled2.optimal_s - looped.optimal_s)
-                 if looped.optimal_s >= 0 and unrolled2.optimal_s >= 0 else -1.0))
+  def full(name: str) -> float:
+    once, twice = getattr(looped, name), getattr(unrolled2, name)
+    return once + (trips - 1) * (twice - once)
+
+  optimal = full("optimal_s") if looped.optimal_s >= 0 and unrolled2.optimal_s >= 0 else -1.0
+  return dataclasses.replace(looped, flops=full("flops"), bytes_accessed=full("bytes_accessed"),
+                             transcendentals=full("transcendentals"), optimal_s=optimal)
 
 
 def while_loops(compiled: Any) -> int:
@@ -539,7 +570,7 @@ def while_loops(compiled: Any) -> int:
 
 
 def mfu_ceiling(model_flops: float, num_chips: int, analysis: Analysis) -> float:
-  """Model FLOPs per chip over what the chip could do in the roofline time: the best MFU possible."""
+  """Model FLOPs per chip / (roofline time x peak FLOP/s): the best MFU the program allows."""
   return model_flops / num_chips / (analysis.roofline_s * analysis.peak_flops)
 
 
