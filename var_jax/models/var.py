@@ -3,11 +3,18 @@
 One module, two modes chosen by attributes:
   * teacher forcing (`decode_scale=None`): `VAR(cfg)(labels_B, x_BlCv)` -> logits (B, L, V) float32,
     with the block-causal mask over scales; `train=True` adds label dropout and drop path;
+    `prog_si=si` (progressive training) runs on the first ed tokens only, scales 0..si, taking
+    x_BlCv of length ed - first_l and returning (B, ed, V): the block-causal mask restricted to a
+    prefix of scales, so these logits equal the first ed rows of the full forward;
   * KV-cached sampling of one scale (`decode_scale=si`): `VAR(cfg, decode_scale=si)(labels_2B, x)`,
     with `mutable=["cache"]`; scale 0 takes no input map, scale si > 0 takes the area-downsampled
-    f_hat (2B, pn_si**2, Cvae). The cache (one (B, H, L, D) key and value per layer) is written at
-    the scale's static offset and attended up to its end.
+    f_hat (2B, pn_si**2, Cvae). The cache is one key and one value array (depth, B, H, S, D) for
+    all layers; each layer writes its scale's keys and values at the scale's static offset and
+    attends up to its end.
 Both modes share one parameter tree; blocks are stacked with `nn.scan` (leading "layers" axis).
+The cache travels through the layer scan as part of the carry, not as a scanned variable: a
+carried buffer is updated in place, whereas scanned outputs are a fresh (depth, B, H, S, D) buffer
+per scale (14 GiB of XLA temp for VAR-d16 at batch 8 on CPU, and two full copies per scale).
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ from var_jax.models.var_config import VARConfig
 from var_jax.ops import attention as attention_ops
 
 _MAX_LOG_SCALE_MUL = math.log(100.0)
+
+# Logical axes of the sampling KV cache (depth, batch, heads, sequence, head_dim).
+CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
 
 
 def _normal(std: float, names, multiplier=None):
@@ -61,9 +71,15 @@ class _LN(nn.Module):
 class SelfAttention(nn.Module):
   config: VARConfig
   decode_range: tuple[int, int] | None = None
+  patch_nums: tuple[int, ...] | None = None  # teacher forcing over these scales (None: all)
 
   @nn.compact
-  def __call__(self, x_BLC):
+  def __call__(self, x_BLC, kv_cache=None, layer=None):
+    """Returns the attention output, and with `decode_range` also the updated (k, v) cache.
+
+    kv_cache: decode mode only, (k, v) of shape (depth, B, H, S, D) for all layers; this layer
+      (traced int `layer`) writes its rows [begin, end) and attends to rows [0, end).
+    """
     cfg = self.config
     H, D = cfg.num_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
@@ -90,26 +106,28 @@ class SelfAttention(nn.Module):
     k_BHLD = k.astype(dtype).transpose(0, 2, 1, 3)
     v_BHLD = v.astype(dtype).transpose(0, 2, 1, 3)
     if self.decode_range is None:
-      o_BHLD = attention_ops.block_causal_attention(q_BHLD, k_BHLD, v_BHLD, patch_nums=cfg.patch_nums,
+      patch_nums = cfg.patch_nums if self.patch_nums is None else self.patch_nums
+      o_BHLD = attention_ops.block_causal_attention(q_BHLD, k_BHLD, v_BHLD, patch_nums=patch_nums,
                                                     impl=cfg.attention_impl)
     else:
       begin, end = self.decode_range
-      B = x_BLC.shape[0]
-      cache_shape = (B, H, attention_ops.kv_cache_len(cfg.patch_nums), D)
-      names = ("cache_batch", "cache_heads", "cache_sequence", "cache_kv")
-      cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, dtype)
-      cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, dtype)
-      cached_k.value = nn.with_logical_constraint(
-          jax.lax.dynamic_update_slice(cached_k.value, k_BHLD, (0, 0, begin, 0)), names)
-      cached_v.value = nn.with_logical_constraint(
-          jax.lax.dynamic_update_slice(cached_v.value, v_BHLD, (0, 0, begin, 0)), names)
-      o_BHLD = attention_ops.prefix_attention(q_BHLD, cached_k.value, cached_v.value, kv_len=end,
-                                              impl=cfg.attention_impl)
+      k_NBHSD, v_NBHSD = (
+          nn.with_logical_constraint(
+              jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, 0, begin, 0)),
+              CACHE_AXES)
+          for c, new in zip(kv_cache, (k_BHLD, v_BHLD)))
+      kv_cache = (k_NBHSD, v_NBHSD)
+      # This layer's cache; XLA folds the XLA path's [:end] slice into this, copying only the prefix.
+      k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+                        for c in kv_cache)
+      o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD.astype(dtype), v_BHSD.astype(dtype),
+                                              kv_len=end, impl=cfg.attention_impl)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))
     b_proj = self.param("proj_bias", _zeros(("embed",)), (cfg.embed_dim,))
-    return jnp.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
+    out = jnp.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
+    return out if self.decode_range is None else (out, kv_cache)
 
 
 class FFN(nn.Module):
@@ -133,11 +151,18 @@ class AdaLNBlock(nn.Module):
   config: VARConfig
   train: bool = False
   decode_range: tuple[int, int] | None = None
+  patch_nums: tuple[int, ...] | None = None  # teacher forcing over these scales (None: all)
 
   @nn.compact
-  def __call__(self, x_BLC, cond, drop_rate):
-    """cond: (B, C) class condition, or (B, 6, C) shared AdaLN output; drop_rate: this block's."""
+  def __call__(self, carry, cond, drop_rate, layer):
+    """One block; returns (carry, None) as `nn.scan` wants.
+
+    carry: x_BLC, or in decode mode (x_BLC, (k, v) cache of all layers).
+    cond: (B, C) class condition, or (B, 6, C) shared AdaLN output.
+    drop_rate: this block's drop-path rate; layer: this block's index (traced int).
+    """
     cfg = self.config
+    x_BLC, kv_cache = carry if self.decode_range is not None else (carry, None)
     C = cfg.embed_dim
     dtype = jnp.dtype(cfg.dtype)
     if cfg.shared_aln:
@@ -162,13 +187,15 @@ class AdaLNBlock(nn.Module):
       return jnp.where(mask, y / keep, 0.0).astype(y.dtype)
 
     h = (ln(x_BLC) * (1.0 + scale1) + shift1).astype(dtype)
-    a = SelfAttention(cfg, self.decode_range, name="attn")(h)
+    a = SelfAttention(cfg, self.decode_range, self.patch_nums, name="attn")(h, kv_cache, layer)
+    if self.decode_range is not None:
+      a, kv_cache = a
     x_BLC = x_BLC + drop_path(a * gamma1.astype(dtype))
     h = (ln(x_BLC) * (1.0 + scale2) + shift2).astype(dtype)
     f = FFN(cfg, name="ffn")(h)
     x_BLC = x_BLC + drop_path(f * gamma2.astype(dtype))
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
-    return x_BLC, None
+    return (x_BLC if kv_cache is None else (x_BLC, kv_cache)), None
 
 
 def _remat_policy(name: str):
@@ -200,6 +227,7 @@ class VAR(nn.Module):
   config: VARConfig
   train: bool = False
   decode_scale: int | None = None
+  prog_si: int | None = None  # teacher forcing on scales 0..prog_si only; None: all scales
 
   @nn.compact
   def __call__(self, labels_B: jax.Array, x_BlCv: jax.Array | None = None) -> jax.Array:
@@ -226,12 +254,16 @@ class VAR(nn.Module):
     B = cond_BD.shape[0]
     sos_BlC = cond_BD[:, None, :] + pos_start
 
+    attn_patch_nums = None
     if self.decode_scale is None:
-      if x_BlCv is None or x_BlCv.shape[1] != L - cfg.first_l:
-        raise ValueError(f"teacher forcing needs x_BlCv of shape (B, {L - cfg.first_l}, {cfg.z_channels}), "
+      end = self._teacher_forcing_end()
+      if x_BlCv is None or x_BlCv.shape[1] != end - cfg.first_l:
+        raise ValueError(f"teacher forcing needs x_BlCv of shape (B, {end - cfg.first_l}, {cfg.z_channels}), "
                          f"got {None if x_BlCv is None else x_BlCv.shape}.")
-      x_BLC = jnp.concatenate([sos_BlC, word_embed(x_BlCv.astype(jnp.float32))], axis=1) + lvl_pos_LC
+      x_BLC = jnp.concatenate([sos_BlC, word_embed(x_BlCv.astype(jnp.float32))], axis=1) + lvl_pos_LC[:end]
       decode_range = None
+      if end != L:
+        attn_patch_nums = cfg.patch_nums[:self.prog_si + 1]
     else:
       si = self.decode_scale
       begin, end = begin_ends[si]
@@ -252,16 +284,35 @@ class VAR(nn.Module):
     policy = _remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none":
       block = nn.remat(AdaLNBlock, policy=policy, prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+    blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
-                     in_axes=(nn.broadcast, 0), length=cfg.depth,
+                     in_axes=(nn.broadcast, 0, 0), length=cfg.depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     drop_rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth, dtype=jnp.float32)
+    layers = jnp.arange(cfg.depth, dtype=jnp.int32)
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
-    x_BLC, _ = blocks(cfg, self.train, decode_range, name="blocks")(x_BLC, block_cond, drop_rates)
+    scanned = blocks(cfg, self.train, decode_range, attn_patch_nums, name="blocks")
+    if decode_range is None:
+      x_BLC, _ = scanned(x_BLC, block_cond, drop_rates, layers)
+    else:
+      cache_shape = (cfg.depth, B, cfg.num_heads, attention_ops.kv_cache_len(cfg.patch_nums),
+                     cfg.head_dim)
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, dtype)
+      (x_BLC, (cached_k.value, cached_v.value)), _ = scanned(
+          (x_BLC, (cached_k.value, cached_v.value)), block_cond, drop_rates, layers)
 
     h = AdaLNBeforeHead(cfg, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD)
     logits = nn.Dense(cfg.vocab_size, name="head", dtype=dtype,
                       kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
                       bias_init=_zeros(("vocab",)))(h.astype(dtype))
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def _teacher_forcing_end(self) -> int:
+    """ed: the teacher-forcing length, L or the end of scale prog_si."""
+    cfg = self.config
+    if self.prog_si is None:
+      return cfg.seq_len
+    if isinstance(self.prog_si, bool) or not 0 <= self.prog_si < cfg.num_scales:
+      raise ValueError(f"prog_si must be in [0, {cfg.num_scales - 1}] or None, got {self.prog_si!r}.")
+    return scales.begin_ends(cfg.patch_nums)[self.prog_si][1]
