@@ -9,7 +9,7 @@ import ml_collections
 
 from var_jax.data.config import default_data_config
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
-from var_jax.train import optim
+from var_jax.train import optim, progressive
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -47,6 +47,17 @@ def base_train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def progressive_config() -> ml_collections.ConfigDict:
+  """VAR's `progressive` block (VAR_SPEC §5.4), off by default (pg = 0).
+
+  Fields, mirroring the official flags: pg (progressive over the first pg of the run, in [0, 1]),
+  pg0 (the first stage trains scales 0..pg0), pgwp (loss warm-up of each new scale, in steps;
+  0 = 1/300 of the run), lin_schedule (pg > 0 switches optim.schedule to 'lin<pg>', as the
+  official). E.g. `--config.progressive.pg=0.8 --config.progressive.pg0=1`.
+  """
+  return progressive.default_config()
+
+
 # depth: (global batch, epochs, tblr, init_adaln_gamma, wpe, twde)
 RECIPES = {
     16: (768, 200, 1e-4, 1e-3, 0.1, None),
@@ -80,6 +91,7 @@ def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool 
   c.sample_classes = [207, 360, 387, 974, 88, 979, 417, 279]
   c.sample_cfg, c.sample_top_k, c.sample_top_p = 1.5, 900, 0.96
   c.label_smoothing = 0.0
+  c.progressive = progressive_config()
   c.data.image_size = 16 * c.patch_nums[-1]
   c.data.source = "pretokenized" if args.pretokenized else "tfds"
   c.mesh = [("data", -1), ("fsdp", 1 if args.depth < 24 else 8), ("tensor", 1)]

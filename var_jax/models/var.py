@@ -258,9 +258,10 @@ class VAR(nn.Module):
     if self.decode_scale is None:
       end = self._teacher_forcing_end()
       if x_BlCv is None or x_BlCv.shape[1] != end - cfg.first_l:
-        raise ValueError(f"teacher forcing needs x_BlCv of shape (B, {end - cfg.first_l}, {cfg.z_channels}), "
-                         f"got {None if x_BlCv is None else x_BlCv.shape}.")
-      x_BLC = jnp.concatenate([sos_BlC, word_embed(x_BlCv.astype(jnp.float32))], axis=1) + lvl_pos_LC[:end]
+        raise ValueError(f"teacher forcing needs x_BlCv of shape (B, {end - cfg.first_l}, "
+                         f"{cfg.z_channels}), got {None if x_BlCv is None else x_BlCv.shape}.")
+      x_BLC = jnp.concatenate([sos_BlC, word_embed(x_BlCv.astype(jnp.float32))], axis=1)
+      x_BLC = x_BLC + lvl_pos_LC[:end]
       decode_range = None
       if end != L:
         attn_patch_nums = cfg.patch_nums[:self.prog_si + 1]
@@ -314,5 +315,6 @@ class VAR(nn.Module):
     if self.prog_si is None:
       return cfg.seq_len
     if isinstance(self.prog_si, bool) or not 0 <= self.prog_si < cfg.num_scales:
-      raise ValueError(f"prog_si must be in [0, {cfg.num_scales - 1}] or None, got {self.prog_si!r}.")
+      raise ValueError(f"prog_si must be in [0, {cfg.num_scales - 1}] or None, "
+                       f"got {self.prog_si!r}.")
     return scales.begin_ends(cfg.patch_nums)[self.prog_si][1]

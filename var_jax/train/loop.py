@@ -5,16 +5,22 @@ this module does the rest the same way for both: the mesh and logical rules from
 init or auto-resume, the per-host input iterator positioned at the resumed step, the jitted step
 with donated state, metrics (TensorBoard, stdout, metrics.jsonl) read one step late, periodic and
 preemption-triggered checkpoints, and periodic task hooks (sample grids).
+
+A task may also be staged (`Staging`, e.g. VAR's progressive training): each step belongs to a
+stage that is a pure function of the step, each stage has its own statically shaped step, jitted
+the first time the stage comes up (so at most one compile per stage), and the stage's per-step
+scalars go in as traced arguments.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -22,6 +28,32 @@ from var_jax import sharding
 from var_jax.data.pipeline import make_input_iterator
 from var_jax.errors import ConfigError
 from var_jax.train import checkpointing, metrics as metrics_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What the loop needs about the stage of one step.
+
+  Attributes:
+    key: static and hashable; the loop compiles one step per distinct key.
+    inputs: scalars handed to the stage's step as float32 arrays (they may change every step
+      without a recompile).
+    tokens_per_example: tokens one example contributes at this stage (for tokens/s).
+    flops_per_example: model FLOPs of one example at this stage (for MFU), or None.
+  """
+  key: Hashable
+  inputs: Mapping[str, float]
+  tokens_per_example: int
+  flops_per_example: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Staging:
+  """A staged task: `stage_at(step)` -> Stage, a pure function of the global step (so resuming
+  needs no extra state); `make_step(key)` -> (state, batch, frozen, rng, inputs) -> (state,
+  metrics), the step of that stage."""
+  stage_at: Callable[[int], Stage]
+  make_step: Callable[[Hashable], Callable[..., tuple[Any, Mapping[str, jax.Array]]]]
 
 
 @dataclasses.dataclass
@@ -38,8 +70,12 @@ class TrainTask:
     tokens_per_example: for tokens/s.
     flops_per_example: model FLOPs of one example's forward+backward (for MFU), or None.
     hooks: {name: (every_steps, fn(state, step, workdir))}, run on every host (the functions
-      may be collective); writing files is the hook's business (host 0).
+      may be collective); writing files is the hook's business (host 0). A hook may return a
+      dict of scalars (e.g. evaluation metrics): they are logged at that step, in the same
+      record as the training metrics when the step is also a log step.
     data_kwargs: extra keyword arguments for `make_input_iterator` (patch_nums, vocab_size).
+    staging: None (one step for the whole run), or the stages; then the loop runs
+      `staging.make_step(key)` instead of `train_step`, and tokens/s and MFU follow the stages.
   """
   init_state: Callable[[jax.Array], Any]
   train_step: Callable[..., tuple[Any, Mapping[str, jax.Array]]]
@@ -47,8 +83,16 @@ class TrainTask:
   frozen_shardings: Any = None
   tokens_per_example: int = 1
   flops_per_example: float | None = None
-  hooks: Mapping[str, tuple[int, Callable[[Any, int, epath.Path], None]]] = dataclasses.field(default_factory=dict)
+  hooks: Mapping[str, tuple[int, Callable[[Any, int, epath.Path], Mapping[str, float] | None]]] = (
+      dataclasses.field(default_factory=dict))
   data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  staging: Staging | None = None
+
+  def stage_at(self, step: int) -> Stage:
+    """The stage of `step` (key None, no inputs, the task's own figures when not staged)."""
+    if self.staging is None:
+      return Stage(None, {}, self.tokens_per_example, self.flops_per_example)
+    return self.staging.stage_at(step)
 
 
 def validate_run_config(config: ml_collections.ConfigDict) -> None:
@@ -106,46 +150,46 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   frozen = jax.device_put(task.frozen, frozen_shardings)
   batch_sh = sharding.batch_sharding(mesh)
 
-  def step_fn(state, batch, frozen, rng):
-    return task.train_step(state, batch, frozen, jax.random.fold_in(rng, state.step))
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    p_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, frozen_shardings, repl),
-                     out_shardings=(state_shardings, repl), donate_argnums=0)
-
+  steps = _StepCache(task, mesh, rules, (state_shardings, batch_sh, frozen_shardings, repl),
+                     (state_shardings, repl))
   logger = metrics_lib.MetricsLogger(workdir)
-  flops_per_step = (task.flops_per_example * config.global_batch_size
-                    if task.flops_per_example else None)
-  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind) if flops_per_step else None
+  peak = (metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+          if task.stage_at(start_step).flops_per_example else None)
   pending = None  # (step, device metrics, host stats) of the last logged step, read one step late
   last_scalars: dict[str, float] = {}
-  t_log, steps_since_log = time.perf_counter(), 0
+  t_log, window = time.perf_counter(), _Window()
   step = start_step
   try:
     for step in range(start_step, config.total_steps):
       local = next(data)
       batch = sharding.make_global_batch(local, mesh)
+      stage = task.stage_at(step)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, step_metrics = p_step(state, batch, frozen, step_rng)
-      steps_since_log += 1
+        state, step_metrics = steps.run(stage, state, batch, frozen, step_rng)
+      window.add(stage, config.global_batch_size)
       done = step + 1
       if pending is not None:
         last_scalars = _write(logger, *pending)
         pending = None
       if done % config.log_every == 0 or done == config.total_steps:
         now = time.perf_counter()
-        rate = steps_since_log / max(now - t_log, 1e-9)
-        host = {"steps_per_sec": rate,
-                "tokens_per_sec": rate * config.global_batch_size * task.tokens_per_example,
+        elapsed = max(now - t_log, 1e-9)
+        host = {"steps_per_sec": window.steps / elapsed, "tokens_per_sec": window.tokens / elapsed,
                 "data_corrupt_skipped": float(data.stats.get("corrupt_skipped", 0))}
-        if flops_per_step and peak:
-          host["mfu"] = metrics_lib.model_flops_utilization(flops_per_step, rate, peak, jax.device_count())
+        if window.flops and peak:
+          host["mfu"] = metrics_lib.model_flops_utilization(window.flops, 1 / elapsed, peak,
+                                                            jax.device_count())
         pending = (done, step_metrics, host)
-        t_log, steps_since_log = now, 0
+        t_log, window = now, _Window()
       for name, (every, hook) in task.hooks.items():
         if every and done % every == 0:
           with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            hook(state, done, workdir)
+            hook_scalars = hook(state, done, workdir)
+          if hook_scalars:
+            if pending is not None and pending[0] == done:
+              pending = (done, pending[1], {**pending[2], **hook_scalars})
+            else:
+              last_scalars = {**last_scalars, **logger.write_scalars(done, hook_scalars)}
       meta = {"data_step": done}
       if ckpt.should_stop_and_save(done):
         if pending is not None:
@@ -164,6 +208,53 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
     logger.close()
     if hasattr(data, "close"):
       data.close()
+
+
+class _StepCache:
+  """The jitted step of each stage, built the first time the stage comes up."""
+
+  def __init__(self, task: TrainTask, mesh, rules, in_shardings, out_shardings):
+    self._task, self._mesh, self._rules = task, mesh, rules
+    self._in_shardings, self._out_shardings = in_shardings, out_shardings
+    self._steps: dict[Hashable, Callable] = {}
+
+  def _build(self, key: Hashable) -> Callable:
+    task = self._task
+    if task.staging is None:
+      def step_fn(state, batch, frozen, rng):
+        return task.train_step(state, batch, frozen, jax.random.fold_in(rng, state.step))
+      in_shardings = self._in_shardings
+    else:
+      stage_step = task.staging.make_step(key)
+      def step_fn(state, batch, frozen, rng, inputs):
+        return stage_step(state, batch, frozen, jax.random.fold_in(rng, state.step), inputs)
+      in_shardings = (*self._in_shardings, self._in_shardings[-1])  # inputs: replicated
+      logging.info("Building the step of stage %r (compiled at its first call).", key)
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+      return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=self._out_shardings,
+                     donate_argnums=0)
+
+  def run(self, stage: Stage, state, batch, frozen, rng):
+    if stage.key not in self._steps:
+      self._steps[stage.key] = self._build(stage.key)
+    fn = self._steps[stage.key]
+    if self._task.staging is None:
+      return fn(state, batch, frozen, rng)
+    inputs = {k: np.float32(v) for k, v in stage.inputs.items()}
+    return fn(state, batch, frozen, rng, inputs)
+
+
+class _Window:
+  """Steps, tokens and model FLOPs run since the last log line."""
+
+  def __init__(self):
+    self.steps, self.tokens, self.flops = 0, 0, 0.0
+
+  def add(self, stage: Stage, global_batch: int) -> None:
+    self.steps += 1
+    self.tokens += global_batch * stage.tokens_per_example
+    if stage.flops_per_example:
+      self.flops += global_batch * stage.flops_per_example
 
 
 def _write(logger, step, device_metrics, host):

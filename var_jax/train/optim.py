@@ -187,6 +187,11 @@ def _run_length(config: ml_collections.ConfigDict, total_steps: int) -> tuple[in
   return ac, max_it, warmup_it
 
 
+def warmup_iterations(config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """The LR warm-up length in micro-iterations (the official `wp_it`), for `total_steps` updates."""
+  return _run_length(config, total_steps)[2]
+
+
 def make_lr_schedule(config: ml_collections.ConfigDict, *, global_batch_size: int,
                      total_steps: int) -> Callable[[Any], jax.Array]:
   """Update index -> LR, reproducing the official per-iteration schedule (module docstring)."""

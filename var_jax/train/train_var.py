@@ -3,7 +3,9 @@
 The official recipe (VAR_SPEC §5): a frozen tokenizer turns images into token maps inside the step
 (or pre-tokenized maps are read from disk), teacher forcing over all L tokens, cross-entropy with
 label smoothing (default 0), label dropout 0.1, AdamW with the official LR/WD schedules and no-decay
-set, clipping at 2.0, bfloat16 compute with float32 parameters, optional EMA.
+set, clipping at 2.0, bfloat16 compute with float32 parameters, optional EMA. Optional progressive
+training (`config.progressive`, off by default; `var_jax/train/progressive.py`) trains on a growing
+prefix of scales, one compiled step per stage.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import loop, optim
+from var_jax.train import loop, optim, progressive
 from var_jax.train.state import TrainState
 
 
@@ -79,11 +81,31 @@ def cross_entropy(logits_BLV, targets_BL, label_smoothing: float):
   return nll
 
 
-def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict):
-  """(state, batch, vae_params, rng) -> (state, metrics)."""
+def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict,
+                    prog_si: int | None = None):
+  """(state, batch, vae_params, rng[, stage_inputs]) -> (state, metrics).
+
+  Args:
+    var_cfg: the VAR architecture.
+    vae_cfg: the tokenizer's.
+    tx: the optax transformation.
+    config: the training config (label_smoothing, optim.ema_decay).
+    prog_si: progressive stage (static): train on scales 0..prog_si, i.e. the first ed tokens, with
+      the official stage loss (`progressive.stage_loss`). None or K - 1: all L tokens, the plain
+      mean cross-entropy.
+
+  The step takes an optional `stage_inputs` mapping, {"prog_wp": scalar}, the newest scale's loss
+  multiplier (default 1); when given, the metrics also carry prog_si and prog_wp.
+  """
   vae = VQVAE(vae_cfg)
-  model = VAR(var_cfg, train=True)
   patch_nums = var_cfg.patch_nums
+  last_stage = var_cfg.num_scales - 1
+  stage = last_stage if prog_si is None else prog_si
+  if isinstance(stage, bool) or not 0 <= stage <= last_stage:
+    raise ConfigError(f"prog_si must be in [0, {last_stage}] or None, got {prog_si!r}.")
+  full = stage == last_stage
+  model = VAR(var_cfg, train=True, prog_si=None if full else stage)
+  end = progressive.stage_end(patch_nums, stage)
   last_begin = scales.begin_ends(patch_nums)[-1][0]
   ema_decay = float(config.optim.ema_decay)
   smoothing = float(config.get("label_smoothing", 0.0))
@@ -99,16 +121,21 @@ def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_col
     images = scale_to_model_range(batch["image"])
     return vae.apply({"params": vae_params}, images, method=VQVAE.encode)
 
-  def step(state: TrainState, batch, vae_params, rng):
+  def step(state: TrainState, batch, vae_params, rng, stage_inputs=None):
     maps = [jax.lax.stop_gradient(m) for m in token_maps(batch, vae_params)]
     x_BlCv = jax.lax.stop_gradient(vae.apply({"params": vae_params}, maps, method=VQVAE.indices_to_var_input))
     targets_BL = jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
+    if not full:  # later scales' inputs and targets go unused (XLA can prune their computation)
+      x_BlCv, targets_BL = x_BlCv[:, :end - var_cfg.first_l], targets_BL[:, :end]
     labels = batch["label"].astype(jnp.int32)
+    prog_wp = 1.0 if stage_inputs is None else stage_inputs["prog_wp"]
 
     def loss_fn(params):
       logits = model.apply({"params": params}, labels, x_BlCv, rngs={"dropout": rng})
       nll_BL = cross_entropy(logits, targets_BL, smoothing)
-      return jnp.mean(nll_BL), (logits, nll_BL)
+      if full:
+        return jnp.mean(nll_BL), (logits, nll_BL)
+      return progressive.stage_loss(nll_BL, patch_nums, stage, prog_wp), (logits, nll_BL)
 
     (loss, (logits, nll_BL)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -120,11 +147,15 @@ def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_col
     stats = optim.last_update_stats(opt_state)
     metrics = {
         "loss": loss, "accuracy": jnp.mean(correct_BL),
-        "loss_last_scale": jnp.mean(nll_BL[:, last_begin:]),
-        "accuracy_last_scale": jnp.mean(correct_BL[:, last_begin:]),
         "learning_rate": stats["learning_rate"], "weight_decay": stats["weight_decay"],
         "grad_norm": stats["grad_norm"],
     }
+    if full:  # a progressive stage has no last scale (the official logs -1 there)
+      metrics["loss_last_scale"] = jnp.mean(nll_BL[:, last_begin:])
+      metrics["accuracy_last_scale"] = jnp.mean(correct_BL[:, last_begin:])
+    if stage_inputs is not None:
+      metrics["prog_si"] = jnp.float32(stage)
+      metrics["prog_wp"] = jnp.asarray(prog_wp, jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, metrics
 
@@ -143,12 +174,16 @@ def make_init_state(var_cfg: VARConfig, tx, ema: bool):
   return init
 
 
-def flops_per_example(var_cfg: VARConfig, num_params: int) -> float:
-  """6 N per token for the linear layers, plus attention's 12 L_vis d per token per layer."""
-  L = var_cfg.seq_len
-  visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())  # keys summed over queries
+def flops_per_example(var_cfg: VARConfig, num_params: int, prog_si: int | None = None) -> float:
+  """6 N per token for the linear layers, plus attention's 12 L_vis d per token per layer.
+
+  With `prog_si` (a progressive stage) only the first ed tokens, scales 0..prog_si, count.
+  """
+  patch_nums = var_cfg.patch_nums if prog_si is None else var_cfg.patch_nums[:prog_si + 1]
+  tokens = scales.seq_len(patch_nums)
+  visible = float(scales.block_causal_mask(patch_nums).sum())  # keys summed over queries
   attention = 12.0 * var_cfg.depth * var_cfg.embed_dim * visible
-  return 6.0 * num_params * L + attention
+  return 6.0 * num_params * tokens + attention
 
 
 # -- periodic sample grids -----------------------------------------------------------------------
@@ -176,13 +211,46 @@ def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, confi
 
 # -- entry points --------------------------------------------------------------------------------
 
+def make_staging(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict,
+                 schedule: progressive.Schedule, num_params: int) -> loop.Staging:
+  """The loop's stages for progressive training: stage prog_si, input prog_wp, ed tokens."""
+
+  def stage_at(step: int) -> loop.Stage:
+    prog_si, prog_wp = schedule(step)
+    return loop.Stage(key=prog_si, inputs={"prog_wp": prog_wp},
+                      tokens_per_example=progressive.stage_end(var_cfg.patch_nums, prog_si),
+                      flops_per_example=flops_per_example(var_cfg, num_params, prog_si))
+
+  def make_step(prog_si: int):
+    return make_train_step(var_cfg, vae_cfg, tx, config, prog_si=prog_si)
+
+  return loop.Staging(stage_at=stage_at, make_step=make_step)
+
+
+def progressive_schedule(config: ml_collections.ConfigDict,
+                         var_cfg: VARConfig) -> progressive.Schedule:
+  """The progressive stage schedule of this run (a disabled one when config.progressive is off)."""
+  updates = config.total_steps // max(1, config.optim.grad_accum_steps)
+  return progressive.Schedule.from_config(
+      config.get("progressive"), num_scales=var_cfg.num_scales,
+      warmup_it=optim.warmup_iterations(config.optim, updates), max_it=config.total_steps)
+
+
 def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARConfig]:
   vae_cfg, vae_params = load_tokenizer(config)
   if config.data.source != "pretokenized" and config.data.image_size != vae_cfg.image_size:
     raise ConfigError(f"data.image_size {config.data.image_size} must be the tokenizer's image size "
                       f"{vae_cfg.image_size} (16 x the last patch number for the official layout).")
   var_cfg = var_config_from(config, vae_cfg)
-  opt = optim.make_optimizer(config.optim, global_batch_size=config.global_batch_size,
+  schedule = progressive_schedule(config, var_cfg)
+  optim_config = config.optim
+  lr_schedule = progressive.effective_lr_schedule(config)
+  if lr_schedule != optim_config.schedule:
+    optim_config = config.optim.copy_and_resolve_references()
+    optim_config.schedule = lr_schedule
+    logging.info("Progressive training (pg=%g): LR schedule %r, as the official trainer.",
+                 schedule.pg, lr_schedule)
+  opt = optim.make_optimizer(optim_config, global_batch_size=config.global_batch_size,
                              total_steps=config.total_steps // max(1, config.optim.grad_accum_steps))
   ema = config.optim.ema_decay > 0
   init = make_init_state(var_cfg, opt.tx, ema)
@@ -194,7 +262,9 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
   task = loop.TrainTask(
       init_state=init, train_step=make_train_step(var_cfg, vae_cfg, opt.tx, config), frozen=vae_params,
       tokens_per_example=var_cfg.seq_len, flops_per_example=flops_per_example(var_cfg, num_params),
-      hooks=hooks, data_kwargs={"patch_nums": var_cfg.patch_nums, "vocab_size": var_cfg.vocab_size})
+      hooks=hooks, data_kwargs={"patch_nums": var_cfg.patch_nums, "vocab_size": var_cfg.vocab_size},
+      staging=(make_staging(var_cfg, vae_cfg, opt.tx, config, schedule, num_params)
+               if schedule.enabled else None))
   logging.info("VAR: depth %d, %s params, peak lr %.3g", var_cfg.depth, f"{num_params:,}",
                opt.peak_learning_rate)
   return task, var_cfg
