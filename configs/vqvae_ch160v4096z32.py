@@ -6,12 +6,13 @@ from scratch with the VQGAN-style recipe on ImageNet 256 px.
 The official tokenizer was trained elsewhere (OpenImages, unreleased code); this recipe follows the
 common VQGAN settings. The architecture matches the released file exactly, so the official weights
 can also be fine-tuned: --config.init_from is for var-jax runs, for the .pth use
-`var-jax convert` and the converted params.
+`var-jax convert` and the converted params. Add --config.eval.fid_inception_path=PATH (pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth) to log rFID on ImageNet validation images.
 Args: tiny (a 2-step CPU smoke run on generated data at 64 px).
 """
 from var_jax import config_lib
 from var_jax.models.vqvae_config import PATCH_NUMS_256
-from var_jax.train import vqgan_losses
+from var_jax.train import rfid_eval, vqgan_losses
 
 
 def get_config(arg=None):
@@ -40,6 +41,9 @@ def get_config(arg=None):
   c.disc_optim = c.optim.copy_and_resolve_references()
   c.disc_optim.ema_decay = 0.0
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  # rFID on 10k ImageNet validation images every 5000 steps once eval.fid_inception_path is set.
+  c.eval = rfid_eval.default_eval_config()
+  c.eval.every = 5000
   if args.tiny:
     c.patch_nums = (1, 2, 3, 4)
     c.vqvae.update(ch=32, vocab_size=64, z_channels=8, dtype="float32")

@@ -5,7 +5,7 @@ No download: the data are generated, LPIPS is off (its VGG weights are a downloa
 Args: steps, batch.
 """
 from var_jax import config_lib
-from var_jax.train import vqgan_losses
+from var_jax.train import rfid_eval, vqgan_losses
 
 
 def get_config(arg=None):
@@ -42,4 +42,7 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0
   c.optim.ema_decay = 0.99
   c.disc_optim = c.optim.copy_and_resolve_references()
+  c.eval = rfid_eval.default_eval_config()  # rFID: set eval.fid_inception_path
+  c.eval.fid_num_images = 1000
+  c.eval.every = 1000
   return c

@@ -4,7 +4,7 @@
 Args: steps, batch, gan (turn the PatchGAN on from step 2).
 """
 from var_jax import config_lib
-from var_jax.train import vqgan_losses
+from var_jax.train import rfid_eval, vqgan_losses
 
 
 def get_config(arg=None):
@@ -39,4 +39,6 @@ def get_config(arg=None):
   c.optim.clip_norm = 1.0
   c.optim.ema_decay = 0.9
   c.disc_optim = c.optim.copy_and_resolve_references()
+  c.eval = rfid_eval.default_eval_config()  # rFID: set eval.fid_inception_path
+  c.eval.fid_num_images = 64
   return c

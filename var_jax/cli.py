@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
   for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
                              ("train-tokenizer", "var_jax.train.train_vqvae", "train the tokenizer"),
                              ("pretokenize", "var_jax.train.pretokenize", "encode a dataset to token maps"),
-                             ("evaluate", "var_jax.evaluate", "class-consistency of samples")):
+                             ("evaluate", "var_jax.evaluate", "class consistency of samples, PSNR, optional FID")):
     p = sub.add_parser(name, help=what, add_help=False)
     p.set_defaults(fn=None, module=module)
   return parser

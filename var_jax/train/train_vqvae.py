@@ -5,7 +5,9 @@ VQGAN-style compound loss (`vqgan_losses`): pixel L1/L2 + LPIPS + the multi-scal
 (commitment beta 0.25) + a hinge PatchGAN started after `loss.disc_start_step` with taming's
 adaptive weight. Codebook usage is tracked with an EMA of hits; dead codes are counted and can be
 re-seeded from encoder outputs. It runs on the same loop as VAR training (`loop.run`): the same
-mesh, checkpointing and auto-resume, SIGTERM handling, metrics and input pipeline.
+mesh, checkpointing and auto-resume, SIGTERM handling, metrics and input pipeline. With
+`config.eval.fid_inception_path` set, reconstruction FID and PSNR on held-out images are logged
+periodically (`rfid_eval`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import CheckpointError, ConfigError
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import checkpointing, loop, optim
+from var_jax.train import checkpointing, loop, optim, rfid_eval
 from var_jax.train import vqgan_losses as vl
 from var_jax.train.state import TrainState
 
@@ -160,6 +162,8 @@ def build_task(config: ml_collections.ConfigDict) -> loop.TrainTask:
   hooks = {}
   if config.get("reconstruct_every", 0):
     hooks["reconstructions"] = (config.reconstruct_every, make_reconstruction_hook(vae_cfg, config))
+  if rfid_eval.rfid_enabled(config):
+    hooks["rfid"] = (rfid_eval.eval_every(config), rfid_eval.make_rfid_hook(vae_cfg, config))
   return loop.TrainTask(
       init_state=make_init_state(vae_cfg, disc, opt.tx, disc_tx, ema=ema),
       train_step=make_train_step(vae_cfg, loss_cfg, opt.tx, disc, disc_tx, perceptual_fn,
