@@ -45,6 +45,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need n
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from var_jax import aot, config_lib  # noqa: E402
 from var_jax.models.var_config import REMAT_POLICIES  # noqa: E402
@@ -242,6 +243,16 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
   print(f"  roofline per chip: compute {_ms(cost.compute_s)}, memory {_ms(cost.memory_s)} -> "
         f"{_ms(cost.roofline_s)} per call ({cost.bound}-bound); <= {batch / cost.roofline_s:.0f} "
         f"images/s")
+  ideal = ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch, program.num_params,
+                                 param_dtype or "float32")
+  print(f"  ideal per chip: transformer {ideal['transformer_flops'] / 1e12:.3f} TFLOP (analytic) + "
+        f"decode {ideal['decode_flops'] / 1e12:.3f} TFLOP (compiled alone); "
+        f"{ideal['min_bytes'] / 1e9:.2f} GB (weights once per scale, cache and logits once, "
+        f"decode as compiled) -> {_ms(ideal['roofline_s'])}; compiled roofline / ideal = "
+        f"{cost.roofline_s / ideal['roofline_s']:.2f}")
+  if cost.optimal_s > 0:
+    print(f"  XLA TPU cost model estimate {_ms(cost.optimal_s)} per call = "
+          f"{cost.optimal_s / cost.roofline_s:.2f} x the compiled roofline")
   record = dict(case=f"d{depth}_sample", topology=topology, chips=chips, mesh=dict(mesh.shape),
                 batch=batch, attention=impl, dtype=var_cfg.dtype,
                 param_dtype=args.sample_param_dtype, params=program.num_params,
@@ -252,9 +263,30 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes, live_bytes=raw.peak_bytes,
                 hbm_bytes=chip.hbm_bytes, fits=raw.fits, flops_compiled=raw.flops,
                 bytes_compiled=raw.bytes_accessed, flops=cost.flops, bytes=cost.bytes_accessed,
-                roofline_s=cost.roofline_s, compute_s=cost.compute_s, memory_s=cost.memory_s)
+                roofline_s=cost.roofline_s, compute_s=cost.compute_s, memory_s=cost.memory_s,
+                cost_model_s=cost.optimal_s, ideal_roofline_s=ideal["roofline_s"],
+                ideal_flops=ideal["transformer_flops"] + ideal["decode_flops"],
+                ideal_bytes=ideal["min_bytes"])
   print(json.dumps(record), flush=True)
   return record
+
+
+def ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch: int, num_params: int,
+                           param_dtype: str) -> dict:
+  """The sampler's roofline per chip if it did only the necessary work (`aot.sampler_*`).
+
+  FLOPs: the analytic transformer matmuls plus the decode as compiled on its own; bytes: the
+  lower bound of `aot.sampler_min_bytes` plus the decode's. Batch and weights per chip as the
+  sampler runs them (batch split over the data axes, weights replicated).
+  """
+  per_chip = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+  transformer = aot.sampler_flops_per_image(var_cfg)["total"] * per_chip
+  decode = aot.analyze(aot.compile_decoder(vae_cfg, mesh, batch).compiled, chip)
+  param_bytes = num_params * jnp.dtype(param_dtype).itemsize
+  min_bytes = aot.sampler_min_bytes(var_cfg, per_chip, param_bytes) + decode.bytes_accessed
+  roofline_s = max((transformer + decode.flops) / chip.peak_flops, min_bytes / chip.hbm_bandwidth)
+  return dict(transformer_flops=transformer, decode_flops=decode.flops, min_bytes=min_bytes,
+              roofline_s=roofline_s)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 
 import _common
 import var_jax
-from var_jax import sampling
+from var_jax import aot, sampling
 from var_jax.models.vqvae import VQVAE
 
 COMPILE_GOAL_S = 60.0
@@ -52,26 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- FLOPs -------------------------------------------------------------------------------------
-
-def transformer_flops_per_image(config, guidance: bool = True) -> dict[str, float]:
-  """Matmul FLOPs of one image's KV-cached sampling pass, by part (a multiply-add = 2 FLOPs)."""
-  C, depth, V, Cv = config.embed_dim, config.depth, config.vocab_size, config.z_channels
-  seqs = 2 if guidance else 1
-  linear_params_per_token = 3 * C * C + C * C + 2 * C * config.mlp_dim  # qkv, proj, fc1, fc2
-  parts = {"linear": 0.0, "attention": 0.0, "head": 0.0, "adaln": 0.0, "word_embed": 0.0}
-  kv_len = 0
-  for si, pn in enumerate(config.patch_nums):
-    rows = pn * pn
-    kv_len += rows
-    parts["linear"] += seqs * rows * depth * 2 * linear_params_per_token
-    parts["attention"] += seqs * depth * 4 * rows * kv_len * C  # q.k and p.v, all heads
-    parts["head"] += seqs * rows * 2 * C * V
-    parts["adaln"] += seqs * (depth * 2 * C * 6 * C + 2 * C * 2 * C)  # once per sequence per scale
-    if si > 0:
-      parts["word_embed"] += seqs * rows * 2 * Cv * C
-  parts["total"] = sum(parts.values())
-  return parts
-
 
 def decoder_flops_per_image(tok) -> float | None:
   """XLA's FLOP count of decoding one f_hat to an image (post_quant_conv + decoder)."""
@@ -152,7 +132,7 @@ def report_goals(rows: list[dict]) -> None:
 
 def measure_flops(args, official, tok, cfg, env) -> tuple[dict[str, float], float | None]:
   """Analytic transformer FLOPs per image; decoder FLOPs (XLA) and matmul rates unless --no-flops."""
-  flops = transformer_flops_per_image(cfg)
+  flops = aot.sampler_flops_per_image(cfg)
   decoder_flops = None
   if not args.no_flops:
     decoder_flops = decoder_flops_per_image(tok)

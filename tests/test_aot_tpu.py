@@ -15,6 +15,7 @@ import pytest
 
 from var_jax import aot, config_lib, scales
 from var_jax.errors import ConfigError
+from var_jax.train import train_var
 
 pytestmark = [
     pytest.mark.tpu_backend,
@@ -96,6 +97,39 @@ def test_sampler_compiles_with_the_prefix_kernel_and_fits(compiled):
   assert analysis.flops > 0 and analysis.roofline_s > 0
   out_images = sampler.compiled.out_info[0]
   assert out_images.shape == (4, 192, 192, 3) and out_images.dtype == jnp.uint8
+
+
+def test_sampler_decodes_the_batch_at_once_on_tpu(compiled):
+  # The per-image decode loop is for CPU hosts only: a TPU program (compiled here, on a CPU host)
+  # has one while loop per scale (the layer scan) and none over images.
+  _, _, _, sampler = compiled
+  assert aot.while_loops(sampler.compiled) == len(PATCH_NUMS)
+
+
+def test_decoder_compiles_alone(compiled):
+  topology, mesh, _, sampler = compiled
+  vae_cfg = aot.tokenizer_config(_small_config())
+  decoder = aot.compile_decoder(vae_cfg, mesh, batch=4)
+  analysis = aot.analyze(decoder.compiled, aot.chip_spec(topology))
+  assert 0 < analysis.flops < aot.analyze(sampler.compiled, aot.chip_spec(topology)).flops
+  assert decoder.compiled.out_info.shape == (4, 192, 192, 3)
+
+
+def test_sampler_flops_of_d16_match_the_hand_count():
+  config = config_lib.var_imagenet_config(16)
+  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
+  parts = aot.sampler_flops_per_image(var_cfg)
+  # C = 1024, mlp 4096, V = 4096, L = 680, sum of visible prefixes = 1710, two sequences.
+  C, L, V = 1024, 680, 4096
+  assert parts["linear"] == 2 * L * 16 * 2 * (4 * C * C + 2 * C * 4 * C)
+  assert parts["attention"] == 2 * 16 * 4 * C * sum(
+      (e - b) * e for b, e in scales.begin_ends(var_cfg.patch_nums))
+  assert parts["head"] == 2 * L * 2 * C * V
+  assert parts["total"] == pytest.approx(600.76e9, rel=1e-4)
+  # Bytes: weights once per scale, keys/values written once and read per scale, logits twice.
+  min_bytes = aot.sampler_min_bytes(var_cfg, batch=1, param_bytes=1000)
+  kv_row = 2 * 16 * C * 2  # bfloat16 cache
+  assert min_bytes == 10 * 1000 + 2 * kv_row * (L + 1710) + 2 * 2 * L * V * 4
 
 
 def test_loop_correction_adds_the_uncounted_trips():

@@ -286,6 +286,49 @@ def attention_flops_per_example(var_cfg: VARConfig, remat: bool) -> float:
   visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())
   return (14.0 + (4.0 if remat else 0.0)) * var_cfg.depth * var_cfg.embed_dim * visible
 
+def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[str, float]:
+  """Matmul FLOPs of one image's KV-cached sampling pass, by part (a multiply-add = 2 FLOPs).
+
+  Per scale and sequence (two with classifier-free guidance): the block linears on the scale's
+  rows, attention's 4 C per (query row, visible key) pair and layer, the head, the per-sequence
+  AdaLN projections and the word embedding of the scale's input.
+  """
+  C, depth, V, Cv = var_cfg.embed_dim, var_cfg.depth, var_cfg.vocab_size, var_cfg.z_channels
+  seqs = 2 if guidance else 1
+  linear_params_per_token = 3 * C * C + C * C + 2 * C * var_cfg.mlp_dim  # qkv, proj, fc1, fc2
+  ada_params = (1 if var_cfg.shared_aln else depth) * 6 * C * C + 2 * C * C
+  parts = {"linear": 0.0, "attention": 0.0, "head": 0.0, "adaln": 0.0, "word_embed": 0.0}
+  for si, (begin, end) in enumerate(scales.begin_ends(var_cfg.patch_nums)):
+    rows = end - begin
+    parts["linear"] += seqs * rows * depth * 2 * linear_params_per_token
+    parts["attention"] += seqs * depth * 4 * rows * end * C
+    parts["head"] += seqs * rows * 2 * C * V
+    parts["adaln"] += seqs * 2 * ada_params
+    if si > 0:
+      parts["word_embed"] += seqs * rows * 2 * Cv * C
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def sampler_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int,
+                      guidance: bool = True) -> float:
+  """HBM bytes a KV-cached sampling call of `batch` images must move, at the least.
+
+  The VAR weights once per scale (they do not fit in on-chip memory), every key and value
+  written once and each layer's visible cache prefix read once per scale, and the float32
+  logits written once and read once. Activations, the filter's sort and the decode are left out
+  (the decode is charged separately), so this is a lower bound.
+  """
+  seqs = (2 if guidance else 1) * batch
+  C, depth = var_cfg.embed_dim, var_cfg.depth
+  item = jnp.dtype(var_cfg.dtype).itemsize
+  kv_row = 2 * depth * C * item  # keys and values of one token, all layers
+  visible = sum(end for _, end in scales.begin_ends(var_cfg.patch_nums))
+  cache = seqs * kv_row * (var_cfg.seq_len + visible)
+  logits = 2 * seqs * var_cfg.seq_len * var_cfg.vocab_size * 4
+  return float(var_cfg.num_scales * param_bytes + cache + logits)
+
+
 @dataclasses.dataclass
 class CompiledProgram:
   """A compiled program and what the figures need.
@@ -303,7 +346,7 @@ class CompiledProgram:
   """
   compiled: Any
   mesh: Mesh
-  var_config: VARConfig
+  var_config: VARConfig | None
   batch: int
   num_params: int
   model_flops: float | None
@@ -428,6 +471,23 @@ def compile_sampler(var_cfg: VARConfig, vae_cfg: VQVAEConfig, mesh: Mesh, batch:
         jax.jit(generate), var_params, vae_params, labels, abstract_key(mesh),
         scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), unroll=unroll)
   return CompiledProgram(compiled, mesh, var_cfg, batch, num_params, None, lower_s, compile_s)
+
+
+def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledProgram:
+  """AOT-compiles the tokenizer decode of `batch` f_hat maps (the sampler's last step) alone.
+
+  Its cost is what the sampler spends after the transformer; `benchmarks/aot_tpu.py` uses it for
+  the decode's share of the sampler's ideal roofline. The batch is split over ("data", "fsdp").
+  """
+  vae_params = abstract_tokenizer_params(vae_cfg, mesh)
+  size = vae_cfg.latent_size
+  f_hat = jax.ShapeDtypeStruct((batch, size, size, vae_cfg.z_channels), jnp.float32,
+                               sharding=sharding.batch_sharding(mesh))
+  decode = lambda p, f: VQVAE(vae_cfg).apply({"params": p}, f, method=VQVAE.decode_fhat)
+  with jax.set_mesh(mesh):
+    compiled, lower_s, compile_s = _lower_and_compile(jax.jit(decode), vae_params, f_hat)
+  num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(vae_params)))
+  return CompiledProgram(compiled, mesh, None, batch, num_params, None, lower_s, compile_s)
 
 
 # -- figures -------------------------------------------------------------------------------------

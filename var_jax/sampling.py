@@ -25,6 +25,7 @@ from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
+from var_jax.ops import attention as attention_ops
 from var_jax.ops.resize import bilinear_matrix, resize
 
 
@@ -109,7 +110,7 @@ def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tok
     if si < K - 1:
       x_next = jnp.tile(nxt.reshape(B, -1, Cvae), (2, 1, 1))
   decode = lambda f: vae.apply({"params": vae_params}, f, method=VQVAE.decode_fhat)
-  if jax.default_backend() == "cpu" and B > 1:
+  if attention_ops.computation_platform() == "cpu" and B > 1:
     # One image at a time on CPU: the decoder's full-resolution convs run ~1.4x faster per image
     # than batched there (cache-bound); accelerators keep the batched decode.
     images = jax.lax.map(lambda f: decode(f[None])[0], f_hat)

@@ -83,8 +83,12 @@ def _patch_nums(patch_nums) -> tuple[int, ...]:
     raise ConfigError(f"Bad patch_nums {patch_nums!r}: {err}") from err
 
 
-def _platform() -> str:
-  """Where the computation will run, "tpu", "gpu" or "cpu": the mesh's devices, if any."""
+def computation_platform() -> str:
+  """Where the traced computation runs: "tpu", "gpu" or "cpu".
+
+  The active mesh's platform when there is one (e.g. compile-only TPU devices on a CPU host),
+  else JAX's default backend.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh.empty else mesh.abstract_device
   platform = device.platform if device is not None else jax.default_backend()
@@ -97,7 +101,7 @@ def _resolve_impl(impl: str, interpret: bool) -> str:
     raise ConfigError(f"Unknown attention impl {impl!r}; valid choices are {IMPLS}.")
   if not isinstance(interpret, bool):
     raise ConfigError(f"interpret must be a bool, got {interpret!r}.")
-  platform = _platform()
+  platform = computation_platform()
   if impl == "auto":
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
   needed = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}.get(impl)
@@ -221,7 +225,7 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
   if chosen == "pallas_tpu" and impl == "auto" and q_BHlD.shape[2] < PREFIX_KERNEL_MIN_ROWS:
     chosen = "xla"
   if chosen == "xla":
-    if _platform() == "cpu":
+    if computation_platform() == "cpu":
       return _batch_chunked(functools.partial(xla_attention.prefix_attention, kv_len=kv_len),
                             q_BHlD, k_BHSD, v_BHSD, logits_bytes=4 * q_BHlD.shape[1] * q_BHlD.shape[2] * kv_len)
     return xla_attention.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
