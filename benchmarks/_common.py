@@ -271,8 +271,12 @@ class Official:
   var: Any
 
 
-def load_official(args, depth: int) -> tuple[Official | None, str]:
-  """Builds the official VQVAE and VAR-d{depth} from args.var_ref, or says why not."""
+def import_official(args) -> tuple[Any | None, str]:
+  """torch, with the official checkout at args.var_ref importable, or (None, why not).
+
+  On success the string describes the comparison (checkout, torch version, threads); torch runs
+  on every core this process may use.
+  """
   if args.no_official:
     return None, "--no-official"
   if not args.var_ref:
@@ -280,14 +284,23 @@ def load_official(args, depth: int) -> tuple[Official | None, str]:
   if not os.path.isfile(os.path.join(args.var_ref, "models", "var.py")):
     return None, f"VAR_REF={args.var_ref} has no models/var.py"
   try:
-    import torch
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError as err:
     return None, f"torch does not import ({err})"
   if args.var_ref not in sys.path:
     sys.path.insert(0, args.var_ref)
+  torch.set_num_threads(cpu_count())
+  return torch, (f"official code from {args.var_ref}, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads")
+
+
+def load_official(args, depth: int) -> tuple[Official | None, str]:
+  """Builds the official VQVAE and VAR-d{depth} from args.var_ref, or says why not."""
+  torch, why = import_official(args)
+  if torch is None:
+    return None, why
   from models import build_vae_var  # The official checkout's package, found through VAR_REF.
   warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
-  torch.set_num_threads(cpu_count())
   torch.manual_seed(args.seed)
   with contextlib.redirect_stdout(io.StringIO()):
     vae, var = build_vae_var(depth=depth, **OFFICIAL_BUILD_KWARGS)
@@ -296,8 +309,7 @@ def load_official(args, depth: int) -> tuple[Official | None, str]:
       torch.nn.init.normal_(p, std=0.02)
   vae.eval()
   var.eval()
-  return Official(torch, vae, var), f"official code from {args.var_ref}, torch {torch.__version__}, " \
-                                    f"{torch.get_num_threads()} threads"
+  return Official(torch, vae, var), why
 
 
 def _numpy_state_dict(module) -> dict[str, np.ndarray]:

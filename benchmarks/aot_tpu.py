@@ -116,6 +116,17 @@ def _kernels(a: aot.Analysis) -> str:
   return ", ".join(f"{name} x{count}" for name, count in a.kernels) or "none"
 
 
+def _compiled_fields(program: aot.CompiledProgram, raw: aot.Analysis, chip: aot.ChipSpec,
+                     unroll_s: float | None) -> dict:
+  """The JSON fields every case reports about its compiled program: times, kernels, memory."""
+  return dict(lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
+              mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
+              argument_bytes=raw.argument_bytes, output_bytes=raw.output_bytes,
+              alias_bytes=raw.alias_bytes, temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes,
+              live_bytes=raw.peak_bytes, hbm_bytes=chip.hbm_bytes, fits=raw.fits,
+              flops_compiled=raw.flops, bytes_compiled=raw.bytes_accessed)
+
+
 def print_memory(a: aot.Analysis) -> None:
   print(f"  memory per chip: argument {_mib(a.argument_bytes)}, output {_mib(a.output_bytes)}, "
         f"alias {_mib(a.alias_bytes)}, temp {_mib(a.temp_bytes)}, generated code "
@@ -197,13 +208,8 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 batch=batch, attention=impl, dtype=config.model["dtype"],
                 remat=config.model["remat_policy"], pretokenized=args.pretokenized,
                 params=program.num_params,
-                lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
-                mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
-                argument_bytes=raw.argument_bytes,
-                output_bytes=raw.output_bytes, alias_bytes=raw.alias_bytes,
-                temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes, live_bytes=raw.peak_bytes,
-                hbm_bytes=chip.hbm_bytes, fits=raw.fits, flops_compiled=raw.flops,
-                bytes_compiled=raw.bytes_accessed, flops=flops, bytes=cost.bytes_accessed,
+                **_compiled_fields(program, raw, chip, unroll_s),
+                flops=flops, bytes=cost.bytes_accessed,
                 attention_flops_added=attention_flops if kernel else 0.0,
                 model_flops_per_chip=model_flops_chip, trainer_flops_per_chip=trainer_flops_chip,
                 roofline_s=roofline_s,
@@ -256,13 +262,8 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
   record = dict(case=f"d{depth}_sample", topology=topology, chips=chips, mesh=dict(mesh.shape),
                 batch=batch, attention=impl, dtype=var_cfg.dtype,
                 param_dtype=args.sample_param_dtype, params=program.num_params,
-                lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
-                mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
-                argument_bytes=raw.argument_bytes,
-                output_bytes=raw.output_bytes, alias_bytes=raw.alias_bytes,
-                temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes, live_bytes=raw.peak_bytes,
-                hbm_bytes=chip.hbm_bytes, fits=raw.fits, flops_compiled=raw.flops,
-                bytes_compiled=raw.bytes_accessed, flops=cost.flops, bytes=cost.bytes_accessed,
+                **_compiled_fields(program, raw, chip, unroll_s),
+                flops=cost.flops, bytes=cost.bytes_accessed,
                 roofline_s=cost.roofline_s, compute_s=cost.compute_s, memory_s=cost.memory_s,
                 cost_model_s=cost.optimal_s, ideal_roofline_s=ideal["roofline_s"],
                 ideal_flops=ideal["transformer_flops"] + ideal["decode_flops"],

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+import _common
 from var_jax import config_lib, sharding
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.train import train_var
@@ -86,13 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def cpu_count() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def model_config(name: str, batch: int, args):
   """The training config of `name` at global batch `batch`."""
   if name == "tiny":
@@ -125,30 +119,15 @@ def median(values) -> float:
   return statistics.median(values)
 
 
-def reset_peak_rss() -> None:
-  """Restarts the process's peak-RSS count (Linux VmHWM), so a reading covers one phase."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
 def peak_rss_gib() -> float | None:
-  """Peak RSS in GiB since the last reset (Linux VmHWM), None elsewhere."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 2**20
-  except OSError:
-    pass
-  return None
+  """Peak RSS in GiB since the last `_common.reset_peak_rss`, None where unknown."""
+  peak = _common.peak_rss_since_reset()
+  return None if peak is None else peak / 2**30
 
 
 def time_ours(config, global_batch: int, args) -> dict:
   """Compiles and times the trainer's step; returns timings, the model's config and the batch."""
-  reset_peak_rss()
+  _common.reset_peak_rss()
   task, var_cfg = train_var.build_task(config)
   batch_np = make_batch(config, var_cfg, global_batch, args.seed)
   mesh = sharding.make_mesh(config.mesh)
@@ -189,32 +168,20 @@ def time_ours(config, global_batch: int, args) -> dict:
 
 def load_torch(args):
   """(torch, build_vae_var, AmpOptimizer) from VAR_REF, or (None, reason)."""
-  if args.no_official:
-    return None, "--no-official"
-  if not args.var_ref:
-    return None, "VAR_REF not set"
-  if not os.path.isfile(os.path.join(args.var_ref, "models", "var.py")):
-    return None, f"VAR_REF={args.var_ref} has no models/var.py"
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as err:
-    return None, f"torch does not import ({err})"
-  if args.var_ref not in sys.path:
-    sys.path.insert(0, args.var_ref)
+  torch, why = _common.import_official(args)
+  if torch is None:
+    return None, why
   # The official checkout's own modules, found through VAR_REF (never copied here).
   from models import build_vae_var  # pylint: disable=import-outside-toplevel
   from utils.amp_sc import AmpOptimizer  # pylint: disable=import-outside-toplevel
   warnings.filterwarnings("ignore", category=FutureWarning)
-  torch.set_num_threads(cpu_count())
-  why = (f"official code from {args.var_ref}, torch {torch.__version__}, "
-         f"{torch.get_num_threads()} threads")
   return (torch, build_vae_var, AmpOptimizer), why
 
 
 def time_official(official, config, var_cfg, batch_np, args) -> dict:
   """The official training step on the same architecture and batch (float32, CPU)."""
   torch, build_vae_var, AmpOptimizer = official
-  reset_peak_rss()
+  _common.reset_peak_rss()
   vae_cfg = VQVAEConfig.from_mapping(  # the "random" tokenizer's architecture, as build_task's
       {**dict(config.tokenizer.get("overrides", {}) or {}), "patch_nums": tuple(config.patch_nums)})
   torch.manual_seed(args.seed)
@@ -286,7 +253,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   dev = jax.devices()[0]
   print(f"environment: backend={jax.default_backend()}, device={dev.device_kind}, "
-        f"devices={jax.device_count()}, cpu_cores={cpu_count()}, jax={jax.__version__}")
+        f"devices={jax.device_count()}, cpu_cores={_common.cpu_count()}, jax={jax.__version__}")
   official, why = load_torch(args)
   print(f"official: {why}")
   runs = [(m, b) for m in args.models
