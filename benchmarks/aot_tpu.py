@@ -81,10 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="train on token maps (the config's :pretokenized variant) instead of "
                       "encoding images with the tokenizer inside the step")
   parser.add_argument("--mu-dtype", choices=("float32", "bfloat16"), help="Adam first-moment dtype")
-  parser.add_argument("--sample-param-dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="dtype of the sampler's VAR params (default float32, as trained)")
-  parser.add_argument("--shard-sample-params", action="store_true",
-                      help="split the sampler's params by the logical rules instead of replicating")
   parser.add_argument("--allow-split-physical-axes", action="store_true",
                       help="let a mesh axis take part of a physical torus axis")
   parser.add_argument("--no-loop-correction", action="store_true",
@@ -229,15 +225,13 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
   chips = mesh.devices.size
   vae_cfg = aot.tokenizer_config(config)
   var_cfg = train_var.var_config_from(config, vae_cfg)
-  print(f"\n== VAR-d{depth} sampler (sampling._generate, cfg guidance: {2 * batch} sequences), "
-        f"{var_cfg.image_size} px: {topology} ({chips} x {mesh.devices.flat[0].device_kind}), mesh "
-        f"{dict(mesh.shape)}, batch {batch}, {var_cfg.dtype} compute, "
-        f"{args.sample_param_dtype} params, attention {impl} ==", flush=True)
-  param_dtype = None if args.sample_param_dtype == "float32" else args.sample_param_dtype
+  print(f"\n== VAR-d{depth} sampler (var_jax.sample via aot.lower_sample, cfg guidance: "
+        f"{2 * batch} sequences), {var_cfg.image_size} px: {topology} ({chips} x "
+        f"{mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}, batch {batch}, "
+        f"{var_cfg.dtype} compute and matmul weights, attention {impl} ==", flush=True)
+  param_dtype = var_cfg.dtype  # the placement stores the matmul weights in the compute dtype
   program, raw, cost, unroll_s = analyses(
-      lambda unroll: aot.compile_sampler(var_cfg, vae_cfg, mesh, batch,
-                                         shard_params=args.shard_sample_params,
-                                         param_dtype=param_dtype, unroll=unroll),
+      lambda unroll: aot.compile_sampler(var_cfg, vae_cfg, mesh, batch, unroll=unroll),
       chip, depth, not args.no_loop_correction)
   print(f"  params {program.num_params / 1e6:.1f} M; Mosaic calls: {_kernels(raw)}")
   print_memory(raw)
@@ -250,7 +244,7 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         f"{_ms(cost.roofline_s)} per call ({cost.bound}-bound); <= {batch / cost.roofline_s:.0f} "
         f"images/s")
   ideal = ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch, program.num_params,
-                                 param_dtype or "float32")
+                                 param_dtype)
   print(f"  ideal per chip: transformer {ideal['transformer_flops'] / 1e12:.3f} TFLOP (analytic) + "
         f"decode {ideal['decode_flops'] / 1e12:.3f} TFLOP (compiled alone); "
         f"{ideal['min_bytes'] / 1e9:.2f} GB (weights once per scale, cache and logits once, "
@@ -261,7 +255,7 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
           f"{cost.optimal_s / cost.roofline_s:.2f} x the compiled roofline")
   record = dict(case=f"d{depth}_sample", topology=topology, chips=chips, mesh=dict(mesh.shape),
                 batch=batch, attention=impl, dtype=var_cfg.dtype,
-                param_dtype=args.sample_param_dtype, params=program.num_params,
+                param_dtype=param_dtype, params=program.num_params,
                 **_compiled_fields(program, raw, chip, unroll_s),
                 flops=cost.flops, bytes=cost.bytes_accessed,
                 roofline_s=cost.roofline_s, compute_s=cost.compute_s, memory_s=cost.memory_s,
@@ -280,7 +274,7 @@ def ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch: int, num_params:
   lower bound of `aot.sampler_min_bytes` plus the decode's. Batch and weights per chip as the
   sampler runs them (batch split over the data axes, weights replicated).
   """
-  per_chip = batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+  per_chip = -(-batch // (mesh.shape["data"] * mesh.shape["fsdp"]))  # padded to the shards
   transformer = aot.sampler_flops_per_image(var_cfg)["total"] * per_chip
   decode = aot.analyze(aot.compile_decoder(vae_cfg, mesh, batch).compiled, chip)
   param_bytes = num_params * jnp.dtype(param_dtype).itemsize

@@ -10,7 +10,9 @@ tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memor
   `sharding.make_mesh` as training builds it) over e.g. "v5e:4x4" or "v5p-128".
 * `compile_train_step`: the step `train.loop.run` jits for a VAR training config (same state,
   batch, frozen-tokenizer and rng shardings, state donated), from abstract inputs.
-* `compile_sampler`: `sampling._generate` (all scales, all layers, the decode) for a batch.
+* `lower_sample` / `lower_edit`: the lowered program of `var_jax.sample` / `var_jax.edit` on a
+  mesh, through the public calls' own argument checks and placement (`sampling.build_*_call`);
+  `compile_sampler` compiles it for a batch of an abstract model (`abstract_model`).
 * `analyze`: XLA's per-chip memory (`memory_analysis`) and cost (`cost_analysis`) of a compiled
   program, the Mosaic kernels it calls, and a roofline time against the chip's peak FLOP/s and
   HBM bandwidth. XLA's TPU cost analysis charges a while loop's body once, so the scanned blocks
@@ -40,15 +42,16 @@ import ml_collections
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from var_jax import scales, sharding
+from var_jax import placement, sampling, scales, sharding
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.sampling import _generate
+from var_jax.tokenizer import Tokenizer
 from var_jax.train import optim, train_var
 from var_jax.train.metrics import PEAK_BF16_FLOPS_PER_DEVICE
+from var_jax.var_model import VARModel
 
 GIB = 2**30
 MOSAIC_CALL = "tpu_custom_call"  # the HLO custom-call target of a Pallas TPU (Mosaic) kernel
@@ -200,28 +203,6 @@ def abstract_tokenizer_params(vae_cfg: VQVAEConfig, mesh: Mesh):
     return VQVAE(vae_cfg).init(key, jnp.zeros((1, size, size, vae_cfg.in_channels)))["params"]
 
   return _with_sharding(meta.unbox(jax.eval_shape(init, jax.random.key(0))), replicated(mesh))
-
-
-def abstract_var_params(var_cfg: VARConfig, mesh: Mesh, rules, *, shard: bool = True,
-                        dtype: Any = None):
-  """VAR params as ShapeDtypeStructs: sharded by the logical rules, or replicated.
-
-  Args:
-    dtype: cast every parameter to this dtype (e.g. bfloat16 for serving); None keeps float32.
-  """
-  L = var_cfg.seq_len
-
-  def init(key):
-    return VAR(var_cfg).init(key, jnp.zeros((1,), jnp.int32),
-                             jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"]
-
-  abstract, _ = sharding.abstract_sharded_state(init, jax.random.key(0), mesh, rules)
-  if not shard:
-    abstract = _with_sharding(abstract, replicated(mesh))
-  if dtype is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding), abstract)
-  return abstract
 
 
 def abstract_batch(config: ml_collections.ConfigDict, var_cfg: VARConfig, global_batch: int,
@@ -433,44 +414,85 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
 
 # -- the sampler ---------------------------------------------------------------------------------
 
+def abstract_model(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> VARModel:
+  """A VARModel whose params are `jax.ShapeDtypeStruct`s: nothing allocated, for AOT lowering.
+
+  `var_cfg.dtype` is the compute dtype; the placement stores the matmul weights in it, as
+  `var_jax.sample` does for a model of that dtype.
+  """
+  L = var_cfg.seq_len
+  size = vae_cfg.image_size
+
+  def var_init(key):
+    return VAR(dataclasses.replace(var_cfg, attention_impl="xla")).init(
+        key, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"]
+
+  def vae_init(key):
+    return VQVAE(vae_cfg).init(key, jnp.zeros((1, size, size, vae_cfg.in_channels)))["params"]
+
+  var_params = meta.unbox(jax.eval_shape(var_init, jax.random.key(0)))
+  vae_params = meta.unbox(jax.eval_shape(vae_init, jax.random.key(0)))
+  return VARModel(var_cfg, var_params, Tokenizer(vae_cfg, vae_params))
+
+
+def lower_sample(model: VARModel, labels, *, mesh: Mesh, **sample_options) -> jax.stages.Lowered:
+  """The lowered program `var_jax.sample(model, labels, mesh=mesh, **sample_options)` runs.
+
+  The same argument checks and the same placement (`sampling.build_sample_call`): weights split
+  by their logical axes over `mesh`, the batch padded to and split over its batch axes, kernels
+  under shard_map; on the abstract view of `model` (concrete params are never transferred), so
+  `mesh` may hold devices this host cannot run on (a compile-only TPU slice).
+
+  Args:
+    model: a VARModel with concrete or ShapeDtypeStruct params (`abstract_model`).
+    labels: class ids (B,), or an int (B,) ShapeDtypeStruct.
+    mesh: the devices, e.g. `topology_mesh("v5e:2x2", mesh_config(1, 1, 4))`.
+    **sample_options: `sample`'s keywords (rng defaults to key 0; return_tokens is ignored).
+  """
+  sample_options = {"rng": jax.random.key(0), **sample_options}
+  sample_options.pop("return_tokens", None)
+  return sampling.build_sample_call(placement.abstract_view(model), labels, mesh=mesh,
+                                    **sample_options).lower(fresh=True)
+
+
+def lower_edit(model: VARModel, images, mask, labels, *, mesh: Mesh,
+               **edit_options) -> jax.stages.Lowered:
+  """The lowered program `var_jax.edit(model, images, mask, labels, mesh=mesh, **edit_options)`
+  runs (as `lower_sample`); `images` may be a float32 (B, H, W, 3) ShapeDtypeStruct."""
+  edit_options = {"rng": jax.random.key(0), **edit_options}
+  edit_options.pop("return_tokens", None)
+  return sampling.build_edit_call(placement.abstract_view(model), images, mask, labels, mesh=mesh,
+                                  **edit_options).lower(fresh=True)
+
+
 def compile_sampler(var_cfg: VARConfig, vae_cfg: VQVAEConfig, mesh: Mesh, batch: int, *,
-                    rules=None, shard_params: bool = False, param_dtype: Any = None,
-                    more_smooth: bool = False, unroll: int = 1) -> CompiledProgram:
-  """AOT-compiles `sampling._generate` (what `var_jax.sample` runs) for `batch` images.
+                    more_smooth: bool = False, unroll: int = 1,
+                    model: VARModel | None = None) -> CompiledProgram:
+  """AOT-compiles what `var_jax.sample(model, labels, mesh=mesh)` runs for `batch` labels.
+
+  Through `lower_sample`, so the placement is the public call's: the batch padded to and split
+  over ("data", "fsdp"), the VAR weights split by their logical axes (replicated when fsdp and
+  tensor are 1), stored in `var_cfg.dtype` where the model casts them at use.
 
   Args:
     var_cfg: the VAR architecture (its dtype and attention_impl are used as given).
     vae_cfg: the tokenizer architecture (patch_nums must match).
-    mesh: the labels (and with them the doubled guidance batch and the KV cache) split over
-      ("data", "fsdp"); heads over "tensor" via the cache's logical axes.
-    batch: class labels per call (the model runs 2 x batch sequences for guidance).
-    rules: logical axis rules (default `sharding.logical_axis_rules(None, mesh)`).
-    shard_params: split the VAR params by the rules (else replicated, as `var_jax.sample` does).
-    param_dtype: cast the VAR params (e.g. bfloat16); None keeps float32.
+    mesh: e.g. `topology_mesh("v5e:2x2", mesh_config(1, 1, 4))`.
+    batch: class labels per call (any size; the model runs 2 x padded batch sequences).
     more_smooth: the Gumbel-softmax smoothing variant.
     unroll: unroll factor of the scan over blocks (`scan_unroll`); 1 is the sampling program.
+    model: the model to compile for (default `abstract_model(var_cfg, vae_cfg)`).
   """
-  rules = sharding.logical_axis_rules(None, mesh) if rules is None else rules
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch % shards:
-    raise ConfigError(f"Sampling batch {batch} does not split over the {shards} batch shards of "
-                      f"mesh {dict(mesh.shape)}.")
-  var_params = abstract_var_params(var_cfg, mesh, rules, shard=shard_params, dtype=param_dtype)
-  num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(var_params)))
-  vae_params = abstract_tokenizer_params(vae_cfg, mesh)
-  repl = replicated(mesh)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=repl)
-
-  def generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p):
-    return _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, None, None,
-                     var_config=var_cfg, vae_config=vae_cfg, more_smooth=more_smooth)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled, lower_s, compile_s = _lower_and_compile(
-        jax.jit(generate), var_params, vae_params, labels, abstract_key(mesh),
-        scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), unroll=unroll)
-  return CompiledProgram(compiled, mesh, var_cfg, batch, num_params, None, lower_s, compile_s)
+  model = abstract_model(var_cfg, vae_cfg) if model is None else model
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  t0 = time.perf_counter()
+  with scan_unroll(unroll):
+    lowered = lower_sample(model, labels, mesh=mesh, more_smooth=more_smooth)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(model.params)))
+  return CompiledProgram(compiled, mesh, model.config, batch, num_params, None, t1 - t0,
+                         time.perf_counter() - t1)
 
 
 def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledProgram:

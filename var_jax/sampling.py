@@ -12,14 +12,16 @@ of the kept region are forced to the source image's tokens, the rest is generate
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from var_jax import placement
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
@@ -68,14 +70,63 @@ def to_uint8(images_BHWC: jax.Array) -> jax.Array:
 
 # -- the generation loop -----------------------------------------------------------------------
 
+def image_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """One key per image: `fold_in(rng, i)` for image i, or `rng` itself when it is (batch,) keys.
+
+  Every random draw of image i comes from its own key, so image i depends only on (rng, i) and
+  its label: not on the batch size, the padding, the device count or the number of hosts.
+  """
+  if rng.ndim == 0:
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch, dtype=jnp.uint32))
+  return rng
+
+
+def _batch_axes_in_context() -> tuple[str, ...]:
+  mesh = jax.sharding.get_abstract_mesh()
+  return () if mesh.empty else tuple(a for a in placement.BATCH_AXES if a in mesh.axis_names)
+
+
+def _batch_shards_in_context() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in _batch_axes_in_context())
+
+
+def _split_over_batch(x: jax.Array) -> jax.Array:
+  """Keeps a batch-leading output split over the active mesh's batch axes (not gathered)."""
+  axes = _batch_axes_in_context()
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def _decode(vae, vae_params, f_hat):
+  """f_hat (B, h, w, C) -> images in [-1, 1]; on CPU one image per batch shard at a time."""
+  decode = lambda f: vae.apply({"params": vae_params}, f, method=VQVAE.decode_fhat)
+  B = f_hat.shape[0]
+  if attention_ops.computation_platform() != "cpu" or B == 1:
+    return decode(f_hat)
+  # On CPU the decoder's full-resolution convs run ~1.4x faster per image than batched (cache
+  # bound), so images go through one per batch shard at a time; accelerators keep the batch.
+  shards = _batch_shards_in_context()
+  shards = shards if B % shards == 0 else 1
+  groups = f_hat.reshape((shards, B // shards) + f_hat.shape[1:]).swapaxes(0, 1)
+  images = jax.lax.map(decode, groups)  # (B / shards, shards, H, W, 3): each step one per shard
+  return images.swapaxes(0, 1).reshape((B,) + images.shape[2:])
+
+
 def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tokens, edit_masks, *,
               var_config: VARConfig, vae_config: VQVAEConfig, more_smooth: bool):
-  """All scales, all layers and the decode. Returns (uint8 images, list of int32 token maps)."""
+  """All scales, all layers and the decode. Returns (uint8 images, list of int32 token maps).
+
+  Guidance runs 2B sequences laid out image by image (row 2i conditional, row 2i + 1 the null
+  class), so the halves of an image's pair sit on the same device wherever the batch is split.
+  """
   vae = VQVAE(vae_config)
   codebook = vae.apply({"params": vae_params}, method=VQVAE.codebook)
   B = labels_B.shape[0]
   K, Cvae = var_config.num_scales, var_config.z_channels
-  labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, var_config.num_classes)])
+  keys_B = image_keys(rng, B)
+  labels_2B = jnp.stack([labels_B, jnp.full_like(labels_B, var_config.num_classes)], axis=1).reshape(2 * B)
   latent = var_config.patch_nums[-1]
   f_hat = jnp.zeros((B, latent, latent, Cvae), jnp.float32)
   cache = None
@@ -87,14 +138,18 @@ def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tok
         variables, labels_2B, x_next, mutable=["cache"])
     cache = mutated["cache"]
     t = guidance_scale(cfg, si, K)
-    logits_BlV = (1.0 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-    rng, key_idx, key_gumbel = jax.random.split(rng, 3)
+    pairs = logits_2BlV.reshape((B, 2) + logits_2BlV.shape[1:])
+    logits_BlV = (1.0 + t) * pairs[:, 0] - t * pairs[:, 1]
+    scale_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, si)))(keys_B)
+    key_idx, key_gumbel = scale_keys[:, 0], scale_keys[:, 1]
     logits_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p)
-    idx_Bl = jax.random.categorical(key_idx, logits_BlV, axis=-1).astype(jnp.int32)
+    idx_Bl = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(
+        key_idx, logits_BlV).astype(jnp.int32)
     if more_smooth:
       ratio = si / (K - 1) if K > 1 else 0.0
       tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-      gumbel = -jnp.log(jax.random.exponential(key_gumbel, logits_BlV.shape, jnp.float32))
+      gumbel = -jnp.log(jax.vmap(
+          lambda k: jax.random.exponential(k, logits_BlV.shape[1:], jnp.float32))(key_gumbel))
       soft = jax.nn.softmax((logits_BlV * (1 + ratio) + gumbel) / tau, axis=-1)
       h_BlC = jnp.einsum("blv,vc->blc", soft, codebook, precision=jax.lax.Precision.HIGHEST)
     else:
@@ -108,18 +163,13 @@ def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tok
     f_hat, nxt = vae.apply({"params": vae_params}, si, f_hat, h_BlC.reshape(B, pn, pn, Cvae),
                            method=VQVAE.next_autoregressive_input)
     if si < K - 1:
-      x_next = jnp.tile(nxt.reshape(B, -1, Cvae), (2, 1, 1))
-  decode = lambda f: vae.apply({"params": vae_params}, f, method=VQVAE.decode_fhat)
-  if attention_ops.computation_platform() == "cpu" and B > 1:
-    # One image at a time on CPU: the decoder's full-resolution convs run ~1.4x faster per image
-    # than batched there (cache-bound); accelerators keep the batched decode.
-    images = jax.lax.map(lambda f: decode(f[None])[0], f_hat)
-  else:
-    images = decode(f_hat)
-  return to_uint8(images), tokens
+      x_next = jnp.repeat(nxt.reshape(B, -1, Cvae), 2, axis=0)
+  images = _split_over_batch(to_uint8(_decode(vae, vae_params, f_hat)))
+  return images, [_split_over_batch(t) for t in tokens]
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("var_config", "vae_config", "more_smooth"))
+_STATIC = ("var_config", "vae_config", "more_smooth")
+_generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 
 
 def _encode_and_generate(var_params, vae_params, images, labels_B, rng, cfg, top_k, top_p, edit_masks, *,
@@ -129,7 +179,7 @@ def _encode_and_generate(var_params, vae_params, images, labels_B, rng, cfg, top
                    var_config=var_config, vae_config=vae_config, more_smooth=more_smooth)
 
 
-_edit_jit = jax.jit(_encode_and_generate, static_argnames=("var_config", "vae_config", "more_smooth"))
+_edit_jit = jax.jit(_encode_and_generate, static_argnames=_STATIC)
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -156,65 +206,136 @@ def check_sampling_options(model, cfg, top_k, top_p) -> None:
     raise InputError(f"top_p must be a number in [0, 1] (0 = off), got {top_p!r}.")
 
 
-def _check_rng(rng) -> jax.Array:
+def check_rng(rng, batch: int | None = None) -> jax.Array:
+  """A typed PRNG key, or `batch` of them (one per image); raw uint32 key data is wrapped."""
   if isinstance(rng, (int, np.integer)):
     raise InputError("rng must be a JAX PRNG key, e.g. jax.random.key(0), not an int.")
   try:
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-      return rng
-    if rng.shape == (2,) and rng.dtype == jnp.uint32:
-      return jax.random.wrap_key_data(rng)
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      if rng.dtype != jnp.uint32 or rng.shape[-1:] != (2,):
+        raise AttributeError
+      rng = jax.random.wrap_key_data(rng)
   except AttributeError:
-    pass
-  raise InputError(f"rng must be a JAX PRNG key (jax.random.key(seed)), got {type(rng).__name__}.")
+    raise InputError(f"rng must be a JAX PRNG key (jax.random.key(seed)) or one key per image, got "
+                     f"{type(rng).__name__}.") from None
+  if rng.ndim == 1 and batch is not None and rng.shape[0] != batch:
+    raise InputError(f"rng holds {rng.shape[0]} keys for {batch} images; pass one key, or one per image.")
+  if rng.ndim > 1 or (rng.ndim == 1 and batch is None):
+    raise InputError(f"rng must be one key or a (batch,) array of keys, got shape {rng.shape}.")
+  return rng
 
 
-def _batch_sharding(batch: int):
-  """Splits the batch over every device when it divides; else keeps it on one device."""
-  devices = jax.devices()
-  if len(devices) > 1 and batch % len(devices) == 0:
-    mesh = Mesh(np.asarray(devices), ("data",))
-    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  return None, None
+def _check_labels(model, labels) -> np.ndarray | jax.ShapeDtypeStruct:
+  if isinstance(labels, jax.ShapeDtypeStruct):  # AOT: only the batch size matters
+    if len(labels.shape) != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise InputError(f"abstract labels must be an integer (B,) ShapeDtypeStruct, got {labels}.")
+    return jax.ShapeDtypeStruct(labels.shape, jnp.int32)
+  return model.check_labels(labels, allow_null=True)
 
 
-def _place(labels_B, *extra):
-  batch_sh, repl = _batch_sharding(labels_B.shape[0])
-  if batch_sh is None:
-    return (labels_B, *extra)
-  return (jax.device_put(labels_B, batch_sh), *(jax.device_put(x, batch_sh) if x is not None else None
-                                                 for x in extra))
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One placed inference call: the jitted program, its placed arguments and the mesh.
+
+  `run()` executes it and drops the batch padding; `lower()` gives the `jax.stages.Lowered` of
+  exactly that program (what `var_jax.aot.lower_sample` / `lower_edit` return).
+  """
+  fn: Any
+  jitted: Any
+  args: tuple
+  static: dict
+  mesh: Mesh
+  batch: int
+
+  def lower(self, *, fresh: bool = False) -> jax.stages.Lowered:
+    """Traces and lowers the program. fresh=True traces anew, past jit's trace cache (for
+    lowering under a different trace-time setting, e.g. `aot.scan_unroll`)."""
+    jitted = jax.jit(self.fn, static_argnames=_STATIC) if fresh else self.jitted
+    with placement.batch_context(self.mesh):
+      return jitted.lower(*self.args, **self.static)
+
+  def run(self) -> tuple[jax.Array, list[jax.Array]]:
+    with placement.batch_context(self.mesh):
+      images, tokens = self.jitted(*self.args, **self.static)
+    if images.shape[0] != self.batch:  # drop the padding (a static slice: no index transfer)
+      drop = lambda x: jax.lax.slice_in_dim(x, 0, self.batch, axis=0)
+      images, tokens = drop(images), [drop(t) for t in tokens]
+    return images, list(tokens)
+
+
+def _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh):
+  """(mesh, placement, labels, keys, (cfg, top_k, top_p)) placed on the mesh.
+
+  With an abstract model (ShapeDtypeStruct params) every input becomes a ShapeDtypeStruct with
+  its sharding instead, so the same code describes the program for devices this host cannot
+  reach (AOT).
+  """
+  mesh = placement.check_mesh(mesh)
+  abstract = placement.is_abstract(model)
+  B = labels_B.shape[0]
+  size = placement.padded_size(B, mesh)
+  placed = placement.place(model, mesh)
+  rng = check_rng(rng, B) if not isinstance(rng, jax.ShapeDtypeStruct) else rng
+  scalars = [np.asarray(v, dtype) for v, dtype in ((cfg, np.float32), (top_k, np.int32), (top_p, np.float32))]
+  if abstract or isinstance(labels_B, jax.ShapeDtypeStruct):
+    labels = placement.put_batch(jax.ShapeDtypeStruct((size,), jnp.int32), mesh)
+    keys = placement.as_abstract(rng)
+    keys = (placement.put_batch(jax.ShapeDtypeStruct((size,), keys.dtype), mesh) if keys.ndim
+            else placement.put_replicated(keys, mesh))
+    scalars = [placement.put_replicated(placement.as_abstract(v), mesh) for v in scalars]
+    return mesh, placed, labels, keys, tuple(scalars)
+  labels = placement.put_batch(placement.pad_batch(labels_B, size), mesh)
+  if rng.ndim == 1:  # one key per image: pad with copies of the first (their images are dropped)
+    keys = jnp.concatenate([rng, jnp.repeat(rng[:1], size - B)]) if size != B else rng
+    keys = jax.device_put(keys, placement.batch_sharding(mesh))
+  else:
+    keys = jax.device_put(rng, placement.replicated(mesh))
+  return mesh, placed, labels, keys, tuple(placement.put_replicated(v, mesh) for v in scalars)
+
+
+def build_sample_call(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
+                      mesh=None) -> Call:
+  """Checks the arguments and places everything for `sample` (and `aot.lower_sample`)."""
+  check_sampling_options(model, cfg, top_k, top_p)
+  top_k = effective_top_k(model, top_k)
+  labels_B = _check_labels(model, labels)
+  mesh, placed, labels, keys, scalars = _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
+  static = dict(var_config=model.config, vae_config=model.tokenizer.config,
+                more_smooth=bool(more_smooth))
+  args = (placed.var_params, placed.vae_params, labels, keys, *scalars, None, None)
+  return Call(_generate, _generate_jit, args, static, mesh, labels_B.shape[0])
 
 
 # -- public API --------------------------------------------------------------------------------
 
-def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, return_tokens=False):
+def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, return_tokens=False,
+           mesh=None):
   """Generates class-conditional images with a VARModel.
 
   Args:
     model: a `var_jax.VARModel` (params + tokenizer).
     labels: int class ids (B,), in [0, num_classes); num_classes itself means unconditional.
-    rng: a JAX PRNG key. The same key gives the same images on every call.
+      Any B works on any device count (the batch is padded to the mesh and the padding dropped).
+    rng: a JAX PRNG key, or (B,) keys, one per image. Image i draws only from its own key
+      (`fold_in(rng, i)` for a single key), so it depends only on (rng, i, labels[i]): the same
+      key gives the same images whatever the batch split, the device count or the host count.
     cfg: classifier-free guidance scale, ramped linearly from 0 at the first scale to cfg at the last.
     top_k: keep the k largest logits per token (0 = off); at most the vocabulary size, except
       that the default 900 keeps every token of a smaller vocabulary.
     top_p: nucleus filtering on top of top-k (0 = off).
     more_smooth: the official Gumbel-softmax smoothing of the residual (for visualisation).
     return_tokens: also return the per-scale int32 token maps (B, pn, pn).
+    mesh: the devices to run on (a `jax.sharding.Mesh` with axes among "data", "fsdp",
+      "tensor"; e.g. `var_jax.sampling_mesh(tensor=4)`). None: every local device on "data".
+      The batch is split over data x fsdp, the weights by their logical axes; they are placed
+      once per mesh and stay on the devices for later calls.
 
   Returns:
     uint8 images (B, H, W, 3), or (images, token maps) with return_tokens=True.
   """
-  check_sampling_options(model, cfg, top_k, top_p)
-  top_k = effective_top_k(model, top_k)
-  labels_B = model.check_labels(labels, allow_null=True)
-  rng = _check_rng(rng)
-  (labels_B,) = _place(labels_B)
-  images, tokens = _generate_jit(model.params, model.tokenizer.params, labels_B, rng,
-                                 jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p), None, None,
-                                 var_config=model.config, vae_config=model.tokenizer.config,
-                                 more_smooth=bool(more_smooth))
-  return (images, list(tokens)) if return_tokens else images
+  images, tokens = build_sample_call(model, labels, rng=rng, cfg=cfg, top_k=top_k, top_p=top_p,
+                                     more_smooth=more_smooth, mesh=mesh).run()
+  return (images, tokens) if return_tokens else images
 
 
 def edit_masks_per_scale(keep_BPP: np.ndarray, patch_nums: Sequence[int]) -> list[np.ndarray]:
@@ -256,8 +377,47 @@ def _latent_keep_mask(mask, batch: int, image_size: int, latent: int) -> np.ndar
   return np.broadcast_to(m, (batch,) + m.shape[1:]).astype(np.float32)
 
 
+def _check_edit_images(model, images):
+  """Float32 (B, H, W, 3) in [-1, 1] on the host (uint8 scaled), or an abstract batch."""
+  tc = model.tokenizer.config
+  if isinstance(images, jax.ShapeDtypeStruct):
+    if tuple(images.shape[1:]) != (tc.image_size, tc.image_size, tc.in_channels):
+      raise InputError(f"abstract images must be (B, {tc.image_size}, {tc.image_size}, "
+                       f"{tc.in_channels}), got {images.shape}.")
+    return jax.ShapeDtypeStruct(images.shape, jnp.float32)
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 127.5 - 1.0
+  return np.asarray(model.tokenizer.check_images(images))
+
+
+def build_edit_call(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96,
+                    more_smooth=False, mesh=None) -> Call:
+  """Checks the arguments and places everything for `edit` (and `aot.lower_edit`)."""
+  check_sampling_options(model, cfg, top_k, top_p)
+  top_k = effective_top_k(model, top_k)
+  labels_B = _check_labels(model, labels)
+  images = _check_edit_images(model, images)
+  B = images.shape[0]
+  if labels_B.shape[0] != B:
+    raise InputError(f"{labels_B.shape[0]} labels for {B} images.")
+  tc = model.tokenizer.config
+  keep = _latent_keep_mask(mask, B, tc.image_size, tc.latent_size)
+  mesh, placed, labels, keys, scalars = _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
+  size = labels.shape[0]
+  masks = edit_masks_per_scale(keep, tc.patch_nums)
+  if placement.is_abstract(model):
+    masks = [placement.as_abstract(m) for m in masks]
+    images = placement.as_abstract(images)
+  masks = [placement.put_batch(placement.pad_batch(m, size), mesh) for m in masks]
+  images = placement.put_batch(placement.pad_batch(images, size), mesh)
+  static = dict(var_config=model.config, vae_config=tc, more_smooth=bool(more_smooth))
+  args = (placed.var_params, placed.vae_params, images, labels, keys, *scalars, masks)
+  return Call(_encode_and_generate, _edit_jit, args, static, mesh, B)
+
+
 def edit(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
-         return_tokens=False):
+         return_tokens=False, mesh=None):
   """Zero-shot editing: regenerate the masked region of `images`, conditioned on the rest.
 
   Args:
@@ -267,24 +427,8 @@ def edit(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, mo
       (area-averaged to the latent grid, kept where >= 0.5), or at the latent size (P, P).
       In-painting: zeros inside the box. Out-painting: ones inside the box.
     labels: class ids (B,) (num_classes = unconditional; other classes give class editing).
-    rng, cfg, top_k, top_p, more_smooth, return_tokens: as in `sample`.
+    rng, cfg, top_k, top_p, more_smooth, return_tokens, mesh: as in `sample`.
   """
-  check_sampling_options(model, cfg, top_k, top_p)
-  top_k = effective_top_k(model, top_k)
-  labels_B = model.check_labels(labels, allow_null=True)
-  rng = _check_rng(rng)
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    images = images.astype(np.float32) / 127.5 - 1.0
-  images = model.tokenizer.check_images(images)
-  B = images.shape[0]
-  if labels_B.shape[0] != B:
-    raise InputError(f"{labels_B.shape[0]} labels for {B} images.")
-  tc = model.tokenizer.config
-  keep = _latent_keep_mask(mask, B, tc.image_size, tc.latent_size)
-  masks = [jnp.asarray(m) for m in edit_masks_per_scale(keep, tc.patch_nums)]
-  labels_B, images = _place(labels_B, images)
-  out, tokens = _edit_jit(model.params, model.tokenizer.params, images, labels_B, rng, jnp.float32(cfg),
-                          jnp.int32(top_k), jnp.float32(top_p), masks, var_config=model.config,
-                          vae_config=model.tokenizer.config, more_smooth=bool(more_smooth))
-  return (out, list(tokens)) if return_tokens else out
+  out, tokens = build_edit_call(model, images, mask, labels, rng=rng, cfg=cfg, top_k=top_k,
+                                top_p=top_p, more_smooth=more_smooth, mesh=mesh).run()
+  return (out, tokens) if return_tokens else out

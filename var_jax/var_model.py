@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import convert
+from var_jax import convert, placement
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
@@ -41,6 +41,9 @@ class VARModel:
     self.params = params
     self.tokenizer = tokenizer
     self.module = VAR(config)
+    # Device copies of the weights by mesh, made by `var_jax.placement.place` on first use
+    # (sample, edit, logits) and reused while `params` and `tokenizer.params` stay the same objects.
+    self.placements: dict = {}
 
   @classmethod
   def from_torch(cls, var_path_or_sd, tokenizer: Tokenizer, **config_overrides) -> "VARModel":
@@ -57,8 +60,9 @@ class VARModel:
                                       z_channels=tc.z_channels, **config_overrides)
     return cls(config, convert.var_params_from_torch(sd, config), tokenizer)
 
-  def check_labels(self, labels, *, allow_null: bool) -> jax.Array:
-    """int class ids (B,) in [0, num_classes) (or == num_classes, the null class, if allowed)."""
+  def check_labels(self, labels, *, allow_null: bool) -> np.ndarray:
+    """int class ids (B,) in [0, num_classes) (or == num_classes, the null class, if allowed),
+    returned as a host int32 array."""
     labels = np.asarray(labels)
     hi = self.config.num_classes + (1 if allow_null else 0)
     if labels.ndim != 1 or labels.size == 0:
@@ -70,7 +74,7 @@ class VARModel:
       raise InputError(f"class ids {sorted(set(bad.tolist()))[:10]} are outside [0, {hi}) for this "
                        f"model with {self.config.num_classes} classes"
                        + (f" ({self.config.num_classes} = unconditional)." if allow_null else "."))
-    return jnp.asarray(labels, jnp.int32)
+    return labels.astype(np.int32)
 
   @functools.cached_property
   def _logits_jit(self):
@@ -79,17 +83,26 @@ class VARModel:
       return self.module.apply({"params": var_params}, labels, x)
     return jax.jit(fn)
 
-  def logits(self, labels_B, index_maps: Sequence) -> jax.Array:
+  def logits(self, labels_B, index_maps: Sequence, *, mesh=None) -> jax.Array:
     """Teacher-forcing forward in eval mode: (B, L, V) float32 logits of every token.
 
     index_maps: the tokenizer's list of (B, pn, pn) token maps. Token t's logits predict token t
     from the class and every token of coarser scales.
+    mesh: as in `var_jax.sample` (None: every local device; the batch is split over them).
     """
     labels = self.check_labels(labels_B, allow_null=True)
-    idx = self.tokenizer.check_index_maps(index_maps)
-    if idx[0].shape[0] != labels.shape[0]:
-      raise InputError(f"{labels.shape[0]} labels but token maps of batch {idx[0].shape[0]}.")
-    return self._logits_jit(self.params, self.tokenizer.params, labels, idx)
+    idx = [np.asarray(m) for m in self.tokenizer.check_index_maps(index_maps)]
+    B = labels.shape[0]
+    if idx[0].shape[0] != B:
+      raise InputError(f"{B} labels but token maps of batch {idx[0].shape[0]}.")
+    mesh = placement.check_mesh(mesh)
+    placed = placement.place(self, mesh)
+    size = placement.padded_size(B, mesh)
+    labels = placement.put_batch(placement.pad_batch(labels, size), mesh)
+    idx = [placement.put_batch(placement.pad_batch(m, size), mesh) for m in idx]
+    with placement.batch_context(mesh):
+      out = self._logits_jit(placed.var_params, placed.vae_params, labels, idx)
+    return out if size == B else out[:B]
 
   def num_params(self) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))

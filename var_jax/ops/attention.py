@@ -171,7 +171,8 @@ def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int],
   module = splash_block_causal if chosen == "pallas_tpu" else gpu_attention
   per_device = functools.partial(module.block_causal_attention, patch_nums=pns,
                                  interpret=interpret)
-  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHLD, k_BHLD, v_BHLD)
+  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHLD, k_BHLD, v_BHLD,
+                                                      kernel=chosen, interpret=interpret)
 
 
 # On CPU, XLA's fused QK-softmax-PV slows down sharply once the float32 logits of a call outgrow
@@ -233,4 +234,5 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     _check_gpu_head_dim(q_BHlD.shape[3])
   module = tpu_prefix_attention if chosen == "pallas_tpu" else gpu_attention
   per_device = functools.partial(module.prefix_attention, kv_len=kv_len, interpret=interpret)
-  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD)
+  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD,
+                                                      kernel=chosen, interpret=interpret)

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 from jax.sharding import AxisType, PartitionSpec
 
-from var_jax.errors import InputError
+from var_jax.errors import ConfigError, InputError
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -25,14 +25,28 @@ def _usable_axes(mesh, names):
   return tuple(n for n in names if n in types and types[n] != AxisType.Manual)
 
 
-def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH):
+def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: str = "kernel",
+                                   interpret: bool = False):
   """Calls `per_device_fn(*arrays)` on every device's (batch, head) shard of the (B, H, ...) arrays.
 
-  Without an active mesh (or with an empty one, or one whose axes are all manual already) the
-  function is called directly. Returns an array laid out like the first argument's batch and heads.
+  With a one-device mesh, or inside shard_map already (every axis manual), the function is called
+  directly. Without an active mesh it is called directly only when this process has a single
+  device: with several, a jit may partition the call over them, and XLA cannot partition a Pallas
+  kernel ("Mosaic kernels cannot be automatically partitioned", found only when lowering on a
+  pod), so that is a ConfigError here, at trace time (not for `interpret` kernels, which are plain
+  XLA). Returns an array laid out like the first
+  argument's batch and heads.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or all(t == AxisType.Manual for t in mesh.axis_types):
+  if mesh.empty:
+    if jax.device_count() > 1 and not interpret:
+      raise ConfigError(
+          f"The {kernel} attention kernel was traced without an active mesh on a process with "
+          f"{jax.device_count()} devices, where a jit may split it over devices and XLA cannot "
+          "partition a Pallas kernel. Trace under `with jax.set_mesh(mesh):` (var_jax.sample, "
+          "edit, VARModel.logits and the trainers do), or use attention_impl='xla'.")
+    return per_device_fn(*arrays_BH)
+  if mesh.size == 1 or all(t == AxisType.Manual for t in mesh.axis_types):
     return per_device_fn(*arrays_BH)
   batch_axes = _usable_axes(mesh, BATCH_AXES)
   head_axes = _usable_axes(mesh, (HEAD_AXIS,))
