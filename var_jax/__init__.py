@@ -5,6 +5,7 @@
     images = var_jax.sample(model, [207, 360], rng=jax.random.key(0))   # uint8 (2, 256, 256, 3)
 """
 from var_jax import errors
+from var_jax.placement import sampling_mesh
 from var_jax.sampling import edit, sample
 from var_jax.tokenizer import Tokenizer
 from var_jax.torch_checkpoint import load_torch_checkpoint
@@ -13,4 +14,5 @@ from var_jax.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokenizer", "VARModel", "edit", "errors", "load_pretrained", "load_torch_checkpoint", "sample"]
+__all__ = ["Tokenizer", "VARModel", "edit", "errors", "load_pretrained", "load_torch_checkpoint", "sample",
+           "sampling_mesh"]

@@ -60,9 +60,12 @@ def sampling_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *,
 
   tensor > 1 splits attention heads, MLP and vocabulary over chips (the usual choice for models
   that do not fit one chip, e.g. VAR-d30 on 16 GB v5e chips with tensor=4); fsdp > 1 splits every
-  weight along its width and gathers it per layer. The batch is split over data x fsdp.
+  weight along its width and gathers it per layer. The batch is split over data x fsdp. -1 takes
+  the remaining devices; sizes that multiply to fewer than the devices take the first ones.
   """
   devices = jax.local_devices() if devices is None else list(devices)
+  if -1 not in (data, fsdp, tensor) and 0 < data * fsdp * tensor < len(devices):
+    devices = devices[:data * fsdp * tensor]  # fixed sizes: the first devices
   return sharding.make_mesh([("data", data), ("fsdp", fsdp), ("tensor", tensor)], devices=devices)
 
 

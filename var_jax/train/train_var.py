@@ -189,18 +189,26 @@ def flops_per_example(var_cfg: VARConfig, num_params: int, prog_si: int | None =
 # -- periodic sample grids -----------------------------------------------------------------------
 
 def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, config):
+  """A hook writing a grid of samples of the current (EMA) weights to workdir/samples/.
+
+  It calls `var_jax.sample` on the training mesh (taken from the params' sharding), so any
+  number of sample classes works on any mesh (the batch is padded to its batch shards).
+  """
+  from jax.experimental import multihost_utils
   from var_jax import images as image_io
-  from var_jax.sampling import _generate_jit
-  classes = list(config.get("sample_classes") or range(min(var_cfg.num_classes, 8)))
-  labels = jnp.asarray(classes, jnp.int32)
+  from var_jax.sampling import sample
+  from var_jax.tokenizer import Tokenizer
+  from var_jax.var_model import VARModel
+  classes = np.asarray(list(config.get("sample_classes") or range(min(var_cfg.num_classes, 8))))
+  tokenizer = Tokenizer(vae_cfg, vae_params)
 
   def hook(state: TrainState, step: int, workdir: epath.Path):
     params = state.ema_params if state.ema_params is not None else state.params
-    imgs, _ = _generate_jit(params, vae_params, labels, jax.random.key(0), jnp.float32(config.sample_cfg),
-                            jnp.int32(min(config.sample_top_k, var_cfg.vocab_size)),
-                            jnp.float32(config.sample_top_p), None, None, var_config=var_cfg,
-                            vae_config=vae_cfg, more_smooth=False)
-    from jax.experimental import multihost_utils
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    model = VARModel(var_cfg, params, tokenizer)
+    top_k = config.sample_top_k if config.sample_top_k < var_cfg.vocab_size else 0  # 0: all
+    imgs = sample(model, classes, rng=jax.random.key(0), cfg=float(config.sample_cfg), top_k=int(top_k),
+                  top_p=float(config.sample_top_p), mesh=mesh)
     imgs = np.asarray(multihost_utils.process_allgather(imgs, tiled=True))
     if jax.process_index() == 0:
       path = image_io.save_png(image_io.make_grid(imgs), workdir / "samples" / f"step_{step:08d}.png")
