@@ -77,6 +77,27 @@ def test_sample_writes_the_grid_pngs_and_npz(model_dir, tmp_path, capsys):
   assert not np.array_equal(_grid(tmp_path / "other.png"), grid)
 
 
+def test_sample_images_do_not_depend_on_the_batch_size(model_dir, tmp_path):
+  """Global image i is drawn with fold_in(seed key, i), so calls of 1 or of 3 give the same set."""
+  def run(batch, name):
+    out_dir = tmp_path / name
+    assert cli.main(["sample", "--model", model_dir, "--classes", "1,2,3", "--per-class", "2",
+                     "--seed", "4", "--batch-size", str(batch), "--out", "", "--out-dir",
+                     str(out_dir)]) == 0
+    with np.load(out_dir / "samples.npz") as npz:
+      return npz["arr_0"]
+  one, three = run(1, "b1"), run(3, "b3")
+  assert one.shape == (6, SIZE, SIZE, 3)
+  np.testing.assert_array_equal(one, three)
+  assert not np.array_equal(one[0], one[1])  # same class, different keys
+
+
+def test_host_share_splits_the_images_once():
+  shares = [cli.host_share(10, p, 4) for p in range(4)]
+  assert [len(s) for s in shares] == [3, 3, 2, 2]
+  assert [i for s in shares for i in s] == list(range(10))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--classes", "1,10"], "class ids [10] are outside [0, 10) for this model with 10 classes"),
     (["--classes", "-1"], "class ids [-1] are outside [0, 10)"),
@@ -84,6 +105,7 @@ def test_sample_writes_the_grid_pngs_and_npz(model_dir, tmp_path, capsys):
     (["--top-k", "65"], "top_k must be an int in [0, 64] (0 = off), got 65"),
     (["--top-p", "1.5"], "top_p must be a number in [0, 1] (0 = off), got 1.5"),
     (["--per-class", "0"], "--per-class must be >= 1"),
+    (["--mesh=-1,3,1"], "which does not divide the 8 available devices"),
     (["--model", "d17"], "'d17' is neither a shipped model"),
 ])
 def test_sample_bad_input_exits_2_before_compiling(model_dir, tmp_path, capsys, args, message):

@@ -36,6 +36,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top-p", type=float, default=0.96, help="nucleus filtering (0 = off)")
   p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation)")
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  p.add_argument("--mesh", type=_parse_mesh, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR",
+                 help="local devices as data,fsdp,tensor (-1 = the rest); tensor > 1 splits the "
+                 "weights of models too large for one chip (default -1,1,1; write --mesh=-1,1,4)")
 
 
 def _load_model(name: str, dtype: str | None):
@@ -43,20 +46,36 @@ def _load_model(name: str, dtype: str | None):
   return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
 
 
-def _host_rows(images):
-  """This host's rows of a (possibly multi-host) global batch, with their batch indices."""
-  import jax
-  import numpy as np
-  if jax.process_count() == 1:
-    return np.asarray(images), np.arange(images.shape[0])
-  seen = {}
-  for shard in images.addressable_shards:
-    start = shard.index[0].start or 0
-    seen.setdefault(start, np.asarray(shard.data))
-  starts = sorted(seen)
-  rows = np.concatenate([seen[s] for s in starts])
-  idx = np.concatenate([np.arange(s, s + len(seen[s])) for s in starts])
-  return rows, idx
+# Images per device in one sampling call when --batch-size is 0: what a 16 GB chip holds for
+# VAR-d16 at 256 px with guidance (AOT: batch 8 on one v5e chip lives in 5.1 GiB, weights included),
+# and a few on CPU, where larger batches gain nothing and cost memory.
+PER_DEVICE_BATCH = {"cpu": 4, "gpu": 16, "tpu": 16}
+
+
+def _parse_mesh(text: str) -> tuple[int, int, int]:
+  try:
+    sizes = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+    raise argparse.ArgumentTypeError(f"--mesh takes DATA,FSDP,TENSOR sizes (-1 = the rest), e.g. "
+                                     f"-1,1,4; got {text!r}")
+  return sizes
+
+
+def default_batch(mesh) -> int:
+  """Images per call: PER_DEVICE_BATCH of the platform x the mesh's batch shards."""
+  from var_jax import placement
+  platform = mesh.devices.flat[0].platform
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  return PER_DEVICE_BATCH.get(platform, 4) * placement.batch_shards(mesh)
+
+
+def host_share(count: int, process_index: int, process_count: int) -> range:
+  """The contiguous range of global image indices one host samples (sizes differ by at most 1)."""
+  per, extra = divmod(count, process_count)
+  start = process_index * per + min(process_index, extra)
+  return range(start, start + per + (process_index < extra))
 
 
 def cmd_sample(args) -> int:
@@ -64,6 +83,7 @@ def cmd_sample(args) -> int:
   import numpy as np
   from tqdm import tqdm
   from var_jax import images as image_io
+  from var_jax.placement import sampling_mesh
   from var_jax.sampling import check_sampling_options, sample
 
   if args.per_class < 1 or args.batch_size < 0:
@@ -72,31 +92,38 @@ def cmd_sample(args) -> int:
   classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
   model.check_labels(np.asarray(classes), allow_null=False)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
+  mesh = sampling_mesh(*args.mesh)
   labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
-  batch = args.batch_size or len(labels)
+  # Global image i is drawn with key fold_in(seed key, i): the images do not depend on
+  # --batch-size, the device count or the number of hosts; each host samples its own share.
+  mine = host_share(len(labels), jax.process_index(), jax.process_count())
+  batch = min(args.batch_size or default_batch(mesh), max(len(mine), 1))
   key = jax.random.key(args.seed)
-  outputs, t_start, n_done = [], None, 0
-  outputs, indices = [], []
-  for start in tqdm(range(0, len(labels), batch), desc="sampling", unit="batch",
-                    disable=jax.process_index() > 0):
-    chunk = labels[start:start + batch]
-    pad = batch - len(chunk)  # keep one batch shape: one compile
-    padded = np.concatenate([chunk, np.full(pad, chunk[-1])]) if pad else chunk
-    imgs = sample(model, padded, rng=jax.random.fold_in(key, start // batch), cfg=args.cfg,
-                  top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-    rows, row_idx = _host_rows(imgs)
-    keep = row_idx < len(chunk)
+  outputs = []
+  bar = tqdm(total=len(mine), unit="img", desc="sampling (compiling)", disable=jax.process_index() > 0)
+  t_start, n_timed = None, 0
+  for start in range(mine.start, mine.stop, batch):
+    idx = np.arange(start, min(start + batch, mine.stop))
+    padded = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])  # one shape: one compile
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(padded.astype(np.uint32))
+    imgs = sample(model, labels[padded], rng=keys, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                  more_smooth=args.more_smooth, mesh=mesh)
+    outputs.append(np.asarray(imgs)[:len(idx)])
     if t_start is None:
-      t_start = time.perf_counter()  # time after the first (compiling) batch
+      t_start = time.perf_counter()  # rates after the first (compiling) call
+      bar.set_description("sampling")
     else:
-      n_done += len(chunk)
-    outputs.append(rows[keep])
-    indices.append(start + row_idx[keep])
-  images, index = np.concatenate(outputs), np.concatenate(indices)
+      n_timed += len(idx)
+    bar.update(len(idx))
+  bar.close()
+  images = np.concatenate(outputs) if outputs else np.zeros((0,) * 4, np.uint8)
+  index = np.arange(mine.start, mine.stop)
   elapsed = time.perf_counter() - t_start if t_start else 0.0
-  rate = f"{n_done / elapsed:.2f} images/s after compile" if n_done and elapsed > 0 else "(one batch: rate includes compile)"
+  rate = (f"{n_timed / elapsed:.2f} images/s after compile" if n_timed and elapsed > 0
+          else "(one call: no rate without the compile)")
   host = f" (this host: {len(images)})" if jax.process_count() > 1 else ""
-  print(f"sampled {len(labels)} images of {len(classes)} classes{host}, {rate}")
+  n_classes = f"{len(classes)} class{'es' if len(classes) != 1 else ''}"
+  print(f"sampled {len(labels)} images of {n_classes}{host} in calls of {batch}, {rate}")
   if args.out and jax.process_index() == 0:
     ncols = args.per_class if args.per_class > 1 else None
     path = image_io.save_png(image_io.make_grid(images, ncols=ncols), args.out)
@@ -120,6 +147,7 @@ def cmd_edit(args) -> int:
   import jax
   import numpy as np
   from var_jax import images as image_io
+  from var_jax.placement import sampling_mesh
   from var_jax.sampling import check_sampling_options, edit
 
   model = _load_model(args.model, args.dtype)
@@ -131,7 +159,8 @@ def cmd_edit(args) -> int:
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
   keep = mask >= 0.5 if not args.white_is_generate else mask < 0.5
   out = edit(model, image[None], keep.astype(np.float32), [label], rng=jax.random.key(args.seed),
-             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+             mesh=sampling_mesh(*args.mesh))
   path = image_io.save_png(np.asarray(out)[0], args.out)
   print(f"wrote the edited image to {path.resolve()}")
   return 0
@@ -154,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sampling_flags(p)
   p.add_argument("--classes", type=_parse_classes, default=None, help="e.g. 207,360,388 (default: all)")
   p.add_argument("--per-class", type=int, default=4)
-  p.add_argument("--batch-size", type=int, default=0, help="images per jitted call (0 = all at once)")
+  p.add_argument("--batch-size", type=int, default=0,
+                 help="images per jitted call (default 0: %s per device of the mesh's batch axes)"
+                 % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
   p.add_argument("--out", default="samples.png", help="PNG grid path ('' to skip)")
   p.add_argument("--out-dir", default=None, help="also write one PNG per image and samples.npz here")
   p.set_defaults(fn=cmd_sample)
