@@ -1,4 +1,5 @@
 """Tokenizer training: the loss falls on CPU, the GAN path runs, SIGTERM + rerun resumes exactly."""
+import importlib.util
 import json
 import pathlib
 import signal
@@ -42,13 +43,36 @@ def test_reconstruction_loss_falls(tmp_path):
     load_trained_tokenizer(tmp_path, patch_nums=(1, 2, 3, 8))
 
 
-def test_gan_and_discriminator_path_runs(tmp_path):
-  subprocess.run(_cmd(tmp_path, "steps=4,batch=4,gan=true"), env=_env(1), check=True, capture_output=True,
-                 timeout=900)
+def _tiny_config(arg):
+  spec = importlib.util.spec_from_file_location("vqvae_tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_gan_starts_at_disc_start_step_with_the_adaptive_weight(tmp_path):
+  arg = "steps=4,batch=4,gan=true"
+  loss_cfg = _tiny_config(arg).loss
+  assert (loss_cfg.disc_start_step, loss_cfg.disc_weight, loss_cfg.vq_weight) == (2, 0.5, 1.0)
+  assert loss_cfg.adaptive_disc_weight
+  subprocess.run(_cmd(tmp_path, arg) + ["--config.log_every=1"], env=_env(1), check=True,
+                 capture_output=True, timeout=900)
   rows = _metrics(tmp_path)
-  assert rows[-1]["step"] == 4
-  # Before disc_start_step (2) the GAN weight is 0; after it the adaptive weight is live.
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    # A row's "step" counts the steps done: row s logs training step s - 1.
+    live = r["step"] - 1 >= 2
+    assert all(np.isfinite(v) for v in r.values()), r
+    assert r["gan"] != 0 and r["adaptive_weight"] > 0
+    if live:
+      # taming's adaptive weight (a gradient-norm ratio, not the fixed 1) times disc_weight.
+      assert r["adaptive_weight"] != pytest.approx(1.0, abs=1e-3), r
+      assert r["gan_weight"] == pytest.approx(0.5 * r["adaptive_weight"], rel=1e-6), r
+      assert r["disc_factor"] == 1.0 and r["disc_loss"] > 0, r
+    else:
+      assert r["gan_weight"] == 0.0 and r["disc_factor"] == 0.0 and r["disc_loss"] == 0.0, r
+    # The gated GAN term is in the loss the generator minimises.
+    assert r["loss"] == pytest.approx(r["rec"] + r["vq"] + r["gan_weight"] * r["gan"], rel=1e-5), r
 
 
 @pytest.mark.slow
