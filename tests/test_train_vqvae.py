@@ -78,10 +78,12 @@ def test_gan_starts_at_disc_start_step_with_the_adaptive_weight(tmp_path):
 @pytest.mark.slow
 def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   arg = "steps=60,batch=4,gan=true"
+  every_step = ["--config.log_every=1"]
   full = tmp_path / "full"
-  subprocess.run(_cmd(full, arg), env=_env(1), check=True, capture_output=True, timeout=900)
+  subprocess.run(_cmd(full, arg) + every_step, env=_env(1), check=True, capture_output=True, timeout=900)
   cut = tmp_path / "cut"
-  proc = subprocess.Popen(_cmd(cut, arg), env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_cmd(cut, arg) + every_step, env=_env(1), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while time.time() < deadline:
     path = cut / "metrics.jsonl"
@@ -91,11 +93,15 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
-  subprocess.run(_cmd(cut, arg), env=_env(1), check=True, capture_output=True, timeout=900)
+  # The signal stopped the run before its end, at a step it checkpointed and logged.
+  stopped = max(r["step"] for r in _metrics(cut))
+  saved = sorted(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
+  assert stopped < 60 and saved[-1] == stopped, (stopped, saved)
+  assert f"Stopped at step {stopped} on a preemption signal" in err, err[-3000:]
+  subprocess.run(_cmd(cut, arg) + every_step, env=_env(1), check=True, capture_output=True, timeout=900)
   a = {r["step"]: r for r in _metrics(full)}
   b = {r["step"]: r for r in _metrics(cut)}
-  assert sorted(b) == sorted(a)
+  assert sorted(a) == sorted(b) == list(range(1, 61))
   for step in a:
-    for key in ("loss", "pixel", "psnr", "disc_loss"):
-      if key in a[step]:
-        np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key} at step {step}")
+    for key in ("loss", "pixel", "psnr", "disc_loss", "gan_weight"):
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key} at step {step}")
