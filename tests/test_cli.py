@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import helpers
+import var_jax
 from var_jax import cli
 from var_jax.pretrained import convert_files, save_converted
 
@@ -126,18 +127,30 @@ def test_sample_unparsable_flags_exit_2(args, capsys):
   assert exit_info.value.code == 2 and "usage: var-jax" in err and args[-1] in err
 
 
-def test_edit_writes_the_edited_image(model_dir, image_and_mask, tmp_path, capsys):
+def test_edit_writes_what_var_jax_edit_gives(model_dir, image_and_mask, tmp_path, capsys):
+  """The written PNG is var_jax.edit's output for the same image, keep-mask, class and options."""
   image, mask = image_and_mask
+  pixels = _grid(image)[None]
+  white = (_grid(mask)[..., 0] >= 128).astype(np.float32)  # the left half
   out = tmp_path / "edited.png"
-  argv = ["edit", "--model", model_dir, "--image", str(image), "--mask", str(mask), "--class", "3",
-          "--out", str(out)]
+  argv = ["edit", "--model", model_dir, "--image", str(image), "--mask", str(mask), "--seed", "5",
+          "--cfg", "2.5", "--top-k", "8", "--top-p", "0.9", "--class", "3", "--out", str(out)]
   assert cli.main(argv) == 0
   assert str(out) in capsys.readouterr().out
   with Image.open(out) as im:
     assert im.mode == "RGB" and im.size == (SIZE, SIZE)
-  # Unconditional (the default class) with the mask convention inverted works too.
-  assert cli.main(argv[:-4] + ["--white-is-generate", "--out", str(tmp_path / "inverted.png")]) == 0
-  assert (tmp_path / "inverted.png").is_file()
+  m = helpers.model("tiny")
+  expected = var_jax.edit(m, pixels, white, [3], rng=jax.random.key(5), cfg=2.5, top_k=8, top_p=0.9)
+  np.testing.assert_array_equal(_grid(out), np.asarray(expected)[0])
+
+  # --white-is-generate: white is regenerated, black kept; no --class is the null class; the
+  # sampling options default to the library's.
+  inverted = tmp_path / "inverted.png"
+  assert cli.main(argv[:7] + ["--white-is-generate", "--out", str(inverted)]) == 0
+  expected_inv = var_jax.edit(m, pixels, 1.0 - white, [10], rng=jax.random.key(0))
+  np.testing.assert_array_equal(_grid(inverted), np.asarray(expected_inv)[0])
+  not_inverted = var_jax.edit(m, pixels, white, [10], rng=jax.random.key(0))
+  assert not np.array_equal(np.asarray(not_inverted), np.asarray(expected_inv))  # the flag matters
 
 
 def test_edit_bad_files_exit_2_before_compiling(model_dir, image_and_mask, tmp_path, capsys):

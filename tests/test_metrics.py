@@ -1,4 +1,5 @@
 """Metrics logging (TensorBoard + metrics.jsonl), non-finite checks and MFU helpers."""
+import logging
 import math
 
 import jax
@@ -49,9 +50,14 @@ def test_non_finite_loss_or_grad_norm_raises_naming_the_step(tmp_path, bad):
   assert record["step"] == 42 and not math.isfinite(record[next(iter(bad))])
 
 
-def test_other_non_finite_scalars_are_only_logged(tmp_path):
+def test_other_non_finite_scalars_are_only_logged(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
   with metrics.MetricsLogger(tmp_path, process_index=0) as logger:
-    logger.write_scalars(1, {"loss": 1.0, "accuracy_scale_9": float("nan")})
+    written = logger.write_scalars(1, {"loss": 1.0, "accuracy_scale_9": float("nan")})  # no raise
+    assert written["loss"] == 1.0 and math.isnan(written["accuracy_scale_9"])
+  (record,) = metrics.read_metrics(tmp_path)
+  assert record["step"] == 1 and record["loss"] == 1.0 and math.isnan(record["accuracy_scale_9"])
+  assert any("accuracy_scale_9=nan" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_non_scalar_metric_is_refused(tmp_path):

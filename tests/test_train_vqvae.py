@@ -1,4 +1,5 @@
 """Tokenizer training: the loss falls on CPU, the GAN path runs, SIGTERM + rerun resumes exactly."""
+import importlib.util
 import json
 import pathlib
 import signal
@@ -42,22 +43,47 @@ def test_reconstruction_loss_falls(tmp_path):
     load_trained_tokenizer(tmp_path, patch_nums=(1, 2, 3, 8))
 
 
-def test_gan_and_discriminator_path_runs(tmp_path):
-  subprocess.run(_cmd(tmp_path, "steps=4,batch=4,gan=true"), env=_env(1), check=True, capture_output=True,
-                 timeout=900)
+def _tiny_config(arg):
+  spec = importlib.util.spec_from_file_location("vqvae_tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_gan_starts_at_disc_start_step_with_the_adaptive_weight(tmp_path):
+  arg = "steps=4,batch=4,gan=true"
+  loss_cfg = _tiny_config(arg).loss
+  assert (loss_cfg.disc_start_step, loss_cfg.disc_weight, loss_cfg.vq_weight) == (2, 0.5, 1.0)
+  assert loss_cfg.adaptive_disc_weight
+  subprocess.run(_cmd(tmp_path, arg) + ["--config.log_every=1"], env=_env(1), check=True,
+                 capture_output=True, timeout=900)
   rows = _metrics(tmp_path)
-  assert rows[-1]["step"] == 4
-  # Before disc_start_step (2) the GAN weight is 0; after it the adaptive weight is live.
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    # A row's "step" counts the steps done: row s logs training step s - 1.
+    live = r["step"] - 1 >= 2
+    assert all(np.isfinite(v) for v in r.values()), r
+    assert r["gan"] != 0 and r["adaptive_weight"] > 0
+    if live:
+      # taming's adaptive weight (a gradient-norm ratio, not the fixed 1) times disc_weight.
+      assert r["adaptive_weight"] != pytest.approx(1.0, abs=1e-3), r
+      assert r["gan_weight"] == pytest.approx(0.5 * r["adaptive_weight"], rel=1e-6), r
+      assert r["disc_factor"] == 1.0 and r["disc_loss"] > 0, r
+    else:
+      assert r["gan_weight"] == 0.0 and r["disc_factor"] == 0.0 and r["disc_loss"] == 0.0, r
+    # The gated GAN term is in the loss the generator minimises.
+    assert r["loss"] == pytest.approx(r["rec"] + r["vq"] + r["gan_weight"] * r["gan"], rel=1e-5), r
 
 
 @pytest.mark.slow
 def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   arg = "steps=60,batch=4,gan=true"
+  every_step = ["--config.log_every=1"]
   full = tmp_path / "full"
-  subprocess.run(_cmd(full, arg), env=_env(1), check=True, capture_output=True, timeout=900)
+  subprocess.run(_cmd(full, arg) + every_step, env=_env(1), check=True, capture_output=True, timeout=900)
   cut = tmp_path / "cut"
-  proc = subprocess.Popen(_cmd(cut, arg), env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_cmd(cut, arg) + every_step, env=_env(1), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while time.time() < deadline:
     path = cut / "metrics.jsonl"
@@ -67,11 +93,15 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
-  subprocess.run(_cmd(cut, arg), env=_env(1), check=True, capture_output=True, timeout=900)
+  # The signal stopped the run before its end, at a step it checkpointed and logged.
+  stopped = max(r["step"] for r in _metrics(cut))
+  saved = sorted(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
+  assert stopped < 60 and saved[-1] == stopped, (stopped, saved)
+  assert f"Stopped at step {stopped} on a preemption signal" in err, err[-3000:]
+  subprocess.run(_cmd(cut, arg) + every_step, env=_env(1), check=True, capture_output=True, timeout=900)
   a = {r["step"]: r for r in _metrics(full)}
   b = {r["step"]: r for r in _metrics(cut)}
-  assert sorted(b) == sorted(a)
+  assert sorted(a) == sorted(b) == list(range(1, 61))
   for step in a:
-    for key in ("loss", "pixel", "psnr", "disc_loss"):
-      if key in a[step]:
-        np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key} at step {step}")
+    for key in ("loss", "pixel", "psnr", "disc_loss", "gan_weight"):
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key} at step {step}")
