@@ -6,7 +6,7 @@
 Times `var_jax.sample` (all 10 scales with the KV cache, classifier-free guidance, top-k/top-p
 filtering and the VQVAE decode, one jit) at each batch size: the first call (trace + compile +
 run) separately from steady-state calls, and, after jax.clear_caches(), the ahead-of-time
-`_generate_jit.lower(...)` (trace + lower) and `.compile()` (XLA) times with the executable's
+`sampling.build_sample_call(...).lower()` (trace + lower) and `.compile()` (XLA) times with the executable's
 memory_analysis(). With VAR_REF and torch, the official
 `var.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg, top_k, top_p)` runs on the same weights
 and labels and the speed ratio ours/official is printed (> 1: ours faster).
@@ -19,6 +19,7 @@ achieved FLOP/s is printed next to a measured float32 matmul rate of this backen
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,14 +83,17 @@ def time_ours(model, labels: np.ndarray, args) -> dict:
 
 
 def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
-  """Trace+lower and XLA compile of `_generate_jit` exactly as `sample` calls it, from clean caches."""
+  """Trace+lower and XLA compile of exactly what `sample` runs (`sampling.build_sample_call`, the
+  public call's placement), from clean caches."""
   jax.clear_caches()
-  top_k = sampling.effective_top_k(model, args.top_k)
-  compiled, lower_s, compile_s = _common.aot_compile(
-      sampling._generate_jit, model.params, model.tokenizer.params, jnp.asarray(labels, jnp.int32),
-      jax.random.key(args.seed), jnp.float32(args.cfg), jnp.int32(top_k), jnp.float32(args.top_p),
-      None, None, var_config=model.config, vae_config=model.tokenizer.config, more_smooth=False)
-  return {"lower_s": lower_s, "compile_s": compile_s, "memory": _common.memory_analysis(compiled)}
+  call = sampling.build_sample_call(model, labels, rng=jax.random.key(args.seed), cfg=args.cfg,
+                                    top_k=args.top_k, top_p=args.top_p)
+  t0 = time.perf_counter()
+  lowered = call.lower(fresh=True)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
+          "memory": _common.memory_analysis(compiled)}
 
 
 def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:

@@ -1,0 +1,118 @@
+"""`var_jax.sample` / `var_jax.edit` compiled for TPU slices through `aot.lower_sample` /
+`aot.lower_edit`: the public calls' own argument checks and placement, on compile-only devices.
+
+Before the mesh-aware sampler, a multi-chip TPU host failed to lower `sample` whenever the batch
+divided the chip count ("Mosaic kernels cannot be automatically partitioned"); these compiles go
+through the same code as the public call, so they would have failed too. Needs libtpu.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import var_jax
+from helpers import model
+from var_jax import aot, config_lib, placement, sampling
+from var_jax.train import train_var
+
+pytestmark = [
+    pytest.mark.tpu_backend,
+    pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (pip install .[tpu])"),
+]
+
+PREFIX_KERNEL = "var_prefix_attention"
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped():
+  return var_jax.load_pretrained("shapes-tiny")
+
+
+def _d16():
+  config = config_lib.var_imagenet_config(16)
+  vae_cfg = aot.tokenizer_config(config)
+  return aot.abstract_model(train_var.var_config_from(config, vae_cfg), vae_cfg)
+
+
+def _kernel_scales(model) -> int:
+  """Scales with enough query rows for the Pallas prefix kernel (attention.PREFIX_KERNEL_MIN_ROWS)."""
+  from var_jax.ops import attention
+  return sum(pn * pn >= attention.PREFIX_KERNEL_MIN_ROWS for pn in model.config.patch_nums)
+
+
+def _compile_and_check(lowered, topology, model, batch_per_chip):
+  compiled = lowered.compile()
+  kernels = aot.mosaic_kernels(compiled)
+  assert kernels.get(PREFIX_KERNEL) == _kernel_scales(model), kernels  # (XLA may add its own)
+  chip = aot.chip_spec(topology)
+  analysis = aot.analyze(compiled, chip)
+  assert analysis.fits and analysis.flops > 0
+  images = compiled.out_info[0]
+  size = model.tokenizer.config.image_size
+  assert images.dtype == jnp.uint8 and images.shape[1:] == (size, size, 3)
+  # The per-chip batch of the guidance-doubled KV cache in the optimized HLO.
+  assert f"[{model.config.depth},{2 * batch_per_chip},{model.config.num_heads}," in compiled.as_text()
+  return compiled, analysis
+
+
+@pytest.mark.parametrize("topology, batch, per_chip", [
+    ("v5e:1x1", 8, 8),
+    ("v5e:2x2", 12, 3),
+    ("v5e:2x2", 3, 1),     # padded to 4: one per chip
+    ("v4:2x2x1", 8, 2),
+    ("v5e:4x8", 12, 1),    # 32 chips: padded to 32
+])
+def test_shipped_model_samples_on_slices(topology, batch, per_chip):
+  m = _shipped()
+  mesh = aot.topology_mesh(topology)
+  labels = np.arange(batch) % m.config.num_classes
+  lowered = aot.lower_sample(m, labels, mesh=mesh, cfg=1.5, top_k=900, top_p=0.96)
+  _compile_and_check(lowered, topology, m, per_chip)
+  assert not m.placements  # lowering placed nothing on this host
+
+
+def test_shipped_model_edits_on_a_slice():
+  m = _shipped()
+  mesh = aot.topology_mesh("v5e:2x2")
+  size = m.tokenizer.config.image_size
+  keep = np.ones((size, size), np.float32)
+  keep[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0
+  images = jax.ShapeDtypeStruct((6, size, size, 3), jnp.float32)
+  lowered = aot.lower_edit(m, images, keep, [1, 2, 3, 4, 5, 10], mesh=mesh)
+  _compile_and_check(lowered, "v5e:2x2", m, 2)
+
+
+def test_d16_samples_on_a_slice_with_the_kernel_and_fits():
+  m = _d16()
+  _, analysis = _compile_and_check(
+      aot.lower_sample(m, jax.ShapeDtypeStruct((8,), jnp.int32), mesh=aot.topology_mesh("v5e:2x2")),
+      "v5e:2x2", m, 2)
+  print(f"d16 sampler, v5e:2x2, batch 8: {analysis.peak_bytes / 2**30:.2f} GiB per chip")
+
+
+def test_lower_sample_is_the_program_sample_runs():
+  """On the 8 CPU devices: the lowering of the abstract view equals that of the placed call."""
+  m = model("tiny")
+  mesh = placement.default_mesh()
+  labels = np.arange(5)
+  abstract = aot.lower_sample(m, labels, mesh=mesh, rng=jax.random.key(1), top_k=3).as_text()
+  concrete = sampling.build_sample_call(m, labels, rng=jax.random.key(1), top_k=3,
+                                        mesh=mesh).lower().as_text()
+  assert abstract == concrete
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sizes", [(1, 1, 4), (1, 4, 1)], ids=["tensor4", "fsdp4"])
+def test_d30_samples_on_16gb_chips_with_sharded_weights(mesh_sizes):
+  config = config_lib.var_imagenet_config(30)
+  vae_cfg = aot.tokenizer_config(config)
+  m = aot.abstract_model(train_var.var_config_from(config, vae_cfg), vae_cfg)
+  mesh = aot.topology_mesh("v5e:2x2", aot.mesh_config(*mesh_sizes))
+  compiled = aot.lower_sample(m, jax.ShapeDtypeStruct((4,), jnp.int32), mesh=mesh).compile()
+  analysis = aot.analyze(compiled, aot.chip_spec("v5e:2x2"))
+  print(f"d30 sampler, v5e:2x2 mesh {mesh_sizes}, batch 4: {analysis.peak_bytes / 2**30:.2f} GiB "
+        f"per chip (arguments {analysis.argument_bytes / 2**30:.2f} GiB)")
+  assert analysis.fits
+  assert aot.uses_kernel(analysis, PREFIX_KERNEL)
