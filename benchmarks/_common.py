@@ -326,25 +326,27 @@ def var_model_from_official(official: Official, tokenizer):
   return var_jax.VARModel.from_torch(_numpy_state_dict(official.var), tokenizer)
 
 
-def random_tokenizer(seed: int):
-  """The released 256 px tokenizer config with random weights (no torch)."""
+def random_tokenizer(seed: int, **overrides):
+  """The released 256 px tokenizer config (with `overrides`) with random weights (no torch)."""
   import var_jax
   from var_jax.models.vqvae import VQVAE
   from var_jax.models.vqvae_config import VQVAEConfig
-  cfg = VQVAEConfig()
+  cfg = VQVAEConfig(**overrides)
   size = cfg.image_size
   init = jax.jit(lambda key: VQVAE(cfg).init(key, jnp.zeros((1, size, size, cfg.in_channels)))["params"])
   return var_jax.Tokenizer(cfg, init(jax.random.key(seed)))
 
 
-def random_var_model(depth: int, tokenizer, seed: int):
-  """A VAR-d{depth} with random (official-init) weights for `tokenizer` (no torch)."""
+def random_var_model(depth: int, tokenizer, seed: int, **overrides):
+  """A VAR-d{depth} with random (official-init) weights for `tokenizer` (no torch); `overrides`
+  are further VARConfig fields (num_classes, dtype, attention_impl, ...)."""
   import flax
   import var_jax
   from var_jax.models.var import VAR
   from var_jax.models.var_config import VARConfig
   tc = tokenizer.config
-  cfg = VARConfig(depth=depth, vocab_size=tc.vocab_size, z_channels=tc.z_channels, patch_nums=tc.patch_nums)
+  cfg = VARConfig(depth=depth, vocab_size=tc.vocab_size, z_channels=tc.z_channels, patch_nums=tc.patch_nums,
+                  **overrides)
   x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.z_channels))
   init = jax.jit(lambda key: VAR(cfg).init(key, jnp.zeros((1,), jnp.int32), x)["params"])
   params = flax.core.meta.unbox(init(jax.random.key(seed + 1)))

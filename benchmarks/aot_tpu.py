@@ -27,10 +27,9 @@ Printed per chip (XLA describes one device's partitioned program):
 * roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, peaks from `aot.CHIPS`
   (v5e 197 TFLOP/s & 819 GB/s, v4 275 & 1200, v5p 459 & 2765, v6e 918 & 1640), and for training
   the implied MFU ceiling = model FLOPs per chip / (roofline time x peak FLOP/s), model FLOPs
-  = `aot.model_flops_per_example` x batch: 6 x the weights applied per token x L, 6 x the
-  per-image AdaLN weights, 12 C per visible pair and layer (no remat recompute). (The trainer's
-  `train_var.flops_per_example` counts all parameters per token, AdaLN and class embedding too,
-  which overstates d30's model FLOPs by ~1.5x; both are printed.)
+  = `var_jax.flops.flops_per_example` x batch, the figure the trainer logs its MFU with: 6 x the
+  weights applied per token x L (4 for word_embed, whose input needs no gradient), 6 x the
+  per-image AdaLN weights, 12 C per visible pair and layer (no remat recompute).
 A JSON line per compiled program follows the table (lines starting with `{`).
 """
 from __future__ import annotations
@@ -48,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from var_jax import aot, config_lib  # noqa: E402
+from var_jax import flops as var_flops  # noqa: E402
 from var_jax.models.var_config import REMAT_POLICIES  # noqa: E402
 from var_jax.train import train_var  # noqa: E402
 
@@ -190,12 +190,10 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
     rule = "14 + 4 (remat)" if remat else "14"
     print(f"    + splash attention (analytic, not in cost_analysis: {rule} C per visible pair and "
           f"layer): {attention_flops / 1e12:.3f} TFLOP -> {flops / 1e12:.3f} TFLOP")
-  trainer_flops_chip = train_var.flops_per_example(var_cfg, program.num_params) * batch / chips
-  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (6 x "
-        f"{aot.per_token_params(var_cfg) / 1e6:.0f} M per-token weights x L + AdaLN + attention; "
-        f"train_var.flops_per_example, 6 x all "
-        f"{program.num_params / 1e6:.0f} M params x L, gives {trainer_flops_chip / 1e12:.3f}); "
-        f"compiled / model = {flops / model_flops_chip:.2f}")
+  parts = var_flops.flops_breakdown(var_cfg)
+  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (var_jax.flops per image: "
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items() if k != "total")
+        + f" GFLOP); compiled / model = {flops / model_flops_chip:.2f}")
   print(f"  roofline per chip: compute {_ms(compute_s)}, memory {_ms(memory_s)} -> "
         f"{_ms(roofline_s)} per step ({'compute' if compute_s >= memory_s else 'memory'}-bound); "
         f"MFU ceiling {100 * mfu:.1f}%; <= {batch / roofline_s:.0f} images/s, "
@@ -207,7 +205,7 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 **_compiled_fields(program, raw, chip, unroll_s),
                 flops=flops, bytes=cost.bytes_accessed,
                 attention_flops_added=attention_flops if kernel else 0.0,
-                model_flops_per_chip=model_flops_chip, trainer_flops_per_chip=trainer_flops_chip,
+                model_flops_per_chip=model_flops_chip,
                 roofline_s=roofline_s,
                 compute_s=compute_s, memory_s=memory_s, mfu_ceiling=mfu)
   print(json.dumps(record), flush=True)

@@ -3,6 +3,7 @@ interpret mode on CPU), masks vs var_jax.scales, dispatch and input errors, shar
 mesh of 8 fake CPU devices, and ahead-of-time compiles for TPU (libtpu, no hardware) and GPU
 (lowering to Triton, no hardware)."""
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -259,10 +260,14 @@ def test_auto_on_cpu_is_the_xla_path():
   assert _has_pallas_call(kernel, q, k, v)
 
 
-@pytest.mark.parametrize("platform, device_kind, expected", [
-    ("tpu", "TPU v5 lite", "pallas_tpu"), ("gpu", "NVIDIA H100", "pallas_gpu"),
-    ("cpu", "cpu", "xla")])
-def test_auto_follows_the_platform_of_the_active_mesh(platform, device_kind, expected):
+@pytest.mark.parametrize("platform, device_kind, expected, allowed_kernel", [
+    ("tpu", "TPU v5 lite", "pallas_tpu", "pallas_tpu"),
+    # GPU: "auto" is XLA until benchmarks/gpu_check.py has run on a GPU (GPU_AUTO_IMPL); the
+    # Pallas GPU kernel is still there by name.
+    ("gpu", "NVIDIA H100", "xla", "pallas_gpu"),
+    ("cpu", "cpu", "xla", None)])
+def test_auto_follows_the_platform_of_the_active_mesh(platform, device_kind, expected,
+                                                      allowed_kernel):
   device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform=platform)
   mesh = jax.sharding.AbstractMesh((1,), ("data",), axis_types=(AxisType.Auto,),
                                    abstract_device=device)
@@ -270,9 +275,45 @@ def test_auto_follows_the_platform_of_the_active_mesh(platform, device_kind, exp
     assert attention._resolve_impl("auto", False) == expected  # pylint: disable=protected-access
     assert attention._resolve_impl("xla", False) == "xla"  # pylint: disable=protected-access
     for impl in KERNELS:
-      if impl != expected:
+      if impl == allowed_kernel:
+        assert attention._resolve_impl(impl, False) == impl  # pylint: disable=protected-access
+      else:
         with pytest.raises(ConfigError, match=f"needs a {impl[7:].upper()} backend"):
           attention._resolve_impl(impl, False)  # pylint: disable=protected-access
+
+
+def _gpu_checks_passed() -> list[str]:
+  """benchmarks/results/gpu_check_*.json files from a real GPU whose kernel numerics passed."""
+  import json
+  import pathlib
+  results = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+  passed = []
+  for path in sorted(results.glob("gpu_check_*.json")) if results.exists() else []:
+    record = json.loads(path.read_text())
+    if (record["environment"]["backend"] == "gpu" and not record["tiny"]
+        and not record["pallas_gpu_interpreted"] and record["verdict"]["pallas_gpu_numerics_ok"]):
+      passed.append(path.name)
+  return passed
+
+
+def test_gpu_auto_stays_xla_until_a_gpu_check_is_committed():
+  """GPU_AUTO_IMPL may become "pallas_gpu" only with a passing benchmarks/gpu_check.py run from a
+  real GPU committed under benchmarks/results/ (none has been: no GPU was available so far)."""
+  assert attention.GPU_AUTO_IMPL in ("xla", "pallas_gpu")
+  if attention.GPU_AUTO_IMPL == "pallas_gpu":
+    assert _gpu_checks_passed(), "no passing gpu_check_*.json from a GPU in benchmarks/results/"
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu():
+  import pathlib
+  import subprocess
+  import sys
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "no GPU here" in proc.stderr and "--allow-cpu" in proc.stderr
 
 
 @pytest.mark.parametrize("impl", KERNELS)

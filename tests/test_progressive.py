@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from var_jax import flops
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
@@ -215,11 +216,15 @@ def test_stage_loss_equals_hand_computation_on_pretokenized_batch(tiny_task):
 
 def test_flops_and_tokens_follow_the_stage(tiny_task):
   _, task, var_cfg, _ = tiny_task
-  full = train_var.flops_per_example(var_cfg, 1000)
-  assert train_var.flops_per_example(var_cfg, 1000, var_cfg.num_scales - 1) == full
-  assert train_var.flops_per_example(var_cfg, 1000, 1) < full
+  full = flops.flops_per_example(var_cfg)
+  assert flops.flops_per_example(var_cfg, var_cfg.num_scales - 1) == full
+  assert flops.flops_per_example(var_cfg, 1) < full
   stage = task.stage_at(0)
   assert (stage.key, stage.tokens_per_example) == (1, 5)
+  # The loop's MFU figures are var_jax.flops' of each stage.
+  assert [task.stage_at(g).flops_per_example for g in (0, 2, 5)] == [
+      flops.flops_per_example(var_cfg, s) for s in (1, 2, 3)]
+  assert task.flops_per_example == full
   assert [task.stage_at(g).key for g in range(8)] == [1, 1, 2, 2, 3, 3, 3, 3]
   assert task.stage_at(5).tokens_per_example == 30
 

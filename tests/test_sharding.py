@@ -206,6 +206,27 @@ def test_mostly_replicated_params_fail_with_the_culprit_named(mesh):
   assert sharding.assert_params_sufficiently_sharded(dp_params, dp_mesh).replicated_fraction == 1
 
 
+def test_replicated_bytes_limit_applies_to_abstract_params_and_pure_data_parallelism(mesh):
+  init_fn = lambda rng: _ReplicatedTable().init(rng, jnp.ones((1, 8)))["params"]
+  rules = sharding.logical_axis_rules({"norm2": None}, mesh=mesh)
+  abstract, _ = sharding.abstract_sharded_state(init_fn, jax.random.key(0), mesh, rules)
+  assert isinstance(abstract["big"], jax.ShapeDtypeStruct)  # nothing allocated
+  # 'big' (64 x 64 float32 = 16.4 kB) is replicated, 'small' is split over fsdp and tensor.
+  report = sharding.assert_params_sufficiently_sharded(
+      abstract, mesh, max_replicated_fraction=None, max_replicated_bytes=16384)
+  assert report.replicated == (("['big']", 16384),)
+  with pytest.raises(ConfigError, match=r"0\.00 GB.*\['big'\] \(16\.38 kB\).*To fix: shard it"):
+    sharding.assert_params_sufficiently_sharded(
+        abstract, mesh, max_replicated_fraction=None, max_replicated_bytes=16383,
+        remedy="shard it")
+  # Under pure data parallelism every parameter counts, 'small' too.
+  dp_mesh = sharding.make_mesh()
+  dp_abstract, _ = sharding.abstract_sharded_state(
+      init_fn, jax.random.key(0), dp_mesh, sharding.logical_axis_rules({"norm2": None}))
+  with pytest.raises(ConfigError, match=r"\['big'\] \(16\.38 kB\), \['small'\] \(256 B\)"):
+    sharding.assert_params_sufficiently_sharded(dp_abstract, dp_mesh, max_replicated_bytes=16384)
+
+
 # -- sharded train step -------------------------------------------------------------------------
 
 

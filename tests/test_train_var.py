@@ -90,6 +90,13 @@ def test_config_errors_are_clear(tmp_path):
   config.model["num_heads"] = 3
   with pytest.raises(ConfigError, match="divisible"):
     train_var.build_task(config)
+  config = _tiny_config()
+  config.model["dtype"] = "float16"  # VAR's attention takes float32 / bfloat16 only
+  with pytest.raises(ConfigError, match=r"dtype must be float32 or bfloat16, got 'float16' \(VAR's"):
+    train_var.build_task(config)
+  from var_jax.models.vqvae_config import VQVAEConfig
+  with pytest.raises(ConfigError, match=r"VQVAEConfig.dtype must be float32 or bfloat16.*loss scaling"):
+    VQVAEConfig(dtype="float16")
   with pytest.raises(KeyError, match="unknown config argument"):
     config_lib.parse_arg("dpeth=3", depth=2)
 

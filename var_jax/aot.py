@@ -18,8 +18,8 @@ tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memor
   HBM bandwidth. XLA's TPU cost analysis charges a while loop's body once, so the scanned blocks
   are counted once rather than depth times; `loop_corrected` fixes that from a second compile
   with the block scan unrolled by 2 (`unroll=2`).
-* `model_flops_per_example` / `attention_flops_per_example`: analytic FLOPs for MFU and for the
-  splash kernel, which declares no cost estimate to XLA.
+* `attention_flops_per_example`: analytic FLOPs of the splash kernel, which declares no cost
+  estimate to XLA. Model FLOPs (the MFU numerator) come from `var_jax.flops`.
 
 Used by tests/test_aot_tpu.py and benchmarks/aot_tpu.py. Needs libtpu (the `tpu` extra).
 """
@@ -42,6 +42,7 @@ import ml_collections
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from var_jax import flops as var_flops
 from var_jax import placement, sampling, scales, sharding
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
@@ -233,30 +234,6 @@ def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 # -- the train step ------------------------------------------------------------------------------
 
-def per_token_params(var_cfg: VARConfig) -> int:
-  """Weights applied to every token: qkv, proj, fc1, fc2 of each block, word_embed and the head.
-
-  The AdaLN projections (6C x C per block, or one shared, plus the head's 2C x C) and the class
-  embedding act once per image, not per token.
-  """
-  C = var_cfg.embed_dim
-  block = C * 3 * C + C * C + 2 * C * var_cfg.mlp_dim
-  return var_cfg.depth * block + var_cfg.z_channels * C + C * var_cfg.vocab_size
-
-
-def model_flops_per_example(var_cfg: VARConfig) -> float:
-  """Model FLOPs of one image's forward + backward (no remat recompute), for MFU.
-
-  6 x per-token weights x L, 6 x per-image AdaLN weights, and attention's 12 C per visible
-  (query, key) pair per layer (QK^T and PV, 2 C each, forward; twice that backward).
-  """
-  C = var_cfg.embed_dim
-  ada = (1 if var_cfg.shared_aln else var_cfg.depth) * 6 * C * C + 2 * C * C
-  visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())
-  return (6.0 * (per_token_params(var_cfg) * var_cfg.seq_len + ada)
-          + 12.0 * var_cfg.depth * C * visible)
-
-
 def attention_flops_per_example(var_cfg: VARConfig, remat: bool) -> float:
   """FLOPs a flash-style kernel runs for one image's attention, forward + backward.
 
@@ -276,8 +253,8 @@ def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[s
   """
   C, depth, V, Cv = var_cfg.embed_dim, var_cfg.depth, var_cfg.vocab_size, var_cfg.z_channels
   seqs = 2 if guidance else 1
-  linear_params_per_token = 3 * C * C + C * C + 2 * C * var_cfg.mlp_dim  # qkv, proj, fc1, fc2
-  ada_params = (1 if var_cfg.shared_aln else depth) * 6 * C * C + 2 * C * C
+  linear_params_per_token = var_flops.block_weights_per_token(var_cfg)  # qkv, proj, fc1, fc2
+  ada_params = var_flops.adaln_weights(var_cfg)
   parts = {"linear": 0.0, "attention": 0.0, "head": 0.0, "adaln": 0.0, "word_embed": 0.0}
   for si, (begin, end) in enumerate(scales.begin_ends(var_cfg.patch_nums)):
     rows = end - begin
@@ -321,7 +298,7 @@ class CompiledProgram:
     batch: global batch (images per step, or sampled images per call).
     num_params: VAR parameters.
     model_flops: analytic model FLOPs of one call over all chips (train:
-      `model_flops_per_example` x batch; sampler: None).
+      `flops.flops_per_example` x batch; sampler: None).
     lower_s: seconds to trace and lower.
     compile_s: seconds XLA took to compile.
   """
@@ -407,7 +384,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
                      out_shardings=(state_shardings, repl), donate_argnums=0)
     compiled, lower_s, compile_s = _lower_and_compile(jitted, state, batch, vae_params,
                                                       abstract_key(mesh), unroll=unroll)
-  model_flops = model_flops_per_example(var_cfg) * global_batch
+  model_flops = var_flops.flops_per_example(var_cfg) * global_batch
   return CompiledProgram(compiled, mesh, var_cfg, global_batch, num_params, model_flops,
                          lower_s, compile_s)
 

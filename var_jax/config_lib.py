@@ -42,6 +42,12 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.dcn_mesh = ml_collections.config_dict.placeholder(list)
   c.rules = ml_collections.config_dict.placeholder(list)
+  # Checked at start-up, before anything is allocated (train/loop.py, validate_run_config): the
+  # most parameter GB per chip left unsplit over fsdp/tensor, and the opt-out.
+  c.max_replicated_param_gb = 3.0
+  c.allow_replicated_params = False
+  # A periodic hook (sample grids, evaluations) that raises is logged and skipped; True stops.
+  c.stop_on_hook_error = False
   c.data = default_data_config()
   c.optim = optim.default_config()
   return c

@@ -502,26 +502,52 @@ def param_sharding_report(
 
 
 def assert_params_sufficiently_sharded(
-    params: Any, mesh: Mesh, max_replicated_fraction: float = 0.02,
-    model_axes: Sequence[str] = MODEL_PARALLEL_AXES,
+    params: Any, mesh: Mesh, max_replicated_fraction: float | None = 0.02,
+    model_axes: Sequence[str] = MODEL_PARALLEL_AXES, *,
+    max_replicated_bytes: float | None = None, remedy: str | None = None,
 ) -> ShardingReport:
   """Logs the parameter shardings and fails if too many bytes are replicated.
 
-  Pure data parallelism (no model axis larger than 1) is accepted as is.
+  Two limits, each skipped when None:
+  * `max_replicated_fraction`: of all parameter bytes, the share split over none of the
+    model-parallel axes. Pure data parallelism (no model axis larger than 1) passes it as is.
+  * `max_replicated_bytes`: the bytes of those parameters, i.e. what every chip holds in full.
+    It applies under pure data parallelism too (where every parameter is replicated), so a model
+    too large to replicate fails however the mesh is laid out.
+
+  `params` may be jax.Arrays or ShapeDtypeStructs with shardings (e.g. from
+  `abstract_sharded_state`), so the check can run before anything is allocated.
 
   Raises:
-    ConfigError: if more than `max_replicated_fraction` of the parameter bytes are split over
-      none of the model-parallel axes.
+    ConfigError: when a limit is exceeded, naming the largest replicated parameters; `remedy`
+      (default: give them logical axes that config.rules maps to 'fsdp' or 'tensor') is the
+      advice it ends with.
   """
   report = param_sharding_report(params, mesh, model_axes)
   for line in report.lines:
     logging.info("param sharding: %s", line)
   logging.info("%s", report.summary())
-  if report.model_parallel_size > 1 and report.replicated_fraction > max_replicated_fraction:
-    largest = ", ".join(f"{path} ({nbytes} B)" for path, nbytes in report.replicated[:10])
+  remedy = remedy or ("give those parameters logical axis names that config.rules maps to "
+                      "'fsdp' or 'tensor'")
+  largest = ", ".join(f"{path} ({_human_bytes(nbytes)})" for path, nbytes in report.replicated[:10])
+  if (max_replicated_fraction is not None and report.model_parallel_size > 1
+      and report.replicated_fraction > max_replicated_fraction):
     raise ConfigError(
         f"{100 * report.replicated_fraction:.1f}% of the parameter bytes are replicated over "
         f"the model axes {tuple(model_axes)} (allowed {100 * max_replicated_fraction:.1f}%). "
-        "Give those parameters logical axis names that config.rules maps to 'fsdp' or "
-        f"'tensor'. Largest replicated parameters: {largest}.")
+        f"Largest replicated parameters: {largest}. To fix: {remedy}.")
+  if max_replicated_bytes is not None and report.replicated_bytes > max_replicated_bytes:
+    axes = {a: mesh.shape[a] for a in model_axes if a in mesh.shape}
+    raise ConfigError(
+        f"Every chip would hold {report.replicated_bytes / 1e9:.2f} GB of parameters split over "
+        f"none of the model axes {axes} (allowed {max_replicated_bytes / 1e9:.2f} GB; optimizer "
+        f"moments, gradients and EMA copies add as much again, several times). Largest "
+        f"replicated parameters: {largest}. To fix: {remedy}.")
   return report
+
+
+def _human_bytes(nbytes: int) -> str:
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if nbytes >= size:
+      return f"{nbytes / size:.2f} {unit}"
+  return f"{nbytes} B"

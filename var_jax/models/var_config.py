@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from var_jax import scales
 from var_jax.errors import ConfigError
-from var_jax.models.vqvae_config import PATCH_NUMS_256
+from var_jax.models.vqvae_config import COMPUTE_DTYPES, PATCH_NUMS_256
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -36,7 +36,7 @@ class VARConfig:
   init_head: float = 0.02
   init_std: float = -1.0         # < 0: sqrt(1 / (3 C)).
   # Numerics and layout.
-  dtype: str = "float32"         # Compute dtype (bfloat16 on TPU); parameters stay float32.
+  dtype: str = "float32"         # Compute dtype, float32 or bfloat16 (TPU); params stay float32.
   remat_policy: str = "none"
   attention_impl: str = "auto"
 
@@ -62,8 +62,9 @@ class VARConfig:
       raise ConfigError(f"cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}.")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ConfigError(f"VARConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"VARConfig.dtype must be float32 or bfloat16, got {self.dtype!r}"
+                        + (" (VAR's attention takes float32 or bfloat16 only, and training has no loss scaling)." if self.dtype == "float16" else "."))
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}.")
     if self.attention_impl not in ATTENTION_IMPLS:

@@ -11,6 +11,10 @@ from var_jax.errors import ConfigError
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
+# Compute dtypes of the models (parameters are always float32). No float16: nothing here scales
+# losses for it, and VAR's attention paths take float32 and bfloat16 only.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
@@ -29,7 +33,7 @@ class VQVAEConfig:
   quant_resi: float = 0.5       # Phi mixing ratio; |r| <= 1e-6 means no Phi at all.
   share_quant_resi: int = 4     # 0: one Phi per scale, 1: one shared, n: n partially shared.
   patch_nums: tuple[int, ...] = PATCH_NUMS_256
-  dtype: str = "float32"        # Compute dtype; parameters are always float32.
+  dtype: str = "float32"        # Compute dtype (COMPUTE_DTYPES); parameters are always float32.
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -48,8 +52,9 @@ class VQVAEConfig:
                           f"but ch={self.ch} x ch_mult={self.ch_mult} gives {width}.")
     if self.share_quant_resi < 0:
       raise ConfigError(f"share_quant_resi must be >= 0, got {self.share_quant_resi}.")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ConfigError(f"VQVAEConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"VQVAEConfig.dtype must be float32 or bfloat16, got {self.dtype!r}"
+                        + (" (it is untested, and tokenizer training has no loss scaling)." if self.dtype == "float16" else "."))
 
   @property
   def downsample(self) -> int:

@@ -4,7 +4,9 @@ A task (`TrainTask`) says how to build the state and how one step maps (state, b
 this module does the rest the same way for both: the mesh and logical rules from config, sharded
 init or auto-resume, the per-host input iterator positioned at the resumed step, the jitted step
 with donated state, metrics (TensorBoard, stdout, metrics.jsonl) read one step late, periodic and
-preemption-triggered checkpoints, and periodic task hooks (sample grids).
+preemption-triggered checkpoints, and periodic task hooks (sample grids), run after their step's
+checkpoint so that a failing hook costs no training. Before any array is allocated, a config
+whose parameters would replicate more than `max_replicated_param_gb` per chip is refused.
 
 A task may also be staged (`Staging`, e.g. VAR's progressive training): each step belongs to a
 stage that is a pure function of the step, each stage has its own statically shaped step, jitted
@@ -70,9 +72,11 @@ class TrainTask:
     tokens_per_example: for tokens/s.
     flops_per_example: model FLOPs of one example's forward+backward (for MFU), or None.
     hooks: {name: (every_steps, fn(state, step, workdir))}, run on every host (the functions
-      may be collective); writing files is the hook's business (host 0). A hook may return a
-      dict of scalars (e.g. evaluation metrics): they are logged at that step, in the same
-      record as the training metrics when the step is also a log step.
+      may be collective) after the step's checkpoint is saved; writing files is the hook's
+      business (host 0). A hook may return a dict of scalars (e.g. evaluation metrics): they are
+      logged at that step, in the same record as the training metrics when the step is also a
+      log step. A hook that raises is logged and skipped (config.stop_on_hook_error=True stops
+      the run instead).
     data_kwargs: extra keyword arguments for `make_input_iterator` (patch_nums, vocab_size).
     staging: None (one step for the whole run), or the stages; then the loop runs
       `staging.make_step(key)` instead of `train_step`, and tokens/s and MFU follow the stages.
@@ -95,12 +99,37 @@ class TrainTask:
     return self.staging.stage_at(step)
 
 
+# Defaults of the loop's optional config fields (config_lib.base_train_config sets them too).
+# max_replicated_param_gb: float32 VAR params are 1.24 GB for d16 and 2.4 GB for d20, which the
+# official configs train pure data-parallel; d24 (4.1 GB) and up get fsdp=8 there
+# (config_lib.var_imagenet_config). Adam's two moments, the gradients and an EMA copy follow each
+# parameter's sharding, so the train state replicates ~4-5x this figure per chip.
+DEFAULT_MAX_REPLICATED_PARAM_GB = 3.0
+
+
 def validate_run_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the loop's own fields once at start-up."""
+  """Checks the loop's own fields once at start-up.
+
+  Required: global_batch_size, total_steps, log_every, checkpoint_every (ints >= 1).
+  Optional:
+    stop_on_hook_error (bool, default False): a task hook that raises stops the run (after the
+      step's checkpoint is saved) instead of being logged and skipped.
+    max_replicated_param_gb (float > 0, default DEFAULT_MAX_REPLICATED_PARAM_GB): the most
+      parameter bytes (1e9) each chip may hold unsplit over the model axes (fsdp, tensor); more
+      fails before init or restore, naming the largest such parameters.
+    allow_replicated_params (bool, default False): skips that check.
+  """
   for name in ("global_batch_size", "total_steps", "log_every", "checkpoint_every"):
     value = config.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ConfigError(f"config.{name} must be an int >= 1, got {value!r}.")
+  for name in ("stop_on_hook_error", "allow_replicated_params"):
+    if not isinstance(config.get(name, False), bool):
+      raise ConfigError(f"config.{name} must be True or False, got {config.get(name)!r}.")
+  limit = config.get("max_replicated_param_gb", DEFAULT_MAX_REPLICATED_PARAM_GB)
+  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+    raise ConfigError(f"config.max_replicated_param_gb must be a number > 0 (GB per chip), got "
+                      f"{limit!r}; set config.allow_replicated_params=True to skip the check.")
   if config.global_batch_size % jax.process_count():
     raise ConfigError(f"global_batch_size {config.global_batch_size} does not split over "
                       f"{jax.process_count()} hosts.")
@@ -124,6 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
 
   abstract, boxed_shardings = sharding.abstract_sharded_state(task.init_state, init_rng, mesh, rules)
   state_shardings = nn.unbox(boxed_shardings)
+  report = check_replicated_params(config, abstract.params, mesh)  # before anything is allocated
 
   def init_fn():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -136,9 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   restored = ckpt.restore_or_init(abstract, init_fn, init_from=config.get("init_from") or None)
   state = restored.state
   start_step = int(jax.device_get(state.step))
-  logging.info("Train state: %s at step %d.", restored.source, start_step)
-  report = sharding.param_sharding_report(state.params, mesh)
-  logging.info("%s", report.summary())
+  logging.info("Train state: %s at step %d; %s", restored.source, start_step, report.summary())
 
   data = make_input_iterator(config.data, global_batch=config.global_batch_size, seed=config.seed,
                              start_step=start_step, process_index=jax.process_index(),
@@ -181,24 +209,30 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
                                                             jax.device_count())
         pending = (done, step_metrics, host)
         t_log, window = now, _Window()
-      for name, (every, hook) in task.hooks.items():
-        if every and done % every == 0:
-          with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            hook_scalars = hook(state, done, workdir)
-          if hook_scalars:
-            if pending is not None and pending[0] == done:
-              pending = (done, pending[1], {**pending[2], **hook_scalars})
-            else:
-              last_scalars = {**last_scalars, **logger.write_scalars(done, hook_scalars)}
+      # The step's checkpoint first, then the hooks: a hook that fails (or kills the process)
+      # cannot cost the step, and a rerun resumes after it instead of failing there again.
       meta = {"data_step": done}
-      if ckpt.should_stop_and_save(done):
+      preempted = ckpt.should_stop_and_save(done)
+      if preempted or done == config.total_steps:
+        ckpt.save_now(done, state, meta)
+      else:
+        ckpt.save(done, state, meta)
+      due = [(name, hook) for name, (every, hook) in task.hooks.items() if every and done % every == 0]
+      if due:
+        ckpt.wait_until_finished()  # an asynchronous save of this step is on disk before hooks
+        hook_scalars = _run_hooks(due, state, done, workdir, mesh, rules,
+                                  stop_on_error=config.get("stop_on_hook_error", False))
+        if hook_scalars:
+          if pending is not None and pending[0] == done:
+            pending = (done, pending[1], {**pending[2], **hook_scalars})
+          else:
+            last_scalars = {**last_scalars, **logger.write_scalars(done, hook_scalars)}
+      if preempted:
         if pending is not None:
           last_scalars = _write(logger, *pending)
           pending = None
-        ckpt.save_now(done, state, meta)
         logging.warning("Stopped at step %d on a preemption signal; checkpoint saved.", done)
         return last_scalars
-      ckpt.save(done, state, meta)
     if pending is not None:
       last_scalars = _write(logger, *pending)
     ckpt.save_now(config.total_steps, state, {"data_step": config.total_steps})
@@ -208,6 +242,60 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
     logger.close()
     if hasattr(data, "close"):
       data.close()
+
+
+def check_replicated_params(config: ml_collections.ConfigDict, params, mesh) -> sharding.ShardingReport:
+  """Fails if each chip would hold more than config.max_replicated_param_gb of parameters that
+  are split over none of the model axes (see `validate_run_config`), naming the largest.
+
+  `params` may be abstract (ShapeDtypeStructs with shardings), so this runs before any array is
+  allocated. Pure data parallelism replicates every parameter: small models pass, large ones
+  need fsdp (or tensor) > 1 in config.mesh.
+  """
+  limit_gb = config.get("max_replicated_param_gb", DEFAULT_MAX_REPLICATED_PARAM_GB)
+  allow = config.get("allow_replicated_params", False)
+  report = sharding.assert_params_sufficiently_sharded(
+      params, mesh, max_replicated_fraction=None,
+      max_replicated_bytes=None if allow else float(limit_gb) * 1e9,
+      remedy=("set config.mesh to split the params over 'fsdp' (e.g. [('data', -1), ('fsdp', 8), "
+              "('tensor', 1)]) or map their logical axes there with config.rules; or raise "
+              "config.max_replicated_param_gb, or set config.allow_replicated_params=True"))
+  if allow and report.replicated_bytes > float(limit_gb) * 1e9:
+    logging.warning("%.2f GB of parameters are replicated on every chip (over "
+                    "max_replicated_param_gb=%g); allowed by config.allow_replicated_params.",
+                    report.replicated_bytes / 1e9, limit_gb)
+  return report
+
+
+def _run_hooks(due, state, step: int, workdir: epath.Path, mesh, rules, *,
+               stop_on_error: bool) -> dict[str, float]:
+  """Runs the hooks due at `step` (after its checkpoint); returns their scalars.
+
+  A hook that raises is logged with its name and step and skipped, unless `stop_on_error`
+  (config.stop_on_hook_error), when the exception propagates and ends the run.
+
+  Multi-host hazard: hooks run on every host and may be collective (the sample hook gathers its
+  images across hosts). An exception raised on some hosts only, before a collective the others
+  enter, leaves those others waiting in it (a hang, or with stop_on_error a partial exit), and
+  the hosts' hook scalars may then differ. Hooks should do their collective work first and keep
+  host-local side effects (writing files on host 0) last, where a failure is harmless.
+  """
+  scalars: dict[str, float] = {}
+  for name, hook in due:
+    try:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = hook(state, step, workdir)
+    except Exception:  # pylint: disable=broad-except
+      if stop_on_error:
+        logging.error("Hook %r raised at step %d; stopping (config.stop_on_hook_error=True). "
+                      "The checkpoint of step %d is saved.", name, step, step)
+        raise
+      logging.exception("Hook %r raised at step %d; training goes on (the step's checkpoint is "
+                        "saved; set config.stop_on_hook_error=True to stop instead).", name, step)
+      continue
+    if out:
+      scalars.update(out)
+  return scalars
 
 
 class _StepCache:

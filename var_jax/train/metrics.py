@@ -7,8 +7,8 @@
   which is easy to read back from notebooks and tests. Paths go through `etils.epath`, so
   `gs://` workdirs work (on GCS each flush re-uploads the file, cheap at log-step rates).
 
-MFU: model FLOPs per step (from the compiled step's `cost_analysis`, or the analytic
-6 · params · tokens) × steps/s ÷ (peak FLOP/s per device × devices).
+MFU: model FLOPs per step (VAR's analytic count, `var_jax.flops`; `compiled_flops_per_step`
+gives the hardware FLOPs XLA runs, remat included) × steps/s ÷ (peak FLOP/s per device × devices).
 """
 from __future__ import annotations
 
@@ -196,11 +196,6 @@ def compiled_flops_per_step(compiled: Any, num_devices: int) -> float | None:
   if flops is None or not flops > 0:
     return None
   return float(flops) * num_devices
-
-
-def analytic_flops_per_step(num_params: int, tokens_per_step: int) -> float:
-  """6 · N · tokens: forward (2N) + backward (4N) matmul FLOPs per token, attention excluded."""
-  return 6.0 * num_params * tokens_per_step
 
 
 def model_flops_utilization(flops_per_step: float, steps_per_second: float,

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from flax.core import meta
 
-from var_jax import scales
+from var_jax import flops, scales
 from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
@@ -174,18 +174,6 @@ def make_init_state(var_cfg: VARConfig, tx, ema: bool):
   return init
 
 
-def flops_per_example(var_cfg: VARConfig, num_params: int, prog_si: int | None = None) -> float:
-  """6 N per token for the linear layers, plus attention's 12 L_vis d per token per layer.
-
-  With `prog_si` (a progressive stage) only the first ed tokens, scales 0..prog_si, count.
-  """
-  patch_nums = var_cfg.patch_nums if prog_si is None else var_cfg.patch_nums[:prog_si + 1]
-  tokens = scales.seq_len(patch_nums)
-  visible = float(scales.block_causal_mask(patch_nums).sum())  # keys summed over queries
-  attention = 12.0 * var_cfg.depth * var_cfg.embed_dim * visible
-  return 6.0 * num_params * tokens + attention
-
-
 # -- periodic sample grids -----------------------------------------------------------------------
 
 def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, config):
@@ -220,14 +208,15 @@ def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, confi
 # -- entry points --------------------------------------------------------------------------------
 
 def make_staging(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict,
-                 schedule: progressive.Schedule, num_params: int) -> loop.Staging:
-  """The loop's stages for progressive training: stage prog_si, input prog_wp, ed tokens."""
+                 schedule: progressive.Schedule) -> loop.Staging:
+  """The loop's stages for progressive training: stage prog_si, input prog_wp, ed tokens and
+  their model FLOPs (`flops.flops_per_example(var_cfg, prog_si)`)."""
 
   def stage_at(step: int) -> loop.Stage:
     prog_si, prog_wp = schedule(step)
     return loop.Stage(key=prog_si, inputs={"prog_wp": prog_wp},
                       tokens_per_example=progressive.stage_end(var_cfg.patch_nums, prog_si),
-                      flops_per_example=flops_per_example(var_cfg, num_params, prog_si))
+                      flops_per_example=flops.flops_per_example(var_cfg, prog_si))
 
   def make_step(prog_si: int):
     return make_train_step(var_cfg, vae_cfg, tx, config, prog_si=prog_si)
@@ -269,11 +258,12 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
     hooks["samples"] = (config.sample_every, make_sample_hook(var_cfg, vae_cfg, vae_params, config))
   task = loop.TrainTask(
       init_state=init, train_step=make_train_step(var_cfg, vae_cfg, opt.tx, config), frozen=vae_params,
-      tokens_per_example=var_cfg.seq_len, flops_per_example=flops_per_example(var_cfg, num_params),
+      tokens_per_example=var_cfg.seq_len, flops_per_example=flops.flops_per_example(var_cfg),
       hooks=hooks, data_kwargs={"patch_nums": var_cfg.patch_nums, "vocab_size": var_cfg.vocab_size},
-      staging=(make_staging(var_cfg, vae_cfg, opt.tx, config, schedule, num_params)
+      staging=(make_staging(var_cfg, vae_cfg, opt.tx, config, schedule)
                if schedule.enabled else None))
-  logging.info("VAR: depth %d, %s params, peak lr %.3g", var_cfg.depth, f"{num_params:,}",
+  logging.info("VAR: depth %d, %s params, %.4g model GFLOP per image (fwd+bwd, for MFU), "
+               "peak lr %.3g", var_cfg.depth, f"{num_params:,}", task.flops_per_example / 1e9,
                opt.peak_learning_rate)
   return task, var_cfg
 
