@@ -168,3 +168,19 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for step in a:
     np.testing.assert_allclose(b[step], a[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_sample_hook_on_a_mesh_with_more_batch_shards_than_images(tmp_path):
+  """3 sample classes (6 guided sequences) on 8 batch shards: the hook pads to the mesh, writes
+  its grid, and the checkpoint of that step is on disk first."""
+  from PIL import Image
+  config = _tiny_config(sample_every=2, sample_classes=[1, 2, 3], checkpoint_every=2,
+                        async_checkpointing=False, stop_on_hook_error=True)
+  config.total_steps = 2
+  train_var.train(config, str(tmp_path))
+  assert (tmp_path / "checkpoints" / "2").exists()
+  grid = tmp_path / "samples" / "step_00000002.png"
+  with Image.open(grid) as im:
+    width, height = im.size
+  # Three 64 px tiles make a 2 x 2 grid (2 px padding); the 5 padding images would make it 3 x 3.
+  assert (width, height) == (2 * (64 + 2) + 2,) * 2
