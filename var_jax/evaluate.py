@@ -41,11 +41,12 @@ def class_consistency(model, *, per_class: int, seed: int, batch_size: int, cfg:
   labels = np.repeat(np.arange(shapes.NUM_CLASSES), per_class)
   key = jax.random.key(seed)
   predictions = []
-  for i, start in enumerate(range(0, len(labels), batch_size)):
-    chunk = labels[start:start + batch_size]
-    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
-    images = np.asarray(sample(model, padded, rng=jax.random.fold_in(key, i), cfg=cfg, top_k=top_k,
-                               top_p=top_p, more_smooth=more_smooth))[:len(chunk)]
+  for start in range(0, len(labels), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(labels)))
+    padded = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # one shape, one compile
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(padded.astype(np.uint32))  # image i: key i
+    images = np.asarray(sample(model, labels[padded], rng=keys, cfg=cfg, top_k=top_k, top_p=top_p,
+                               more_smooth=more_smooth))[:len(idx)]
     predictions.append(shapes.classify(images))
     if on_images is not None:
       on_images(images)

@@ -7,11 +7,9 @@
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from var_jax import convert, placement

@@ -9,11 +9,8 @@ prefix of scales, one compiled step per stage.
 """
 from __future__ import annotations
 
-import functools
 import sys
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
