@@ -130,6 +130,9 @@ def test_edit_on_8_devices_equals_one_device():
 def test_bad_mesh_is_an_input_error():
   with pytest.raises(InputError, match="jax.sharding.Mesh"):
     var_jax.sample(model("tiny"), [1], rng=jax.random.key(0), mesh="tpu")
+  # 2 heads do not split over 4 tensor shards: said before anything is placed or traced.
+  with pytest.raises(InputError, match=r"'tensor' has size 4, which does not divide .* heads 2"):
+    var_jax.sample(model("tiny"), [1], rng=jax.random.key(0), mesh=var_jax.sampling_mesh(2, 1, 4))
 
 
 def test_kernel_without_mesh_on_many_devices_fails_at_trace_time():

@@ -215,6 +215,15 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
   Abstract params (`jax.ShapeDtypeStruct` leaves) give an abstract placement, never cached.
   """
   mesh = check_mesh(mesh)
+  cfg = model.config
+  for axis, dims in (("tensor", {"heads": cfg.num_heads, "MLP width": cfg.mlp_dim}),
+                     ("fsdp", {"width": cfg.embed_dim})):
+    size = mesh.shape.get(axis, 1)
+    bad = {name: n for name, n in dims.items() if n % size}
+    if bad:
+      raise InputError(f"mesh axis {axis!r} has size {size}, which does not divide this model's "
+                       f"{', '.join(f'{k} {v}' for k, v in bad.items())}; pick a {axis} size that "
+                       f"does (e.g. {_divisors(min(bad.values()))}).")
   cached = model.placements.get(mesh)
   if (cached is not None and cached.source[0] is model.params
       and cached.source[1] is model.tokenizer.params):
@@ -251,6 +260,10 @@ def as_abstract(x: Any) -> jax.ShapeDtypeStruct:
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+
+
+def _divisors(n: int) -> str:
+  return ", ".join(str(d) for d in range(1, min(n, 16) + 1) if n % d == 0)
 
 
 def is_abstract(model: Any) -> bool:
