@@ -23,6 +23,8 @@ EXTRAS_REQUIRE = {
     "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
     "test": [
         "pytest>=8",
+        # Two workers: most of the suite is single-threaded XLA compilation (CI has 2 cores).
+        "pytest-xdist>=3.5",
         "tensorflow-datasets>=4.9",
         "nbclient>=0.10",
         "nbformat>=5.10",

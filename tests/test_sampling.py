@@ -109,12 +109,3 @@ def test_edit_rejects_bad_masks_and_images():
     var_jax.edit(m, images, np.full((64, 64), 2.0), [1], rng=jax.random.key(0))
   with pytest.raises(InputError, match="64x64"):
     var_jax.edit(m, np.zeros((1, 32, 32, 3), np.uint8), np.ones((4, 4)), [1], rng=jax.random.key(0))
-
-
-def test_batch_is_sharded_over_devices():
-  m = model("tiny")
-  labels = np.arange(8) % 10
-  images = var_jax.sample(m, labels, rng=jax.random.key(0), top_k=1)
-  assert len(images.sharding.device_set) == len(jax.devices())
-  single = np.stack([np.asarray(var_jax.sample(m, [int(l)], rng=jax.random.key(0), top_k=1))[0] for l in labels[:2]])
-  np.testing.assert_array_equal(np.asarray(images)[:2], single)  # greedy: batch layout changes nothing
