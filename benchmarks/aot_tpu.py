@@ -27,7 +27,7 @@ Printed per chip (XLA describes one device's partitioned program):
 * roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, peaks from `aot.CHIPS`
   (v5e 197 TFLOP/s & 819 GB/s, v4 275 & 1200, v5p 459 & 2765, v6e 918 & 1640), and for training
   the implied MFU ceiling = model FLOPs per chip / (roofline time x peak FLOP/s), model FLOPs
-  = `var_jax.flops.flops_per_example` x batch, the figure the trainer logs its MFU with: 6 x the
+  = `var_jax.models.flops.flops_per_example` x batch, the figure the trainer logs its MFU with: 6 x the
   weights applied per token x L (4 for word_embed, whose input needs no gradient), 6 x the
   per-image AdaLN weights, 12 C per visible pair and layer (no remat recompute).
 A JSON line per compiled program follows the table (lines starting with `{`).
@@ -46,8 +46,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from var_jax import aot, config_lib  # noqa: E402
-from var_jax import flops as var_flops  # noqa: E402
+from var_jax import aot  # noqa: E402
+from var_jax.train import config_lib
+from var_jax.models import flops as var_flops  # noqa: E402
 from var_jax.models.var_config import REMAT_POLICIES  # noqa: E402
 from var_jax.train import train_var  # noqa: E402
 
@@ -191,7 +192,7 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
     print(f"    + splash attention (analytic, not in cost_analysis: {rule} C per visible pair and "
           f"layer): {attention_flops / 1e12:.3f} TFLOP -> {flops / 1e12:.3f} TFLOP")
   parts = var_flops.flops_breakdown(var_cfg)
-  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (var_jax.flops per image: "
+  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (var_jax.models.flops per image: "
         + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items() if k != "total")
         + f" GFLOP); compiled / model = {flops / model_flops_chip:.2f}")
   print(f"  roofline per chip: compute {_ms(compute_s)}, memory {_ms(memory_s)} -> "

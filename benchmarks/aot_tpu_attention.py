@@ -35,9 +35,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from var_jax import scales
 from var_jax.ops import attention
-from var_jax.ops import splash_block_causal
-from var_jax.ops import splash_masks
-from var_jax.ops import tpu_prefix_attention
+from var_jax.kernels import splash_block_causal
+from var_jax.kernels import splash_masks
+from var_jax.kernels import tpu_prefix as tpu_prefix_attention
 
 PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),

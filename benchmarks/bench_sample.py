@@ -27,7 +27,8 @@ import numpy as np
 
 import _common
 import var_jax
-from var_jax import aot, sampling
+from var_jax import aot
+from var_jax.inference import sampler as sampling
 from var_jax.models.vqvae import VQVAE
 
 COMPILE_GOAL_S = 60.0

@@ -26,7 +26,7 @@ official trainer's loss), then the official `utils.amp_sc.AmpOptimizer.backward_
 (backward, clip_grad_norm_ 2.0, AdamW(betas=(0.9, 0.95)) step, zero_grad) with weight decay 0.05
 on the official decay group (>= 2-D weights outside its no-decay names) and 0 elsewhere. The
 ratio printed is official step time / ours (> 1: ours is faster).
-Model FLOP/s use `var_jax.flops.flops_per_example` (what the trainer's logged MFU counts).
+Model FLOP/s use `var_jax.models.flops.flops_per_example` (what the trainer's logged MFU counts).
 Timing: `--warmup` untimed steps, then `--steps` steps each waited for (block_until_ready /
 synchronous torch); medians are reported. CPU timings on a shared machine are noisy.
 """
@@ -49,7 +49,9 @@ import jax
 import numpy as np
 
 import _common
-from var_jax import config_lib, flops, sharding
+from var_jax.models import flops
+from var_jax.parallel import sharding
+from var_jax.train import config_lib
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.train import train_var
 
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
            "model_flops_per_s": flops.flops_per_example(var_cfg) * batch / ours["step_s"]}
     print(f"  ours: {ours['params'] / 1e6:.2f} M params, trace+lower {ours['lower_s']:.1f} s, "
           f"compile {ours['compile_s']:.1f} s; {_step_line(ours, tokens)}; "
-          f"{row['model_flops_per_s'] / 1e9:.1f} model GFLOP/s (var_jax.flops, the trainer's MFU "
+          f"{row['model_flops_per_s'] / 1e9:.1f} model GFLOP/s (var_jax.models.flops, the trainer's MFU "
           "numerator)", flush=True)
     if official is not None:
       theirs = time_official(official, config, var_cfg, batch_np, args)

@@ -22,7 +22,7 @@ from a real GPU is committed under benchmarks/results/: the Pallas Triton kernel
    builds them (`_common.random_tokenizer` / `random_var_model`), per attention path.
 3. Train-step throughput: the step `var-jax train` runs for configs/var_d16.py (random tokenizer,
    token-map input), jitted as benchmarks/bench_train.py does, per attention path; model FLOP/s from
-   `var_jax.flops` and MFU against the GPU's dense bfloat16 peak (table below, or --peak-tflops).
+   `var_jax.models.flops` and MFU against the GPU's dense bfloat16 peak (table below, or --peak-tflops).
 
 Without a GPU it refuses to run (exit 2) unless --allow-cpu; with --tiny everything shrinks (depth 2,
 patch_nums 1..4, a ch-32 tokenizer with V = 64) and on CPU the Pallas GPU kernel runs in interpret
@@ -51,7 +51,8 @@ import numpy as np
 import _common
 import bench_train
 import var_jax
-from var_jax import flops, scales
+from var_jax import scales
+from var_jax.models import flops
 from var_jax.ops import attention
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

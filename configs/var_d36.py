@@ -4,7 +4,7 @@
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 Args: `:tiny` (a 2-step CPU smoke run on generated data), `:pretokenized` (read token shards).
 """
-from var_jax import config_lib
+from var_jax.train import config_lib
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@
 Args: depth (16, 20, 24, 30, 36), tiny (2 layers, 16 images, 2 steps on generated data),
 pretokenized (read token shards from data.data_dir instead of encoding images in the step).
 """
-from var_jax import config_lib
+from var_jax.train import config_lib
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@
 This is the recipe of the shipped `shapes-tiny` model (scripts/train_shapes_tiny.py runs both).
 Args: steps, batch, depth, width.
 """
-from var_jax import config_lib
+from var_jax.train import config_lib
 
 
 def get_config(arg=None):

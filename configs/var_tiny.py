@@ -3,7 +3,7 @@
   var-jax train --config configs/var_tiny.py --workdir /tmp/var_tiny
 The tokenizer is randomly initialised unless tokenizer.path names a trained one.
 """
-from var_jax import config_lib
+from var_jax.train import config_lib
 
 
 def get_config(arg=None):

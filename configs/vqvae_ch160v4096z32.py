@@ -10,9 +10,10 @@ can also be fine-tuned: --config.init_from is for var-jax runs, for the .pth use
 pt_inception-2015-12-05-6726825d.pth) to log rFID on ImageNet validation images.
 Args: tiny (a 2-step CPU smoke run on generated data at 64 px).
 """
-from var_jax import config_lib
+from var_jax.train import config_lib
 from var_jax.models.vqvae_config import PATCH_NUMS_256
-from var_jax.train import rfid_eval, vqgan_losses
+from var_jax.train import rfid_eval
+from var_jax.train.losses import vqgan as vqgan_losses
 
 
 def get_config(arg=None):

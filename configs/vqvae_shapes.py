@@ -4,8 +4,9 @@
 No download: the data are generated, LPIPS is off (its VGG weights are a download).
 Args: steps, batch.
 """
-from var_jax import config_lib
-from var_jax.train import rfid_eval, vqgan_losses
+from var_jax.train import config_lib
+from var_jax.train import rfid_eval
+from var_jax.train.losses import vqgan as vqgan_losses
 
 
 def get_config(arg=None):

@@ -3,8 +3,9 @@
   var-jax train-tokenizer --config configs/vqvae_tiny.py --workdir /tmp/vqvae_tiny
 Args: steps, batch, gan (turn the PatchGAN on from step 2).
 """
-from var_jax import config_lib
-from var_jax.train import rfid_eval, vqgan_losses
+from var_jax.train import config_lib
+from var_jax.train import rfid_eval
+from var_jax.train.losses import vqgan as vqgan_losses
 
 
 def get_config(arg=None):

@@ -65,10 +65,10 @@ def export(tok_dir: pathlib.Path, var_dir: pathlib.Path, out: pathlib.Path) -> N
   from flax.core import meta
 
   from var_jax.models.var import VAR
-  from var_jax.pretrained import save_converted
-  from var_jax.tokenizer import Tokenizer
+  from var_jax.inference.pretrained import save_converted
+  from var_jax.inference.tokenizer import Tokenizer
   from var_jax.train import checkpointing, train_var, train_vqvae
-  from var_jax.var_model import VARModel
+  from var_jax.inference.var_model import VARModel
 
   vae_cfg, vae_params = train_vqvae.load_trained_tokenizer(tok_dir)
   config = ml_collections.ConfigDict(json.loads((var_dir / "config.json").read_text()))

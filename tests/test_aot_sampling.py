@@ -14,7 +14,10 @@ import pytest
 
 import var_jax
 from helpers import model
-from var_jax import aot, config_lib, placement, sampling
+from var_jax import aot
+from var_jax.inference import sampler as sampling
+from var_jax.inference import placement
+from var_jax.train import config_lib
 from var_jax.train import train_var
 
 pytestmark = [

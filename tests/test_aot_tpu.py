@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from var_jax import aot, config_lib, scales
+from var_jax import aot, scales
+from var_jax.train import config_lib
 from var_jax.errors import ConfigError
 from var_jax.train import train_var
 

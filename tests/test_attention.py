@@ -14,11 +14,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from var_jax import scales
 from var_jax.errors import ConfigError, InputError
 from var_jax.ops import attention
-from var_jax.ops import gpu_attention
-from var_jax.ops import splash_block_causal
-from var_jax.ops import splash_masks
-from var_jax.ops import tpu_prefix_attention
-from var_jax.ops import xla_attention
+from var_jax.kernels import gpu_flash as gpu_attention
+from var_jax.kernels import splash_block_causal
+from var_jax.kernels import splash_masks
+from var_jax.kernels import tpu_prefix as tpu_prefix_attention
+from var_jax.kernels import xla_reference as xla_attention
 
 SMALL = (1, 2, 3, 4)  # L = 30
 D16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680

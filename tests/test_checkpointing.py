@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import toy_model
-from var_jax import sharding
+from var_jax.parallel import sharding
 from var_jax.errors import CheckpointError, ConfigError
 from var_jax.train import checkpointing, optim
 

@@ -7,7 +7,7 @@ from PIL import Image
 import helpers
 import var_jax
 from var_jax import cli
-from var_jax.pretrained import convert_files, save_converted
+from var_jax.inference.pretrained import convert_files, save_converted
 
 SIZE = 64  # the fixture model: 64 px, 10 classes, vocabulary 64, patch_nums (1, 2, 3, 4)
 _COMPILES = []

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from var_jax import fid
+from var_jax.eval import fid
 from var_jax.data import shapes
 from var_jax.errors import CheckpointError, ConfigError, InputError
-from var_jax.models import inception
+from var_jax.eval import inception
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VQVAE = REPO / "configs" / "vqvae_tiny.py"
@@ -297,7 +297,7 @@ def test_training_with_a_missing_inception_file_fails_before_training(tmp_path):
 def test_rfid_hook_gives_the_same_rfid_with_cached_originals(weights_file):
   import flax.linen as nn
   from types import SimpleNamespace
-  from var_jax import sharding
+  from var_jax.parallel import sharding
   from var_jax.models.vqvae import VQVAE
   from var_jax.train import rfid_eval, train_vqvae
   config = _load_tiny_vqvae_config("steps=2,batch=2")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-from var_jax import aot, flops, scales
+from var_jax import aot, scales
+from var_jax.models import flops
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 

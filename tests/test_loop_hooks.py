@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import toy_model
-from var_jax import config_lib
+from var_jax.train import config_lib
 from var_jax.errors import ConfigError
 from var_jax.train import loop
 
@@ -116,7 +116,7 @@ def test_official_configs_pass_the_replicated_params_check():
   """d16 and d20 train pure data-parallel as the official recipe does; d24 with fsdp=8."""
   from var_jax.models.var import VAR
   from var_jax.models.var_config import VARConfig
-  from var_jax import sharding
+  from var_jax.parallel import sharding
   import jax.numpy as jnp
   mesh_dp = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
   mesh_fsdp = sharding.make_mesh([("data", -1), ("fsdp", 8), ("tensor", 1)])

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from var_jax import flops as var_flops
-from var_jax import sharding
+from var_jax.models import flops as var_flops
+from var_jax.parallel import sharding
 from var_jax.errors import ConfigError
 from var_jax.models.var_config import VARConfig
 from var_jax.train import metrics

@@ -15,7 +15,7 @@ from var_jax.data import token_shards
 from var_jax.data.image_examples import ImageExamples
 from var_jax.data.sources import make_image_source
 from var_jax.errors import ConfigError
-from var_jax.train import pretokenize
+from var_jax.cli import pretokenize
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = str(ROOT / "configs" / "var_tiny.py")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import helpers
-from var_jax import cli, pretrained
+from var_jax import cli
+from var_jax.inference import pretrained
 from var_jax.errors import CheckpointError, ConfigError, InputError
-from var_jax.pretrained import convert_files, load_converted, load_pretrained, save_converted
+from var_jax.inference.pretrained import convert_files, load_converted, load_pretrained, save_converted
 
 VAE = helpers.FIXTURES / "official_tiny_vae.pth"
 VAR = helpers.FIXTURES / "official_tiny_seed0_var.pth"

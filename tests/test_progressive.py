@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax import flops
+from var_jax.models import flops
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
@@ -221,7 +221,7 @@ def test_flops_and_tokens_follow_the_stage(tiny_task):
   assert flops.flops_per_example(var_cfg, 1) < full
   stage = task.stage_at(0)
   assert (stage.key, stage.tokens_per_example) == (1, 5)
-  # The loop's MFU figures are var_jax.flops' of each stage.
+  # The loop's MFU figures are var_jax.models.flops' of each stage.
   assert [task.stage_at(g).flops_per_example for g in (0, 2, 5)] == [
       flops.flops_per_example(var_cfg, s) for s in (1, 2, 3)]
   assert task.flops_per_example == full

@@ -6,7 +6,7 @@ import pytest
 
 import var_jax
 from helpers import TAGS, concat_tokens, model, reference, split_tokens, tokenizer
-from var_jax import sampling
+from var_jax.inference import sampler as sampling
 from var_jax.errors import InputError
 
 

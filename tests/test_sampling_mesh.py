@@ -11,7 +11,7 @@ import pytest
 
 import var_jax
 from helpers import concat_tokens, model, reference
-from var_jax import placement
+from var_jax.inference import placement
 from var_jax.errors import ConfigError, InputError
 from var_jax.ops import attention
 
@@ -109,7 +109,7 @@ def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits(
   assert placed["word_embed"]["kernel"].dtype == jnp.float32  # used in float32
   assert placed["blocks"]["attn"]["scale_mul_1H11"].dtype == jnp.float32
   # The same one-device program on the stored weights and on the float32 ones (cast at use).
-  x = m.tokenizer.apply(maps, method=var_jax.tokenizer.VQVAE.indices_to_var_input)
+  x = m.tokenizer.apply(maps, method=var_jax.inference.tokenizer.VQVAE.indices_to_var_input)
   forward = jax.jit(lambda p: m.module.apply({"params": p}, jnp.asarray(ref["tf_label"], jnp.int32), x))
   stored = jax.device_get(placed)
   np.testing.assert_array_equal(np.asarray(forward(stored)), np.asarray(forward(base.params)))
@@ -139,7 +139,7 @@ def test_bad_mesh_is_an_input_error():
 def test_kernel_without_mesh_on_many_devices_fails_at_trace_time():
   """A Pallas kernel traced without a mesh on a multi-device process: a clear ConfigError when
   tracing, instead of 'Mosaic kernels cannot be automatically partitioned' on a pod."""
-  from var_jax.ops import mesh_sharding
+  from var_jax.kernels import mesh_sharding
   q = jnp.zeros((2, 2, 4, 8))
   called = []
   with pytest.raises(ConfigError, match="without an active mesh"):

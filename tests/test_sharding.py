@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import toy_model
-from var_jax import sharding
+from var_jax.parallel import sharding
 from var_jax.errors import ConfigError
 from var_jax.train import optim
 

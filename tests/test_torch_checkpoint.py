@@ -1,4 +1,4 @@
-"""Tests of var_jax.torch_checkpoint: reading torch.save files with neither torch nor running code.
+"""Tests of var_jax.checkpoints.torch_pickle: reading torch.save files with neither torch nor running code.
 
 Odd and malicious files are assembled here by hand (zip + protocol-2 pickle, the layout torch.save
 uses), so these tests need no torch. The cross-checks against torch.load skip when torch is absent.
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from var_jax import errors, scales
-from var_jax.torch_checkpoint import load_torch_checkpoint
+from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PATCH_NUMS = (1, 2, 3, 4)
@@ -239,7 +239,7 @@ def test_open_binary_file_object_gives_the_same_arrays_and_stays_open(fixtures_d
 def test_loading_does_not_import_torch(fixtures_dir):
   code = (
       "import sys\n"
-      "from var_jax.torch_checkpoint import load_torch_checkpoint\n"
+      "from var_jax.checkpoints.torch_pickle import load_torch_checkpoint\n"
       f"sd = load_torch_checkpoint({str(fixtures_dir / 'official_tiny_seed0_var.pth')!r})\n"
       "assert len(sd) == 38, len(sd)\n"
       "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

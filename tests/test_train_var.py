@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from var_jax import config_lib, sharding
+from var_jax.parallel import sharding
+from var_jax.train import config_lib
 from var_jax.data.pipeline import make_input_iterator
 from var_jax.errors import ConfigError
 from var_jax.train import train_var

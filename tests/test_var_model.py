@@ -7,7 +7,7 @@ from flax.core import meta
 
 import var_jax
 from helpers import TAGS, model, reference, split_tokens, tokenizer
-from var_jax import convert
+from var_jax.checkpoints import from_torch as convert
 from var_jax.errors import CheckpointError, ConfigError, InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from var_jax.errors import CheckpointError, ConfigError, InputError
-from var_jax.models import discriminator as disc_lib
-from var_jax.models import lpips as lpips_lib
+from var_jax.train.losses import discriminator as disc_lib
+from var_jax.train.losses import lpips as lpips_lib
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import vqgan_losses as vl
+from var_jax.train.losses import vqgan as vl
 
 SMALL_CHANNELS = (4, 8, 8, 16, 16)
 # torchvision's `vgg16().features` layout: conv widths and "M" max-pools; every conv is followed
-# by a ReLU. Written out independently of var_jax.models.lpips so that it checks the key indices.
+# by a ReLU. Written out independently of var_jax.train.losses.lpips so that it checks the key indices.
 TORCHVISION_CFG = ("a", "a", "M", "b", "b", "M", "c", "c", "c", "M", "d", "d", "d", "M",
                    "e", "e", "e")
 

@@ -5,12 +5,12 @@
     images = var_jax.sample(model, [207, 360], rng=jax.random.key(0))   # uint8 (2, 256, 256, 3)
 """
 from var_jax import errors
-from var_jax.placement import sampling_mesh
-from var_jax.sampling import edit, sample
-from var_jax.tokenizer import Tokenizer
-from var_jax.torch_checkpoint import load_torch_checkpoint
-from var_jax.var_model import VARModel
-from var_jax.pretrained import load_pretrained
+from var_jax.inference.placement import sampling_mesh
+from var_jax.inference.sampler import edit, sample
+from var_jax.inference.tokenizer import Tokenizer
+from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
+from var_jax.inference.var_model import VARModel
+from var_jax.inference.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 

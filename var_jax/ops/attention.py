@@ -37,11 +37,11 @@ import jax.numpy as jnp
 
 from var_jax import scales
 from var_jax.errors import ConfigError, InputError
-from var_jax.ops import gpu_attention
-from var_jax.ops import mesh_sharding
-from var_jax.ops import splash_block_causal
-from var_jax.ops import tpu_prefix_attention
-from var_jax.ops import xla_attention
+from var_jax.kernels import gpu_flash as gpu_attention
+from var_jax.kernels import mesh_sharding
+from var_jax.kernels import splash_block_causal
+from var_jax.kernels import tpu_prefix as tpu_prefix_attention
+from var_jax.kernels import xla_reference as xla_attention
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

@@ -284,7 +284,7 @@ class Checkpointer:
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` (see
-        `var_jax.sharding.abstract_sharded_state`), or of real arrays to take those from.
+        `var_jax.parallel.sharding.abstract_sharded_state`), or of real arrays to take those from.
       step: which step; None = the latest.
 
     Returns:
@@ -333,7 +333,7 @@ class Checkpointer:
 
     Args:
       abstract_state: abstract sharded train state (what `init_fn` returns, as shapes).
-      init_fn: () -> fresh sharded train state (e.g. `var_jax.sharding.init_sharded`).
+      init_fn: () -> fresh sharded train state (e.g. `var_jax.parallel.sharding.init_sharded`).
       init_from: another run's workdir, its `checkpoints` directory or one step directory;
         only `params` are taken from it (also copied into `ema_params` if the state has one).
 

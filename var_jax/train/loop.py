@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from var_jax import sharding
+from var_jax.parallel import sharding
 from var_jax.data.pipeline import make_input_iterator
 from var_jax.errors import ConfigError
 from var_jax.train import checkpointing, metrics as metrics_lib

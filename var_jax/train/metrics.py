@@ -7,7 +7,7 @@
   which is easy to read back from notebooks and tests. Paths go through `etils.epath`, so
   `gs://` workdirs work (on GCS each flush re-uploads the file, cheap at log-step rates).
 
-MFU: model FLOPs per step (VAR's analytic count, `var_jax.flops`; `compiled_flops_per_step`
+MFU: model FLOPs per step (VAR's analytic count, `var_jax.models.flops`; `compiled_flops_per_step`
 gives the hardware FLOPs XLA runs, remat included) × steps/s ÷ (peak FLOP/s per device × devices).
 """
 from __future__ import annotations

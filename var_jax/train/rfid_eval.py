@@ -27,13 +27,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from var_jax import fid, sharding
+from var_jax.eval import fid
+from var_jax.parallel import sharding
 from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import ConfigError
-from var_jax.models import inception
+from var_jax.eval import inception
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import vqgan_losses as vl
+from var_jax.train.losses import vqgan as vl
 
 
 def default_eval_config() -> ml_collections.ConfigDict:

@@ -20,7 +20,8 @@ from absl import logging
 from etils import epath
 from flax.core import meta
 
-from var_jax import flops, scales
+from var_jax import scales
+from var_jax.models import flops
 from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
@@ -47,11 +48,11 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     return cfg, params
   p = epath.Path(path)
   if path.endswith(".pth"):
-    from var_jax.tokenizer import Tokenizer
+    from var_jax.inference.tokenizer import Tokenizer
     tok = Tokenizer.from_torch(path, patch_nums=patch_nums, **overrides)
     return tok.config, tok.params
   if (p / "config.json").exists() and (p / "params").exists():
-    from var_jax.pretrained import load_converted
+    from var_jax.inference.pretrained import load_converted
     model = load_converted(p)
     if model.tokenizer.config.patch_nums != patch_nums:
       raise ConfigError(f"tokenizer at {p} uses patch_nums {model.tokenizer.config.patch_nums}, "
@@ -180,10 +181,10 @@ def make_sample_hook(var_cfg: VARConfig, vae_cfg: VQVAEConfig, vae_params, confi
   number of sample classes works on any mesh (the batch is padded to its batch shards).
   """
   from jax.experimental import multihost_utils
-  from var_jax import images as image_io
-  from var_jax.sampling import sample
-  from var_jax.tokenizer import Tokenizer
-  from var_jax.var_model import VARModel
+  from var_jax.inference import images as image_io
+  from var_jax.inference.sampler import sample
+  from var_jax.inference.tokenizer import Tokenizer
+  from var_jax.inference.var_model import VARModel
   classes = np.asarray(list(config.get("sample_classes") or range(min(var_cfg.num_classes, 8))))
   tokenizer = Tokenizer(vae_cfg, vae_params)
 
@@ -267,7 +268,7 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
   """Trains VAR per `config` in `workdir` (resuming from its latest checkpoint if any)."""
-  from var_jax.sharding import maybe_initialize_distributed
+  from var_jax.parallel.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", "auto"))
   task, _ = build_task(config)
   return loop.run(config, workdir, task)

@@ -27,7 +27,7 @@ from var_jax.errors import CheckpointError, ConfigError
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.train import checkpointing, loop, optim, rfid_eval
-from var_jax.train import vqgan_losses as vl
+from var_jax.train.losses import vqgan as vl
 from var_jax.train.state import TrainState
 
 
@@ -118,7 +118,7 @@ def make_train_step(vae_cfg: VQVAEConfig, loss_cfg: ml_collections.ConfigDict, t
 
 def make_reconstruction_hook(vae_cfg: VQVAEConfig, config):
   """Writes originals (top) and reconstructions (bottom) of a fixed batch as a PNG grid."""
-  from var_jax import images as image_io
+  from var_jax.inference import images as image_io
   from var_jax.data.pipeline import make_input_iterator
   n = 8
   batch = next(make_input_iterator(config.data, global_batch=n, seed=config.seed + 1, train=True))
@@ -172,7 +172,7 @@ def build_task(config: ml_collections.ConfigDict) -> loop.TrainTask:
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
-  from var_jax.sharding import maybe_initialize_distributed
+  from var_jax.parallel.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", "auto"))
   return loop.run(config, workdir, build_task(config))
 

@@ -19,7 +19,7 @@ tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memor
   are counted once rather than depth times; `loop_corrected` fixes that from a second compile
   with the block scan unrolled by 2 (`unroll=2`).
 * `attention_flops_per_example`: analytic FLOPs of the splash kernel, which declares no cost
-  estimate to XLA. Model FLOPs (the MFU numerator) come from `var_jax.flops`.
+  estimate to XLA. Model FLOPs (the MFU numerator) come from `var_jax.models.flops`.
 
 Used by tests/test_aot_tpu.py and benchmarks/aot_tpu.py. Needs libtpu (the `tpu` extra).
 """
@@ -42,17 +42,20 @@ import ml_collections
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from var_jax import flops as var_flops
-from var_jax import placement, sampling, scales, sharding
+from var_jax.models import flops as var_flops
+from var_jax import scales
+from var_jax.parallel import sharding
+from var_jax.inference import sampler as sampling
+from var_jax.inference import placement
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.tokenizer import Tokenizer
+from var_jax.inference.tokenizer import Tokenizer
 from var_jax.train import optim, train_var
 from var_jax.train.metrics import PEAK_BF16_FLOPS_PER_DEVICE
-from var_jax.var_model import VARModel
+from var_jax.inference.var_model import VARModel
 
 GIB = 2**30
 MOSAIC_CALL = "tpu_custom_call"  # the HLO custom-call target of a Pallas TPU (Mosaic) kernel

@@ -32,7 +32,7 @@ import numpy as np
 
 from var_jax.errors import CheckpointError, InputError
 from var_jax.ops.resize import resize
-from var_jax.torch_checkpoint import load_torch_checkpoint
+from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

@@ -14,7 +14,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 
 from var_jax import scales
 from var_jax.errors import ConfigError
-from var_jax.ops import splash_masks
+from var_jax.kernels import splash_masks
 
 # ---------------------------------------------------------------------------------------------
 # Block sizes: the one place they are chosen.

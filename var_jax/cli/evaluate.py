@@ -19,9 +19,9 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from var_jax import fid
+from var_jax.eval import fid
 from var_jax.errors import InputError
-from var_jax.models import inception
+from var_jax.eval import inception
 
 HELD_OUT_SEED = 987_654  # never used for training data (shapes_seed 0 / 1)
 
@@ -34,7 +34,7 @@ def class_consistency(model, *, per_class: int, seed: int, batch_size: int, cfg:
   `on_images`, if given, also receives each batch of samples (uint8 (b, H, W, 3)).
   """
   from var_jax.data import shapes
-  from var_jax.sampling import sample
+  from var_jax.inference.sampler import sample
   if model.config.num_classes != shapes.NUM_CLASSES:
     raise InputError(f"class consistency uses the shapes classifier ({shapes.NUM_CLASSES} classes); "
                      f"this model has {model.config.num_classes} classes.")

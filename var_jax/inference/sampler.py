@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from var_jax import placement
+from var_jax.inference import placement
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from var_jax import scales
-from var_jax.ops import splash_masks
+from var_jax.kernels import splash_masks
 
 # Tile sizes (Triton needs powers of two, and >= 16 for tensor-core dots). 64 x 64 at 4 warps is
 # the usual FlashAttention-2 tile for head_dim 64 when one size serves forward and backward (the

@@ -5,13 +5,13 @@ import pathlib
 
 from var_jax.errors import CheckpointError
 
-ASSETS = pathlib.Path(__file__).parent / "assets"
+ASSETS = pathlib.Path(__file__).parent.parent / "assets"
 SHIPPED = {"shapes-tiny": ASSETS / "shapes-tiny"}
 
 
 def load_shipped(name: str, **overrides):
   """Loads a shipped model by name ("shapes-tiny": 10 synthetic shape classes at 64 px)."""
-  from var_jax.pretrained import load_converted
+  from var_jax.inference.pretrained import load_converted
   if name not in SHIPPED:
     raise CheckpointError(f"no shipped model '{name}'; shipped: {sorted(SHIPPED)}.")
   path = SHIPPED[name]

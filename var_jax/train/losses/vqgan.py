@@ -27,8 +27,8 @@ import ml_collections
 import optax
 
 from var_jax.errors import ConfigError, InputError
-from var_jax.models.discriminator import NLayerDiscriminator
-from var_jax.models.lpips import load_lpips, make_perceptual_loss
+from var_jax.train.losses.discriminator import NLayerDiscriminator
+from var_jax.train.losses.lpips import load_lpips, make_perceptual_loss
 
 # Where the decoder's last convolution kernel lives in the VQVAE parameter tree.
 DECODER_LAST_LAYER: tuple[str, ...] = ("decoder", "conv_out", "kernel")

@@ -12,12 +12,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from var_jax import convert, placement
+from var_jax.checkpoints import from_torch as convert
+from var_jax.inference import placement
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
-from var_jax.tokenizer import Tokenizer, _state_dict_from
+from var_jax.inference.tokenizer import Tokenizer, _state_dict_from
 
 
 class VARModel:
@@ -39,7 +40,7 @@ class VARModel:
     self.params = params
     self.tokenizer = tokenizer
     self.module = VAR(config)
-    # Device copies of the weights by mesh, made by `var_jax.placement.place` on first use
+    # Device copies of the weights by mesh, made by `var_jax.inference.placement.place` on first use
     # (sample, edit, logits) and reused while `params` and `tokenizer.params` stay the same objects.
     self.placements: dict = {}
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.errors import CheckpointError, ConfigError, InputError
-from var_jax.torch_checkpoint import load_torch_checkpoint
+from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 
 # Output widths of the five VGG16 blocks and how many 3x3 convolutions each block has.
 VGG16_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import convert
+from var_jax.checkpoints import from_torch as convert
 from var_jax.errors import InputError
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
@@ -25,7 +25,7 @@ _RANGE_SLACK = 1e-3
 
 def _state_dict_from(path_or_state_dict) -> Mapping[str, np.ndarray]:
   if isinstance(path_or_state_dict, (str, os.PathLike)):
-    from var_jax.torch_checkpoint import load_torch_checkpoint
+    from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
     return load_torch_checkpoint(path_or_state_dict)
   if isinstance(path_or_state_dict, Mapping):
     return {k: np.asarray(v) for k, v in path_or_state_dict.items()}

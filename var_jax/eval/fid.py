@@ -13,7 +13,7 @@ batches, so features never have to be held all at once. Statistics are stored as
 arrays `mu` (D,) and `sigma` (D, D), the layout of pytorch-fid's `--save-stats`, so precomputed
 reference statistics (e.g. of ImageNet validation) can be used directly.
 
-The features come from `var_jax.models.inception` (2048-d pool3 of the FID Inception network).
+The features come from `var_jax.eval.inception` (2048-d pool3 of the FID Inception network).
 With fewer images than feature dimensions the covariance is singular and FID is biased upward:
 compare numbers only at the same image count.
 """

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from var_jax.ops.splash_masks import round_up
+from var_jax.kernels.splash_masks import round_up
 
 # VMEM budget of one grid step (the smallest scoped VMEM default, v4/v5e, is 16 MiB):
 _LOGITS_VMEM_BYTES = 6 * 2**20  # ~3 live float32 (rows, kv) temporaries of one head

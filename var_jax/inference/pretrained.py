@@ -22,9 +22,9 @@ from var_jax import scales
 from var_jax.errors import CheckpointError, InputError
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
-from var_jax.tokenizer import Tokenizer
-from var_jax.torch_checkpoint import load_torch_checkpoint
-from var_jax.var_model import VARModel
+from var_jax.inference.tokenizer import Tokenizer
+from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
+from var_jax.inference.var_model import VARModel
 
 HF_REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
@@ -154,7 +154,7 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return convert_files(name_or_path[0], name_or_path[1], **overrides)
   cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
   name = str(name_or_path)
-  from var_jax import shipped
+  from var_jax.inference import shipped
   if name in shipped.SHIPPED:
     return shipped.load_shipped(name, **overrides)
   if name in RELEASED:

@@ -31,7 +31,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from var_jax import sharding
+from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
 

@@ -42,7 +42,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(name: str, dtype: str | None):
-  from var_jax.pretrained import load_pretrained
+  from var_jax.inference.pretrained import load_pretrained
   return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
 
 
@@ -65,7 +65,7 @@ def _parse_mesh(text: str) -> tuple[int, int, int]:
 
 def default_batch(mesh) -> int:
   """Images per call: PER_DEVICE_BATCH of the platform x the mesh's batch shards."""
-  from var_jax import placement
+  from var_jax.inference import placement
   platform = mesh.devices.flat[0].platform
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   return PER_DEVICE_BATCH.get(platform, 4) * placement.batch_shards(mesh)
@@ -82,9 +82,9 @@ def cmd_sample(args) -> int:
   import jax
   import numpy as np
   from tqdm import tqdm
-  from var_jax import images as image_io
-  from var_jax.placement import sampling_mesh
-  from var_jax.sampling import check_sampling_options, sample
+  from var_jax.inference import images as image_io
+  from var_jax.inference.placement import sampling_mesh
+  from var_jax.inference.sampler import check_sampling_options, sample
 
   if args.per_class < 1 or args.batch_size < 0:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
@@ -146,9 +146,9 @@ def cmd_sample(args) -> int:
 def cmd_edit(args) -> int:
   import jax
   import numpy as np
-  from var_jax import images as image_io
-  from var_jax.placement import sampling_mesh
-  from var_jax.sampling import check_sampling_options, edit
+  from var_jax.inference import images as image_io
+  from var_jax.inference.placement import sampling_mesh
+  from var_jax.inference.sampler import check_sampling_options, edit
 
   model = _load_model(args.model, args.dtype)
   size = model.tokenizer.config.image_size
@@ -167,7 +167,7 @@ def cmd_edit(args) -> int:
 
 
 def cmd_convert(args) -> int:
-  from var_jax.pretrained import convert_files, save_converted
+  from var_jax.inference.pretrained import convert_files, save_converted
   model = convert_files(args.vae, args.var, patch_nums=args.patch_nums)
   out = save_converted(model, args.out)
   print(f"converted depth-{model.config.depth} VAR ({model.num_params():,} params) and its tokenizer "
@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
                              ("train-tokenizer", "var_jax.train.train_vqvae", "train the tokenizer"),
-                             ("pretokenize", "var_jax.train.pretokenize", "encode a dataset to token maps"),
-                             ("evaluate", "var_jax.evaluate", "class consistency of samples, PSNR, optional FID")):
+                             ("pretokenize", "var_jax.cli.pretokenize", "encode a dataset to token maps"),
+                             ("evaluate", "var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID")):
     p = sub.add_parser(name, help=what, add_help=False)
     p.set_defaults(fn=None, module=module)
   return parser
