@@ -1,7 +1,7 @@
 """Per-chip memory, FLOPs and roofline of the full-size VAR train step and sampler on TPU slices.
 
 Compiles ahead of time on this CPU machine for a TPU topology (libtpu's compile-only client, no
-TPU needed; `var_jax/aot.py`), from abstract inputs only: no model is ever materialised here.
+TPU needed; `var_jax/aot/`), from abstract inputs only: no model is ever materialised here.
 
   python benchmarks/aot_tpu.py --case d16                 # v5e:4x4, batch 768, kernel vs XLA
   python benchmarks/aot_tpu.py --case d30                 # v5p-128, batch 1024, bf16, fsdp

@@ -37,7 +37,7 @@ from var_jax import scales
 from var_jax.ops import attention
 from var_jax.kernels import splash_block_causal
 from var_jax.kernels import splash_masks
-from var_jax.kernels import tpu_prefix as tpu_prefix_attention
+from var_jax.kernels import tpu_prefix
 
 PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -139,8 +139,8 @@ def splash_block_table(patch_nums: Sequence[int], padded_lens: Sequence[int],
 def prefix_grid_steps(batch: int, heads: int, q_rows: int, cache_len: int, kv_len: int,
                       dtype) -> int:
   """Grid steps of one device's sampling-kernel call."""
-  kv_block = tpu_prefix_attention.kv_block_rows(kv_len, cache_len, dtype)
-  head_block, row_block, padded_rows = tpu_prefix_attention.plan_blocks(
+  kv_block = tpu_prefix.kv_block_rows(kv_len, cache_len, dtype)
+  head_block, row_block, padded_rows = tpu_prefix.plan_blocks(
       heads, q_rows, kv_block, HEAD_DIM, dtype)
   return batch * (heads // head_block) * (padded_rows // row_block)
 

@@ -6,7 +6,7 @@
 Times `var_jax.sample` (all 10 scales with the KV cache, classifier-free guidance, top-k/top-p
 filtering and the VQVAE decode, one jit) at each batch size: the first call (trace + compile +
 run) separately from steady-state calls, and, after jax.clear_caches(), the ahead-of-time
-`sampling.build_sample_call(...).lower()` (trace + lower) and `.compile()` (XLA) times with the executable's
+`sampler.build_sample_call(...).lower()` (trace + lower) and `.compile()` (XLA) times with the executable's
 memory_analysis(). With VAR_REF and torch, the official
 `var.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg, top_k, top_p)` runs on the same weights
 and labels and the speed ratio ours/official is printed (> 1: ours faster).
@@ -28,7 +28,7 @@ import numpy as np
 import _common
 import var_jax
 from var_jax import aot
-from var_jax.inference import sampler as sampling
+from var_jax.inference import sampler
 from var_jax.models.vqvae import VQVAE
 
 COMPILE_GOAL_S = 60.0
@@ -84,10 +84,10 @@ def time_ours(model, labels: np.ndarray, args) -> dict:
 
 
 def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
-  """Trace+lower and XLA compile of exactly what `sample` runs (`sampling.build_sample_call`, the
+  """Trace+lower and XLA compile of exactly what `sample` runs (`sampler.build_sample_call`, the
   public call's placement), from clean caches."""
   jax.clear_caches()
-  call = sampling.build_sample_call(model, labels, rng=jax.random.key(args.seed), cfg=args.cfg,
+  call = sampler.build_sample_call(model, labels, rng=jax.random.key(args.seed), cfg=args.cfg,
                                     top_k=args.top_k, top_p=args.top_p)
   t0 = time.perf_counter()
   lowered = call.lower(fresh=True)

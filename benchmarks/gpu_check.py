@@ -6,7 +6,7 @@
 
 `impl="auto"` picks XLA on GPU (`var_jax.ops.attention.GPU_AUTO_IMPL`) until this script's output
 from a real GPU is committed under benchmarks/results/: the Pallas Triton kernel
-(`var_jax/ops/gpu_attention.py`) has only run in interpret mode and been lowered to Triton on CPU.
+(`var_jax/kernels/gpu_flash.py`) has only run in interpret mode and been lowered to Triton on CPU.
 
 1. Numerics, float32 and bfloat16, at VAR-d16 sizes (16 heads of 64, L = 680, the cache of 768):
    * the XLA path's forward against a float64 numpy reference on the host (it is the reference of

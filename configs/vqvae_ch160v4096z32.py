@@ -13,7 +13,7 @@ Args: tiny (a 2-step CPU smoke run on generated data at 64 px).
 from var_jax.train import config_lib
 from var_jax.models.vqvae_config import PATCH_NUMS_256
 from var_jax.train import rfid_eval
-from var_jax.train.losses import vqgan as vqgan_losses
+from var_jax.train.losses import vqgan
 
 
 def get_config(arg=None):
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.log_every = 100
   c.checkpoint_every = 5000
   c.reconstruct_every = 5000
-  c.loss = vqgan_losses.default_loss_config()
+  c.loss = vqgan.default_loss_config()
   c.loss.disc_start_step = 20_000
   c.loss.reseed_dead_codes = True
   c.optim.tblr = 1e-4

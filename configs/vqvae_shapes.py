@@ -6,7 +6,7 @@ Args: steps, batch.
 """
 from var_jax.train import config_lib
 from var_jax.train import rfid_eval
-from var_jax.train.losses import vqgan as vqgan_losses
+from var_jax.train.losses import vqgan
 
 
 def get_config(arg=None):
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.log_every = 50
   c.checkpoint_every = 500
   c.reconstruct_every = 1000
-  c.loss = vqgan_losses.default_loss_config()
+  c.loss = vqgan.default_loss_config()
   c.loss.perceptual_weight = 0.0
   c.loss.pixel_loss = "l1"
   c.loss.disc_weight = 0.0

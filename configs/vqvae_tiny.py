@@ -5,7 +5,7 @@ Args: steps, batch, gan (turn the PatchGAN on from step 2).
 """
 from var_jax.train import config_lib
 from var_jax.train import rfid_eval
-from var_jax.train.losses import vqgan as vqgan_losses
+from var_jax.train.losses import vqgan
 
 
 def get_config(arg=None):
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.log_every = 10
   c.checkpoint_every = 50
   c.reconstruct_every = 0
-  c.loss = vqgan_losses.default_loss_config()
+  c.loss = vqgan.default_loss_config()
   c.loss.perceptual_weight = 0.0
   c.loss.pixel_loss = "l2"
   c.loss.disc_weight = 0.5 if args.gan else 0.0

@@ -15,7 +15,7 @@ import pytest
 import var_jax
 from helpers import model
 from var_jax import aot
-from var_jax.inference import sampler as sampling
+from var_jax.inference import sampler
 from var_jax.inference import placement
 from var_jax.train import config_lib
 from var_jax.train import train_var
@@ -110,7 +110,7 @@ def test_lower_sample_is_the_program_sample_runs():
   mesh = placement.default_mesh()
   labels = np.arange(5)
   abstract = aot.lower_sample(m, labels, mesh=mesh, rng=jax.random.key(1), top_k=3).as_text()
-  concrete = sampling.build_sample_call(m, labels, rng=jax.random.key(1), top_k=3,
+  concrete = sampler.build_sample_call(m, labels, rng=jax.random.key(1), top_k=3,
                                         mesh=mesh).lower().as_text()
   assert abstract == concrete
 

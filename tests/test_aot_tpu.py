@@ -1,4 +1,4 @@
-"""AOT TPU compilation of the whole VAR train step on a CPU machine (var_jax/aot.py), and the
+"""AOT TPU compilation of the whole VAR train step on a CPU machine (var_jax/aot/), and the
 sampler's analytic figures (the sampler itself: tests/test_aot_sampling.py).
 
 Needs libtpu (the tpu extra), no TPU: libtpu's compile-only client gives the devices of a v5e

@@ -14,11 +14,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from var_jax import scales
 from var_jax.errors import ConfigError, InputError
 from var_jax.ops import attention
-from var_jax.kernels import gpu_flash as gpu_attention
+from var_jax.kernels import gpu_flash
 from var_jax.kernels import splash_block_causal
 from var_jax.kernels import splash_masks
-from var_jax.kernels import tpu_prefix as tpu_prefix_attention
-from var_jax.kernels import xla_reference as xla_attention
+from var_jax.kernels import tpu_prefix
+from var_jax.kernels import xla_reference
 
 SMALL = (1, 2, 3, 4)  # L = 30
 D16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
@@ -78,30 +78,30 @@ def _output_and_grads(fn, q, k, v, seed=7):
 @pytest.mark.parametrize("patch_nums", [SMALL, D16])
 def test_xla_block_causal_matches_dense_numpy(patch_nums):
   q, k, v = _qkv(0, 2, 2, scales.seq_len(patch_nums), 16, jnp.float32)
-  out = xla_attention.block_causal_attention(q, k, v, patch_nums=patch_nums)
+  out = xla_reference.block_causal_attention(q, k, v, patch_nums=patch_nums)
   expected = _naive(q, k, v, scales.block_causal_mask(patch_nums))
   _assert_close(out, expected, 2e-6, "xla block-causal vs float64 numpy")
 
 
 def test_xla_block_causal_is_bidirectional_within_a_scale_and_blind_to_later_scales():
   q, k, v = _qkv(1, 1, 2, 30, 16, jnp.float32)
-  out = xla_attention.block_causal_attention(q, k, v, patch_nums=SMALL)
+  out = xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL)
   # Changing the keys/values of scale 3 (tokens 14..29) leaves scales 0..2 unchanged ...
   k2, v2 = k.at[:, :, 14:].add(1.0), v.at[:, :, 14:].add(1.0)
-  out2 = xla_attention.block_causal_attention(q, k2, v2, patch_nums=SMALL)
+  out2 = xla_reference.block_causal_attention(q, k2, v2, patch_nums=SMALL)
   np.testing.assert_array_equal(out[:, :, :14], out2[:, :, :14])
   assert not np.allclose(out[:, :, 14:], out2[:, :, 14:])
   # ... and the last token of scale 2 (token 13) sees the first token of scale 2 (token 5).
   v3 = v.at[:, :, 5].add(1.0)
-  out3 = xla_attention.block_causal_attention(q, k, v3, patch_nums=SMALL)
+  out3 = xla_reference.block_causal_attention(q, k, v3, patch_nums=SMALL)
   assert not np.allclose(out[:, :, 13], out3[:, :, 13])
 
 
 def test_xla_prefix_matches_dense_numpy_and_ignores_the_cache_tail():
   q, k, v = _qkv(2, 2, 2, 9, 16, jnp.float32, kv_len=40)
-  out = xla_attention.prefix_attention(q, k, v, kv_len=14)
+  out = xla_reference.prefix_attention(q, k, v, kv_len=14)
   _assert_close(out, _naive(q, k[:, :, :14], v[:, :, :14], True), 2e-6, "xla prefix vs numpy")
-  tail_changed = xla_attention.prefix_attention(q, k.at[:, :, 14:].set(1e4),
+  tail_changed = xla_reference.prefix_attention(q, k.at[:, :, 14:].set(1e4),
                                                 v.at[:, :, 14:].set(1e4), kv_len=14)
   np.testing.assert_array_equal(out, tail_changed)
 
@@ -189,7 +189,7 @@ def test_splash_padding_keys_are_masked_and_padding_rows_finite():
   out_junk = kernel(pad(q, 3.0), pad(k, 50.0), pad(v, 1e6))
   assert np.all(np.isfinite(np.asarray(out_junk)))
   np.testing.assert_array_equal(out_zero[:, :30], out_junk[:, :30])
-  reference = xla_attention.block_causal_attention(q, k, v, patch_nums=SMALL)
+  reference = xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL)
   _assert_close(out_zero[None, :, :30], reference, TOL[jnp.float32], "splash on padded input")
 
 
@@ -229,9 +229,9 @@ def test_prefix_plan_fits_vmem_and_needs_no_query_padding_for_var_scales():
   for pns in (D16, P512):
     cache_len = attention.kv_cache_len(pns)
     for pn, (_, end) in zip(pns, scales.begin_ends(pns)):
-      kv_block = tpu_prefix_attention.kv_block_rows(end, cache_len, jnp.bfloat16)
+      kv_block = tpu_prefix.kv_block_rows(end, cache_len, jnp.bfloat16)
       assert end <= kv_block <= min(end + 15, cache_len)
-      heads, rows, padded = tpu_prefix_attention.plan_blocks(
+      heads, rows, padded = tpu_prefix.plan_blocks(
           16, pn * pn, kv_block, 64, jnp.bfloat16)
       assert 16 % heads == 0 and padded % rows == 0
       assert padded == pn * pn  # every VAR scale either fits one block or is a multiple of 16
@@ -252,7 +252,7 @@ def test_auto_on_cpu_is_the_xla_path():
   train = lambda q, k, v: attention.block_causal_attention(q, k, v, patch_nums=SMALL)
   assert not _has_pallas_call(train, q, k, v)
   np.testing.assert_array_equal(train(q, k, v),
-                                xla_attention.block_causal_attention(q, k, v, patch_nums=SMALL))
+                                xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL))
   sample = lambda q, k, v: attention.prefix_attention(q[:, :, :16], k, v, kv_len=30)
   assert not _has_pallas_call(sample, q, k, v)
   kernel = lambda q, k, v: attention.block_causal_attention(
@@ -400,11 +400,11 @@ def test_kernels_under_a_mesh_match_reference(impl):
     out_prefix = sample(cache_q, k, v)
   assert out.sharding.is_equivalent_to(sharding, out.ndim)
   out_ref, grads_ref = _output_and_grads(
-      lambda q, k, v: xla_attention.block_causal_attention(q, k, v, patch_nums=SMALL), q, k, v)
+      lambda q, k, v: xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL), q, k, v)
   _assert_close(out, out_ref, TOL[jnp.float32], f"{impl} under mesh")
   for name, g, g_ref in zip("qkv", grads, grads_ref):
     _assert_close(g, g_ref, TOL[jnp.float32], f"{impl} d{name} under mesh")
-  _assert_close(out_prefix, xla_attention.prefix_attention(cache_q, k, v, kv_len=14),
+  _assert_close(out_prefix, xla_reference.prefix_attention(cache_q, k, v, kv_len=14),
                 TOL[jnp.float32], f"{impl} prefix under mesh")
 
 
@@ -428,7 +428,7 @@ def test_mesh_without_tensor_axis_shards_batch_only():
   with jax.set_mesh(mesh):
     out = jax.jit(lambda q, k, v: attention.block_causal_attention(
         q, k, v, patch_nums=SMALL, impl="pallas_tpu", interpret=True))(q, k, v)
-  _assert_close(out, xla_attention.block_causal_attention(q, k, v, patch_nums=SMALL),
+  _assert_close(out, xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL),
                 TOL[jnp.float32], "batch-only mesh")
 
 
@@ -478,11 +478,11 @@ def test_gpu_kernels_lower_to_triton_without_a_gpu():
   q = jax.ShapeDtypeStruct((1, 2, 30, 64), jnp.bfloat16)
 
   def train_step(q, k, v):
-    loss = lambda q, k, v: jnp.sum(gpu_attention.block_causal_attention(
+    loss = lambda q, k, v: jnp.sum(gpu_flash.block_causal_attention(
         q, k, v, patch_nums=SMALL, interpret=False).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  sample = lambda q, k, v: gpu_attention.prefix_attention(q[:, :, :9], k, v, kv_len=14,
+  sample = lambda q, k, v: gpu_flash.prefix_attention(q[:, :, :9], k, v, kv_len=14,
                                                           interpret=False)
   for fn in (train_step, sample):
     hlo = jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()

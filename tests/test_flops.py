@@ -1,4 +1,4 @@
-"""The model FLOPs count (var_jax/flops.py) against XLA's cost analysis of the compiled fwd+bwd.
+"""The model FLOPs count (var_jax/models/flops.py) against XLA's cost analysis of the compiled fwd+bwd.
 
 XLA's CPU cost analysis charges a while loop's body once, so the block scan is unrolled
 (`aot.scan_unroll`) and every block is counted. It also charges every elementwise op (norms,

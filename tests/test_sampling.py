@@ -6,7 +6,7 @@ import pytest
 
 import var_jax
 from helpers import TAGS, concat_tokens, model, reference, split_tokens, tokenizer
-from var_jax.inference import sampler as sampling
+from var_jax.inference import sampler
 from var_jax.errors import InputError
 
 
@@ -29,11 +29,11 @@ def test_same_key_same_images_and_no_recompile():
   m = model("tiny")
   labels = np.array([1, 2, 3, 4])
   a = var_jax.sample(m, labels, rng=jax.random.key(7))
-  size = sampling._generate_jit._cache_size()
+  size = sampler._generate_jit._cache_size()
   b = var_jax.sample(m, labels, rng=jax.random.key(7))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c = var_jax.sample(m, labels, rng=jax.random.key(8), cfg=3.0, top_k=10, top_p=0.5)
-  assert sampling._generate_jit._cache_size() == size  # new options, same executable
+  assert sampler._generate_jit._cache_size() == size  # new options, same executable
   assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
@@ -68,20 +68,20 @@ def test_filter_matches_official_semantics():
   rng = np.random.default_rng(0)
   for top_k, top_p in [(0, 0.0), (1, 0.0), (5, 0.0), (0, 0.5), (20, 0.9), (64, 0.96), (3, 1.0)]:
     logits = (rng.standard_normal((2, 7, 64)) * 2).astype(np.float32)
-    got = np.asarray(sampling.filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
+    got = np.asarray(sampler.filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(_official_filter(logits, top_k, top_p)))
 
 
 def test_top_k_keeps_ties_at_threshold():
   logits = jnp.asarray([[[3.0, 2.0, 2.0, 1.0]]])
-  got = np.asarray(sampling.filter_top_k_top_p(logits, 2, 0.0))
+  got = np.asarray(sampler.filter_top_k_top_p(logits, 2, 0.0))
   assert np.isfinite(got).tolist() == [[[True, True, True, False]]]
 
 
 def test_guidance_ramp():
-  assert sampling.guidance_scale(1.5, 0, 10) == 0.0
-  assert sampling.guidance_scale(1.5, 9, 10) == 1.5
-  assert sampling.guidance_scale(4.0, 1, 4) == pytest.approx(4 / 3)
+  assert sampler.guidance_scale(1.5, 0, 10) == 0.0
+  assert sampler.guidance_scale(1.5, 9, 10) == 1.5
+  assert sampler.guidance_scale(4.0, 1, 4) == pytest.approx(4 / 3)
 
 
 @pytest.mark.parametrize("kwargs,msg", [

@@ -7,7 +7,7 @@ from flax.core import meta
 
 import var_jax
 from helpers import TAGS, model, reference, split_tokens, tokenizer
-from var_jax.checkpoints import from_torch as convert
+from var_jax.checkpoints import from_torch
 from var_jax.errors import CheckpointError, ConfigError, InputError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
@@ -47,7 +47,7 @@ def test_block_inputs_and_loss_and_grads_match_official(tag):
   np.testing.assert_allclose(float(loss), float(ref["tf_loss"]), rtol=1e-5)
   # Map the official gradient names onto our tree with the same converter as the weights.
   sd_grads = {k[len("grad/var/"):]: v for k, v in ref.items() if k.startswith("grad/var/")}
-  expected = convert.var_params_from_torch(
+  expected = from_torch.var_params_from_torch(
       {**sd_grads, "lvl_1L": ref["lvl_1L"], "attn_bias_for_masking": ref["attn_bias_for_masking"]}, m.config)
   flat_got = jax.tree_util.tree_leaves_with_path(grads)
   flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))

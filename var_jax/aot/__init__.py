@@ -11,7 +11,7 @@ tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memor
 * `compile_train_step`: the step `train.loop.run` jits for a VAR training config (same state,
   batch, frozen-tokenizer and rng shardings, state donated), from abstract inputs.
 * `lower_sample` / `lower_edit`: the lowered program of `var_jax.sample` / `var_jax.edit` on a
-  mesh, through the public calls' own argument checks and placement (`sampling.build_*_call`);
+  mesh, through the public calls' own argument checks and placement (`sampler.build_*_call`);
   `compile_sampler` compiles it for a batch of an abstract model (`abstract_model`).
 * `analyze`: XLA's per-chip memory (`memory_analysis`) and cost (`cost_analysis`) of a compiled
   program, the Mosaic kernels it calls, and a roofline time against the chip's peak FLOP/s and
@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from var_jax.models import flops as var_flops
 from var_jax import scales
 from var_jax.parallel import sharding
-from var_jax.inference import sampler as sampling
+from var_jax.inference import sampler
 from var_jax.inference import placement
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
@@ -418,7 +418,7 @@ def abstract_model(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> VARModel:
 def lower_sample(model: VARModel, labels, *, mesh: Mesh, **sample_options) -> jax.stages.Lowered:
   """The lowered program `var_jax.sample(model, labels, mesh=mesh, **sample_options)` runs.
 
-  The same argument checks and the same placement (`sampling.build_sample_call`): weights split
+  The same argument checks and the same placement (`sampler.build_sample_call`): weights split
   by their logical axes over `mesh`, the batch padded to and split over its batch axes, kernels
   under shard_map; on the abstract view of `model` (concrete params are never transferred), so
   `mesh` may hold devices this host cannot run on (a compile-only TPU slice).
@@ -431,7 +431,7 @@ def lower_sample(model: VARModel, labels, *, mesh: Mesh, **sample_options) -> ja
   """
   sample_options = {"rng": jax.random.key(0), **sample_options}
   sample_options.pop("return_tokens", None)
-  return sampling.build_sample_call(placement.abstract_view(model), labels, mesh=mesh,
+  return sampler.build_sample_call(placement.abstract_view(model), labels, mesh=mesh,
                                     **sample_options).lower(fresh=True)
 
 
@@ -441,7 +441,7 @@ def lower_edit(model: VARModel, images, mask, labels, *, mesh: Mesh,
   runs (as `lower_sample`); `images` may be a float32 (B, H, W, 3) ShapeDtypeStruct."""
   edit_options = {"rng": jax.random.key(0), **edit_options}
   edit_options.pop("return_tokens", None)
-  return sampling.build_edit_call(placement.abstract_view(model), images, mask, labels, mesh=mesh,
+  return sampler.build_edit_call(placement.abstract_view(model), images, mask, labels, mesh=mesh,
                                   **edit_options).lower(fresh=True)
 
 

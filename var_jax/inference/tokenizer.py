@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.checkpoints import from_torch as convert
+from var_jax.checkpoints import from_torch
 from var_jax.errors import InputError
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
@@ -50,8 +50,8 @@ class Tokenizer:
     tell (`patch_nums`, default the 256 px schedule; `dtype`).
     """
     sd = _state_dict_from(path_or_state_dict)
-    config = convert.infer_vqvae_config(sd, **config_overrides)
-    return cls(config, convert.vqvae_params_from_torch(sd, config))
+    config = from_torch.infer_vqvae_config(sd, **config_overrides)
+    return cls(config, from_torch.vqvae_params_from_torch(sd, config))
 
   # -- checks ----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from var_jax.checkpoints import from_torch as convert
+from var_jax.checkpoints import from_torch
 from var_jax.inference import placement
 from var_jax.errors import InputError
 from var_jax.models.var import VAR
@@ -55,9 +55,9 @@ class VARModel:
       raise InputError(f"tokenizer must be a var_jax.Tokenizer, got {type(tokenizer).__name__}.")
     sd = _state_dict_from(var_path_or_sd)
     tc = tokenizer.config
-    config = convert.infer_var_config(sd, patch_nums=tc.patch_nums, vocab_size=tc.vocab_size,
+    config = from_torch.infer_var_config(sd, patch_nums=tc.patch_nums, vocab_size=tc.vocab_size,
                                       z_channels=tc.z_channels, **config_overrides)
-    return cls(config, convert.var_params_from_torch(sd, config), tokenizer)
+    return cls(config, from_torch.var_params_from_torch(sd, config), tokenizer)
 
   def check_labels(self, labels, *, allow_null: bool) -> np.ndarray:
     """int class ids (B,) in [0, num_classes) (or == num_classes, the null class, if allowed),

@@ -11,7 +11,7 @@ Inputs are float32 or bfloat16; the softmax is float32; the output has q's dtype
 `impl` picks the implementation:
 * "xla": plain einsum + masked float32 softmax (`xla_attention`), the reference for the kernels;
 * "pallas_tpu": training uses JAX's splash attention (`splash_block_causal`), sampling a small
-  Pallas kernel (`tpu_prefix_attention`);
+  Pallas kernel (`kernels/tpu_prefix`);
 * "pallas_gpu": a Pallas Triton flash kernel with VAR's masks (`gpu_attention`), only when asked
   for by name (see GPU_AUTO_IMPL);
 * "auto": on TPU the Pallas kernels, with the size thresholds below; XLA on CPU and, for now, on
@@ -37,11 +37,11 @@ import jax.numpy as jnp
 
 from var_jax import scales
 from var_jax.errors import ConfigError, InputError
-from var_jax.kernels import gpu_flash as gpu_attention
+from var_jax.kernels import gpu_flash
 from var_jax.kernels import mesh_sharding
 from var_jax.kernels import splash_block_causal
-from var_jax.kernels import tpu_prefix as tpu_prefix_attention
-from var_jax.kernels import xla_reference as xla_attention
+from var_jax.kernels import tpu_prefix
+from var_jax.kernels import xla_reference
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -139,9 +139,9 @@ def _check_arrays(names_arrays) -> jnp.dtype:
 
 def _check_gpu_head_dim(head_dim: int) -> None:
   """Triton tiles are powers of two, and tensor-core dots need >= 16 along each side."""
-  if head_dim < gpu_attention.MIN_BLOCK_Q or head_dim & (head_dim - 1):
+  if head_dim < gpu_flash.MIN_BLOCK_Q or head_dim & (head_dim - 1):
     raise InputError(
-        f"impl='pallas_gpu' needs head_dim to be a power of two >= {gpu_attention.MIN_BLOCK_Q}, "
+        f"impl='pallas_gpu' needs head_dim to be a power of two >= {gpu_flash.MIN_BLOCK_Q}, "
         f"got {head_dim}; use impl='xla'."
     )
 
@@ -172,10 +172,10 @@ def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int],
   if chosen == "pallas_tpu" and impl == "auto" and seq_len < TRAINING_KERNEL_MIN_LEN:
     chosen = "xla"
   if chosen == "xla":
-    return xla_attention.block_causal_attention(q_BHLD, k_BHLD, v_BHLD, patch_nums=pns)
+    return xla_reference.block_causal_attention(q_BHLD, k_BHLD, v_BHLD, patch_nums=pns)
   if chosen == "pallas_gpu":
     _check_gpu_head_dim(q_BHLD.shape[3])
-  module = splash_block_causal if chosen == "pallas_tpu" else gpu_attention
+  module = splash_block_causal if chosen == "pallas_tpu" else gpu_flash
   per_device = functools.partial(module.block_causal_attention, patch_nums=pns,
                                  interpret=interpret)
   return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHLD, k_BHLD, v_BHLD,
@@ -234,12 +234,12 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     chosen = "xla"
   if chosen == "xla":
     if computation_platform() == "cpu":
-      return _batch_chunked(functools.partial(xla_attention.prefix_attention, kv_len=kv_len),
+      return _batch_chunked(functools.partial(xla_reference.prefix_attention, kv_len=kv_len),
                             q_BHlD, k_BHSD, v_BHSD, logits_bytes=4 * q_BHlD.shape[1] * q_BHlD.shape[2] * kv_len)
-    return xla_attention.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
+    return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
   if chosen == "pallas_gpu":
     _check_gpu_head_dim(q_BHlD.shape[3])
-  module = tpu_prefix_attention if chosen == "pallas_tpu" else gpu_attention
+  module = tpu_prefix if chosen == "pallas_tpu" else gpu_flash
   per_device = functools.partial(module.prefix_attention, kv_len=kv_len, interpret=interpret)
   return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD,
                                                       kernel=chosen, interpret=interpret)

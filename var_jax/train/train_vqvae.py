@@ -1,7 +1,7 @@
 """Tokenizer training: `var-jax train-tokenizer --config configs/vqvae_*.py --workdir DIR`.
 
 The official release has no VQVAE training code. This trains the multi-scale VQVAE with the
-VQGAN-style compound loss (`vqgan_losses`): pixel L1/L2 + LPIPS + the multi-scale VQ loss
+VQGAN-style compound loss (`losses/vqgan`): pixel L1/L2 + LPIPS + the multi-scale VQ loss
 (commitment beta 0.25) + a hinge PatchGAN started after `loss.disc_start_step` with taming's
 adaptive weight. Codebook usage is tracked with an EMA of hits; dead codes are counted and can be
 re-seeded from encoder outputs. It runs on the same loop as VAR training (`loop.run`): the same
