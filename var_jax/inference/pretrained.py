@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ RELEASED = {f"d{d}": f"var_d{d}.pth" for d in (16, 20, 24, 30, 36)}
 FORMAT = "var-jax-converted"
 FORMAT_VERSION = 1
 _SCHEDULES = {scales.seq_len(p): p for p in (PATCH_NUMS_256, PATCH_NUMS_512)}
+# Models that ship inside the package, so sampling works offline right after install.
+ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
+SHIPPED = {"shapes-tiny": ASSETS / "shapes-tiny"}
 # Numerics a user may change when loading; architecture comes from the checkpoint.
 _RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy")
 
@@ -154,9 +157,8 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return convert_files(name_or_path[0], name_or_path[1], **overrides)
   cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
   name = str(name_or_path)
-  from var_jax.inference import shipped
-  if name in shipped.SHIPPED:
-    return shipped.load_shipped(name, **overrides)
+  if name in SHIPPED:
+    return load_shipped(name, **overrides)
   if name in RELEASED:
     converted = cache / "converted" / name
     if (converted / "config.json").is_file():
@@ -177,5 +179,16 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return load_converted(path, **overrides)
   if path.suffix == ".pth":
     raise InputError(f"{path} is a single .pth file: pass (vae.pth, var.pth) as a pair.")
-  raise InputError(f"'{name}' is neither a shipped model ({', '.join(shipped.SHIPPED)}), a released "
+  raise InputError(f"'{name}' is neither a shipped model ({', '.join(SHIPPED)}), a released "
                    f"model ({', '.join(RELEASED)}) nor a directory.")
+
+
+def load_shipped(name: str, **overrides) -> VARModel:
+  """Loads a model shipped with the package ("shapes-tiny": 10 synthetic shape classes at 64 px)."""
+  if name not in SHIPPED:
+    raise CheckpointError(f"no shipped model '{name}'; shipped: {sorted(SHIPPED)}.")
+  path = SHIPPED[name]
+  if not (path / "config.json").is_file():
+    raise CheckpointError(f"the shipped model files are missing from {path}: reinstall var-jax, or "
+                          "rebuild them with `python scripts/train_shapes_tiny.py`.")
+  return load_converted(path, **overrides)
