@@ -103,7 +103,7 @@ def test_host_share_splits_the_images_once():
     (["--classes", "1,10"], "class ids [10] are outside [0, 10) for this model with 10 classes"),
     (["--classes", "-1"], "class ids [-1] are outside [0, 10)"),
     (["--cfg", "-1"], "cfg (guidance scale) must be a finite number >= 0, got -1.0"),
-    (["--top-k", "65"], "top_k must be an int in [0, 64] (0 = off), got 65"),
+    (["--top-k", "-1"], "top_k must be an int >= 0 (0 or >= 64, the vocabulary size: keep all), got -1"),
     (["--top-p", "1.5"], "top_p must be a number in [0, 1] (0 = off), got 1.5"),
     (["--per-class", "0"], "--per-class must be >= 1"),
     (["--mesh=-1,3,1"], "which does not divide the 8 available devices"),

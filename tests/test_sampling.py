@@ -6,7 +6,7 @@ import pytest
 
 import var_jax
 from helpers import TAGS, concat_tokens, model, reference, split_tokens, tokenizer
-from var_jax.inference import sampler
+from var_jax.inference import filters, sampler
 from var_jax.errors import InputError
 
 
@@ -68,29 +68,38 @@ def test_filter_matches_official_semantics():
   rng = np.random.default_rng(0)
   for top_k, top_p in [(0, 0.0), (1, 0.0), (5, 0.0), (0, 0.5), (20, 0.9), (64, 0.96), (3, 1.0)]:
     logits = (rng.standard_normal((2, 7, 64)) * 2).astype(np.float32)
-    got = np.asarray(sampler.filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
+    got = np.asarray(filters.filter_top_k_top_p(jnp.asarray(logits), top_k, top_p))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(_official_filter(logits, top_k, top_p)))
 
 
 def test_top_k_keeps_ties_at_threshold():
   logits = jnp.asarray([[[3.0, 2.0, 2.0, 1.0]]])
-  got = np.asarray(sampler.filter_top_k_top_p(logits, 2, 0.0))
+  got = np.asarray(filters.filter_top_k_top_p(logits, 2, 0.0))
   assert np.isfinite(got).tolist() == [[[True, True, True, False]]]
 
 
 def test_guidance_ramp():
-  assert sampler.guidance_scale(1.5, 0, 10) == 0.0
-  assert sampler.guidance_scale(1.5, 9, 10) == 1.5
-  assert sampler.guidance_scale(4.0, 1, 4) == pytest.approx(4 / 3)
+  assert filters.guidance_scale(1.5, 0, 10) == 0.0
+  assert filters.guidance_scale(1.5, 9, 10) == 1.5
+  assert filters.guidance_scale(4.0, 1, 4) == pytest.approx(4 / 3)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(cfg=-1.0), "cfg"), (dict(cfg=float("nan")), "cfg"), (dict(top_k=65), r"top_k.*\[0, 64\]"),
+    (dict(cfg=-1.0), "cfg"), (dict(cfg=float("nan")), "cfg"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
 ])
 def test_bad_options_rejected_before_compile(kwargs, msg):
   with pytest.raises(InputError, match=msg):
     var_jax.sample(model("tiny"), [1], rng=jax.random.key(0), **kwargs)
+
+
+def test_top_k_at_or_above_the_vocabulary_keeps_every_token():
+  # The tiny model has 64 codes: k = 64, k = 65, k = 10_000 and k = 0 (off) all keep every token.
+  m, key = model("tiny"), jax.random.key(3)
+  ref = np.asarray(var_jax.sample(m, [1, 2], rng=key, top_k=0, top_p=0.0))
+  for k in (64, 65, 10_000):
+    np.testing.assert_array_equal(np.asarray(var_jax.sample(m, [1, 2], rng=key, top_k=k, top_p=0.0)), ref)
+  assert not np.array_equal(np.asarray(var_jax.sample(m, [1, 2], rng=key, top_k=1, top_p=0.0)), ref)
 
 
 def test_bad_labels_and_rng_rejected():

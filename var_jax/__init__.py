@@ -6,7 +6,8 @@
 """
 from var_jax import errors
 from var_jax.inference.placement import sampling_mesh
-from var_jax.inference.sampler import edit, sample
+from var_jax.inference.edit import edit
+from var_jax.inference.sampler import sample
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 from var_jax.inference.var_model import VARModel

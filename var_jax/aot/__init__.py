@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from var_jax.models import flops as var_flops
 from var_jax import scales
 from var_jax.parallel import sharding
-from var_jax.inference import sampler
+from var_jax.inference import edit, sampler
 from var_jax.inference import placement
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
@@ -441,7 +441,7 @@ def lower_edit(model: VARModel, images, mask, labels, *, mesh: Mesh,
   runs (as `lower_sample`); `images` may be a float32 (B, H, W, 3) ShapeDtypeStruct."""
   edit_options = {"rng": jax.random.key(0), **edit_options}
   edit_options.pop("return_tokens", None)
-  return sampler.build_edit_call(placement.abstract_view(model), images, mask, labels, mesh=mesh,
+  return edit.build_edit_call(placement.abstract_view(model), images, mask, labels, mesh=mesh,
                                   **edit_options).lower(fresh=True)
 
 

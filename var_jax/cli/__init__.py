@@ -84,7 +84,8 @@ def cmd_sample(args) -> int:
   from tqdm import tqdm
   from var_jax.inference import images as image_io
   from var_jax.inference.placement import sampling_mesh
-  from var_jax.inference.sampler import check_sampling_options, sample
+  from var_jax.inference.filters import check_sampling_options
+  from var_jax.inference.sampler import sample
 
   if args.per_class < 1 or args.batch_size < 0:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
@@ -148,7 +149,8 @@ def cmd_edit(args) -> int:
   import numpy as np
   from var_jax.inference import images as image_io
   from var_jax.inference.placement import sampling_mesh
-  from var_jax.inference.sampler import check_sampling_options, edit
+  from var_jax.inference.edit import edit
+  from var_jax.inference.filters import check_sampling_options
 
   model = _load_model(args.model, args.dtype)
   size = model.tokenizer.config.image_size

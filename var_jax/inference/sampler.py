@@ -1,4 +1,4 @@
-"""Class-conditional sampling and zero-shot editing: one jitted scale-by-scale loop with a KV cache.
+"""Class-conditional sampling: one jitted scale-by-scale loop with a KV cache (also edit's loop).
 
 `sample` implements the official `autoregressive_infer_cfg` (VAR_SPEC §6): the batch is doubled
 with the null class for classifier-free guidance, the guidance ramps linearly over scales, logits
@@ -7,14 +7,13 @@ through the tokenizer's `next_autoregressive_input`. All scales, all layers and 
 are one `jax.jit`; the KV cache is preallocated for the whole sequence and written scale by scale.
 `cfg`, `top_k` and `top_p` are traced, so changing them does not recompile.
 
-`edit` is the paper's zero-shot in-/out-painting and class editing (§7): at every scale the tokens
-of the kept region are forced to the source image's tokens, the rest is generated.
+`var_jax.inference.edit` runs the same loop with the kept tokens forced (zero-shot editing).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,39 +27,8 @@ from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.ops import attention as attention_ops
-from var_jax.ops.resize import bilinear_matrix, resize
-
-
-# -- filtering ---------------------------------------------------------------------------------
-
-def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p) -> jax.Array:
-  """The official `sample_with_top_k_top_p_` filter, as a function: removed logits become -inf.
-
-  top-k (k > 0): drop logits strictly below the k-th largest (ties at the threshold survive).
-  top-p (p > 0), on the top-k-filtered logits: keep a token iff the probability mass of the tokens
-  ranked above it is < p; the largest token always survives. Both thresholds are found on one
-  ascending sort, so `top_k` and `top_p` may be traced values.
-  """
-  V = logits_BlV.shape[-1]
-  neg_inf = jnp.asarray(-jnp.inf, logits_BlV.dtype)
-  top_k = jnp.asarray(top_k, jnp.int32)
-  top_p = jnp.asarray(top_p, jnp.float32)
-  asc = jnp.sort(logits_BlV, axis=-1)
-  kth = jax.lax.dynamic_index_in_dim(asc, jnp.clip(V - top_k, 0, V - 1), axis=-1, keepdims=True)
-  k_on = top_k > 0
-  logits_BlV = jnp.where(k_on & (logits_BlV < kth), neg_inf, logits_BlV)
-  asc = jnp.where(k_on & (asc < kth), neg_inf, asc)  # the same filter on the sorted copy
-  cum = jnp.cumsum(jax.nn.softmax(asc.astype(jnp.float32), axis=-1), axis=-1)
-  removed = (cum <= 1.0 - top_p).at[..., -1].set(False)
-  n_removed = jnp.sum(removed, axis=-1, keepdims=True)
-  threshold = jnp.take_along_axis(asc, n_removed, axis=-1)
-  p_on = top_p > 0
-  return jnp.where(p_on & (logits_BlV < threshold), neg_inf, logits_BlV)
-
-
-def guidance_scale(cfg, si: int, num_scales: int):
-  """t = cfg * si / (K - 1): no guidance at the first scale, full cfg at the last."""
-  return cfg * (si / (num_scales - 1) if num_scales > 1 else 0.0)
+from var_jax.inference.filters import (check_sampling_options, effective_top_k, filter_top_k_top_p,
+                                        guidance_scale)
 
 
 def to_uint8(images_BHWC: jax.Array) -> jax.Array:
@@ -114,7 +82,7 @@ def _decode(vae, vae_params, f_hat):
   return images.swapaxes(0, 1).reshape((B,) + images.shape[2:])
 
 
-def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tokens, edit_masks, *,
+def generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tokens, edit_masks, *,
               var_config: VARConfig, vae_config: VQVAEConfig, more_smooth: bool):
   """All scales, all layers and the decode. Returns (uint8 images, list of int32 token maps).
 
@@ -168,43 +136,11 @@ def _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tok
   return images, [_split_over_batch(t) for t in tokens]
 
 
-_STATIC = ("var_config", "vae_config", "more_smooth")
-_generate_jit = jax.jit(_generate, static_argnames=_STATIC)
-
-
-def _encode_and_generate(var_params, vae_params, images, labels_B, rng, cfg, top_k, top_p, edit_masks, *,
-                         var_config, vae_config, more_smooth):
-  src_tokens = VQVAE(vae_config).apply({"params": vae_params}, images, method=VQVAE.encode)
-  return _generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, src_tokens, edit_masks,
-                   var_config=var_config, vae_config=vae_config, more_smooth=more_smooth)
-
-
-_edit_jit = jax.jit(_encode_and_generate, static_argnames=_STATIC)
+STATIC_ARGNAMES = ("var_config", "vae_config", "more_smooth")
+_generate_jit = jax.jit(generate, static_argnames=STATIC_ARGNAMES)
 
 
 # -- argument checks ---------------------------------------------------------------------------
-
-DEFAULT_TOP_K = 900  # The released models' setting (VAR_SPEC §6.2).
-
-
-def effective_top_k(model, top_k) -> int:
-  """The default top_k=900 keeps every token of a vocabulary smaller than 900 (e.g. shapes-tiny)."""
-  if isinstance(top_k, (int, np.integer)) and top_k == DEFAULT_TOP_K:
-    return min(DEFAULT_TOP_K, model.config.vocab_size)
-  return top_k
-
-
-def check_sampling_options(model, cfg, top_k, top_p) -> None:
-  """Raises InputError on guidance or filter values outside their ranges (before any compile)."""
-  V = model.config.vocab_size
-  top_k = effective_top_k(model, top_k)
-  if not np.isscalar(cfg) or not np.isfinite(cfg) or cfg < 0:
-    raise InputError(f"cfg (guidance scale) must be a finite number >= 0, got {cfg!r}.")
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= V:
-    raise InputError(f"top_k must be an int in [0, {V}] (0 = off), got {top_k!r}.")
-  if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)) or not 0.0 <= top_p <= 1.0:
-    raise InputError(f"top_p must be a number in [0, 1] (0 = off), got {top_p!r}.")
-
 
 def check_rng(rng, batch: int | None = None) -> jax.Array:
   """A typed PRNG key, or `batch` of them (one per image); raw uint32 key data is wrapped."""
@@ -225,7 +161,7 @@ def check_rng(rng, batch: int | None = None) -> jax.Array:
   return rng
 
 
-def _check_labels(model, labels) -> np.ndarray | jax.ShapeDtypeStruct:
+def check_labels(model, labels) -> np.ndarray | jax.ShapeDtypeStruct:
   if isinstance(labels, jax.ShapeDtypeStruct):  # AOT: only the batch size matters
     if len(labels.shape) != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
       raise InputError(f"abstract labels must be an integer (B,) ShapeDtypeStruct, got {labels}.")
@@ -250,7 +186,7 @@ class Call:
   def lower(self, *, fresh: bool = False) -> jax.stages.Lowered:
     """Traces and lowers the program. fresh=True traces anew, past jit's trace cache (for
     lowering under a different trace-time setting, e.g. `aot.scan_unroll`)."""
-    jitted = jax.jit(self.fn, static_argnames=_STATIC) if fresh else self.jitted
+    jitted = jax.jit(self.fn, static_argnames=STATIC_ARGNAMES) if fresh else self.jitted
     with placement.batch_context(self.mesh):
       return jitted.lower(*self.args, **self.static)
 
@@ -263,7 +199,7 @@ class Call:
     return images, list(tokens)
 
 
-def _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh):
+def place_common(model, labels_B, rng, cfg, top_k, top_p, mesh):
   """(mesh, placement, labels, keys, (cfg, top_k, top_p)) placed on the mesh.
 
   With an abstract model (ShapeDtypeStruct params) every input becomes a ShapeDtypeStruct with
@@ -298,12 +234,12 @@ def build_sample_call(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, mor
   """Checks the arguments and places everything for `sample` (and `aot.lower_sample`)."""
   check_sampling_options(model, cfg, top_k, top_p)
   top_k = effective_top_k(model, top_k)
-  labels_B = _check_labels(model, labels)
-  mesh, placed, labels, keys, scalars = _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
+  labels_B = check_labels(model, labels)
+  mesh, placed, labels, keys, scalars = place_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
   static = dict(var_config=model.config, vae_config=model.tokenizer.config,
                 more_smooth=bool(more_smooth))
   args = (placed.var_params, placed.vae_params, labels, keys, *scalars, None, None)
-  return Call(_generate, _generate_jit, args, static, mesh, labels_B.shape[0])
+  return Call(generate, _generate_jit, args, static, mesh, labels_B.shape[0])
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -320,8 +256,8 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
       (`fold_in(rng, i)` for a single key), so it depends only on (rng, i, labels[i]): the same
       key gives the same images whatever the batch split, the device count or the host count.
     cfg: classifier-free guidance scale, ramped linearly from 0 at the first scale to cfg at the last.
-    top_k: keep the k largest logits per token (0 = off); at most the vocabulary size, except
-      that the default 900 keeps every token of a smaller vocabulary.
+    top_k: keep the k largest logits per token; 0, or any k >= the vocabulary size (e.g. the
+      default 900 on a smaller vocabulary), keeps every token.
     top_p: nucleus filtering on top of top-k (0 = off).
     more_smooth: the official Gumbel-softmax smoothing of the residual (for visualisation).
     return_tokens: also return the per-scale int32 token maps (B, pn, pn).
@@ -338,97 +274,3 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
   return (images, tokens) if return_tokens else images
 
 
-def edit_masks_per_scale(keep_BPP: np.ndarray, patch_nums: Sequence[int]) -> list[np.ndarray]:
-  """Keep-masks per scale: bilinear (align_corners=False, no antialias) to pn, then > 0.5.
-
-  The 1x1 scale is always kept (the official rule for pn*pn <= 3).
-  """
-  P = keep_BPP.shape[-1]
-  out = []
-  for pn in patch_nums:
-    if pn * pn <= 3:
-      out.append(np.ones((keep_BPP.shape[0], pn, pn), np.float32))
-      continue
-    m = bilinear_matrix(P, pn)
-    small = np.einsum("oh,bhw,pw->bop", m, keep_BPP.astype(np.float64), m)
-    out.append((small > 0.5).astype(np.float32))
-  return out
-
-
-def _latent_keep_mask(mask, batch: int, image_size: int, latent: int) -> np.ndarray:
-  """Accepts (H, W), (B, H, W), (P, P) or (B, P, P) keep-masks (1 = keep source, 0 = generate)."""
-  m = np.asarray(mask)
-  if m.dtype == bool:
-    m = m.astype(np.float32)
-  if not np.issubdtype(m.dtype, np.number):
-    raise InputError(f"mask must be numeric or boolean, got dtype {m.dtype}.")
-  if m.ndim == 2:
-    m = m[None]
-  if m.ndim != 3 or m.shape[0] not in (1, batch):
-    raise InputError(f"mask must be (H, W) or (B, H, W) with B={batch}, got shape {np.asarray(mask).shape}.")
-  if np.any((m < 0) | (m > 1)) or not np.all(np.isfinite(m)):
-    raise InputError("mask values must lie in [0, 1] (1 = keep the source, 0 = generate).")
-  if m.shape[1:] == (image_size, image_size):
-    m = np.asarray(resize(jnp.asarray(m, jnp.float32)[..., None], latent, "area"))[..., 0]
-    m = (m >= 0.5).astype(np.float32)
-  elif m.shape[1:] != (latent, latent):
-    raise InputError(f"mask is {m.shape[1]}x{m.shape[2]}, but must be the image size "
-                     f"{image_size}x{image_size} or the latent size {latent}x{latent}.")
-  return np.broadcast_to(m, (batch,) + m.shape[1:]).astype(np.float32)
-
-
-def _check_edit_images(model, images):
-  """Float32 (B, H, W, 3) in [-1, 1] on the host (uint8 scaled), or an abstract batch."""
-  tc = model.tokenizer.config
-  if isinstance(images, jax.ShapeDtypeStruct):
-    if tuple(images.shape[1:]) != (tc.image_size, tc.image_size, tc.in_channels):
-      raise InputError(f"abstract images must be (B, {tc.image_size}, {tc.image_size}, "
-                       f"{tc.in_channels}), got {images.shape}.")
-    return jax.ShapeDtypeStruct(images.shape, jnp.float32)
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    images = images.astype(np.float32) / 127.5 - 1.0
-  return np.asarray(model.tokenizer.check_images(images))
-
-
-def build_edit_call(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96,
-                    more_smooth=False, mesh=None) -> Call:
-  """Checks the arguments and places everything for `edit` (and `aot.lower_edit`)."""
-  check_sampling_options(model, cfg, top_k, top_p)
-  top_k = effective_top_k(model, top_k)
-  labels_B = _check_labels(model, labels)
-  images = _check_edit_images(model, images)
-  B = images.shape[0]
-  if labels_B.shape[0] != B:
-    raise InputError(f"{labels_B.shape[0]} labels for {B} images.")
-  tc = model.tokenizer.config
-  keep = _latent_keep_mask(mask, B, tc.image_size, tc.latent_size)
-  mesh, placed, labels, keys, scalars = _placed_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
-  size = labels.shape[0]
-  masks = edit_masks_per_scale(keep, tc.patch_nums)
-  if placement.is_abstract(model):
-    masks = [placement.as_abstract(m) for m in masks]
-    images = placement.as_abstract(images)
-  masks = [placement.put_batch(placement.pad_batch(m, size), mesh) for m in masks]
-  images = placement.put_batch(placement.pad_batch(images, size), mesh)
-  static = dict(var_config=model.config, vae_config=tc, more_smooth=bool(more_smooth))
-  args = (placed.var_params, placed.vae_params, images, labels, keys, *scalars, masks)
-  return Call(_encode_and_generate, _edit_jit, args, static, mesh, B)
-
-
-def edit(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
-         return_tokens=False, mesh=None):
-  """Zero-shot editing: regenerate the masked region of `images`, conditioned on the rest.
-
-  Args:
-    model: a `var_jax.VARModel`.
-    images: (B, H, W, 3) uint8, or float in [-1, 1], at the model's image size.
-    mask: keep-mask, 1 = keep the source token, 0 = generate: (H, W) or (B, H, W) at image size
-      (area-averaged to the latent grid, kept where >= 0.5), or at the latent size (P, P).
-      In-painting: zeros inside the box. Out-painting: ones inside the box.
-    labels: class ids (B,) (num_classes = unconditional; other classes give class editing).
-    rng, cfg, top_k, top_p, more_smooth, return_tokens, mesh: as in `sample`.
-  """
-  out, tokens = build_edit_call(model, images, mask, labels, rng=rng, cfg=cfg, top_k=top_k,
-                                top_p=top_p, more_smooth=more_smooth, mesh=mesh).run()
-  return (out, tokens) if return_tokens else out
