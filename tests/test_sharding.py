@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import toy_model
-from var_jax.parallel import sharding
+from var_jax.parallel import distributed, sharding
 from var_jax.errors import ConfigError
 from var_jax.train import optim
 
@@ -284,19 +284,19 @@ def init_calls(monkeypatch):
     ({}, "on", False, True),
 ])
 def test_distributed_initialisation_is_env_gated(init_calls, environ, mode, aot, expect):
-  did = sharding.maybe_initialize_distributed(mode, aot=aot, environ=environ,
+  did = distributed.maybe_initialize_distributed(mode, aot=aot, environ=environ,
                                               on_tpu_vm=lambda env: False)
   assert did is expect
   assert len(init_calls) == int(expect)
 
 
 def test_distributed_initialises_on_a_tpu_vm_and_passes_explicit_args(init_calls):
-  assert sharding.maybe_initialize_distributed(environ={}, on_tpu_vm=lambda env: True)
-  sharding.maybe_initialize_distributed(
+  assert distributed.maybe_initialize_distributed(environ={}, on_tpu_vm=lambda env: True)
+  distributed.maybe_initialize_distributed(
       "on", coordinator_address="h:1", num_processes=4, process_id=2, environ={})
   assert init_calls[1] == {"coordinator_address": "h:1", "num_processes": 4, "process_id": 2}
 
 
 def test_distributed_mode_is_checked():
   with pytest.raises(ConfigError, match="'auto', 'on' or 'off'"):
-    sharding.maybe_initialize_distributed("sometimes")
+    distributed.maybe_initialize_distributed("sometimes")

@@ -268,7 +268,7 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
   """Trains VAR per `config` in `workdir` (resuming from its latest checkpoint if any)."""
-  from var_jax.parallel.sharding import maybe_initialize_distributed
+  from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", "auto"))
   task, _ = build_task(config)
   return loop.run(config, workdir, task)

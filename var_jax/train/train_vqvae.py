@@ -172,7 +172,7 @@ def build_task(config: ml_collections.ConfigDict) -> loop.TrainTask:
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
-  from var_jax.parallel.sharding import maybe_initialize_distributed
+  from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed(config.get("distributed", "auto"))
   return loop.run(config, workdir, build_task(config))
 
