@@ -13,7 +13,7 @@ import os
 
 from PIL import Image
 
-from var_jax.data.sources import UnreadableRecordError, decode_image
+from var_jax.data.records import UnreadableRecordError, decode_image
 from var_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

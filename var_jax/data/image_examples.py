@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from var_jax.data import augment
-from var_jax.data.sources import ImageRecordSource
+from var_jax.data.records import ImageRecordSource
 
 
 class ImageExamples:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from var_jax.data.sources import UnreadableRecordError
+from var_jax.data.records import UnreadableRecordError
 from var_jax.errors import InputError
 
 _LOGGER = logging.getLogger(__name__)

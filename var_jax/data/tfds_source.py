@@ -14,7 +14,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from var_jax.data.sources import decode_image
+from var_jax.data.records import decode_image
 from var_jax.errors import ConfigError
 
 
