@@ -1,16 +1,13 @@
 """var-jax: VAR (next-scale prediction) in JAX/Flax, for Cloud TPU pods and anywhere JAX runs."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
+# The base install samples, edits, converts and loads models: no TensorFlow (flax brings optax
+# and orbax-checkpoint, which the converted-model format uses).
 INSTALL_REQUIRES = [
     "jax>=0.10",
     "flax>=0.12",
-    "optax>=0.2.8",
     "orbax-checkpoint>=0.12",
     "ml_collections>=1.1",
-    "clu>=0.0.12",
-    # clu's metric writers import tensorflow and tensorboard without declaring them.
-    "tensorflow-cpu>=2.16",
-    "tensorboard>=2.16",
     "numpy>=1.26",
     "pillow>=10",
     "absl-py>=2",
@@ -18,10 +15,19 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
 ]
 
+TRAIN_REQUIRES = [
+    "optax>=0.2.8",
+    "clu>=0.0.12",
+    # clu's metric writers import tensorflow and tensorboard without declaring them.
+    "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",
+]
+
 EXTRAS_REQUIRE = {
+    "train": TRAIN_REQUIRES,
     "tpu": ["jax[tpu]>=0.10"],
     "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
-    "test": [
+    "test": TRAIN_REQUIRES + [
         "pytest>=8",
         # Two workers: most of the suite is single-threaded XLA compilation (CI has 2 cores).
         "pytest-xdist>=3.5",
@@ -39,7 +45,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["var_jax", "var_jax.*"]),
+    # Namespace discovery lists the data-only folders (assets/...) as packages too, so setuptools
+    # installs their files as package data without its "importable package" warning.
+    packages=find_namespace_packages(include=["var_jax", "var_jax.*"]),
     package_data={"var_jax": ["assets/*", "assets/**/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

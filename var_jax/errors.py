@@ -19,3 +19,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(VarJaxError, ValueError):
   """An array handed to a public function has the wrong shape, dtype or value range."""
+
+
+class MissingDependencyError(VarJaxError, ImportError):
+  """An optional dependency of the feature being used is not installed (the message names the extra)."""

@@ -11,11 +11,16 @@ manual dir and prepare it once, in the array_record format random access needs:
 """
 from __future__ import annotations
 
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from var_jax.data.records import decode_image
-from var_jax.errors import ConfigError
+from var_jax.errors import ConfigError, MissingDependencyError
+
+try:
+  import tensorflow_datasets as tfds
+except ImportError as error:
+  raise MissingDependencyError(
+      f"data.source='tfds' needs the `data` extra ({error}): pip install 'var-jax[train,data]'.") from error
 
 
 def _prepare_hint(name: str, data_dir: str, manual_dir: str) -> str:

@@ -20,10 +20,16 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers
 from etils import epath
 
-from var_jax.errors import ConfigError
+from var_jax.errors import ConfigError, MissingDependencyError
+
+try:  # clu's writers need tensorflow and tensorboard: the `train` extra, not the base install
+  from clu import metric_writers
+except ImportError as error:
+  raise MissingDependencyError(
+      f"training needs the `train` extra ({error}): pip install 'var-jax[train]' "
+      "(or '.[train]' in a clone).") from error
 
 METRICS_FILENAME = "metrics.jsonl"
 
