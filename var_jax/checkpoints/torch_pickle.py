@@ -270,28 +270,26 @@ class _Sealed:
         "file was edited or crafted. It was refused before anything from it ran.")
 
 
-class _StorageType(_Sealed):
+class _NamedTorchType(_Sealed):
+  """A torch object known by its name and the numpy dtype it stands for."""
+  __slots__ = ("name", "dtype")
+
+  def __init__(self, name: str, dtype: np.dtype):
+    self.name = name
+    self.dtype = dtype
+
+  def __repr__(self) -> str:
+    return f"torch.{self.name}"
+
+
+class _StorageType(_NamedTorchType):
   """Stand-in for `torch.<Name>Storage` / `torch.UntypedStorage`."""
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype):
-    self.name = name
-    self.dtype = dtype
-
-  def __repr__(self) -> str:
-    return f"torch.{self.name}"
+  __slots__ = ()
 
 
-class _TorchDtype(_Sealed):
+class _TorchDtype(_NamedTorchType):
   """Stand-in for a `torch.<dtype>` object."""
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype):
-    self.name = name
-    self.dtype = dtype
-
-  def __repr__(self) -> str:
-    return f"torch.{self.name}"
+  __slots__ = ()
 
 
 class _TensorType(_Sealed):
@@ -424,9 +422,8 @@ def _tensor_flags(metadata: Any, storage: _StorageRef) -> tuple[bool, bool]:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-  """torch._utils._rebuild_tensor: a tensor of the storage's dtype."""
-  dtype = storage.dtype if isinstance(storage, _StorageRef) else None
-  return _tensor_ref(storage, storage_offset, size, stride, dtype)
+  """torch._utils._rebuild_tensor: a tensor of the storage's dtype (v2 without autograd state)."""
+  return _rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,

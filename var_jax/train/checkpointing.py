@@ -51,19 +51,12 @@ def _as_absolute(path: epath.PathLike) -> epath.Path:
   return path if path.is_absolute() else path.absolute()
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """{'params/dense/kernel': (shape, dtype name)} for every leaf of `tree` (or its metadata)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
-    out["/".join(_key_name(k) for k in path)] = (
+    out[jax.tree_util.keystr(tuple(path), simple=True, separator="/")] = (
         tuple(np.shape(leaf) if getattr(leaf, "shape", None) is None else leaf.shape),
         str(np.dtype(dtype)) if dtype is not None else type(leaf).__name__)
   return out

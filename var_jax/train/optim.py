@@ -226,16 +226,9 @@ def make_wd_schedule(config: ml_collections.ConfigDict, *,
 # Weight-decay mask.
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def param_path(path: Sequence[Any]) -> str:
   """'blocks/attn/q_bias'-style name of a pytree key path."""
-  return "/".join(_key_name(k) for k in path)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def decays(name: str, shape: Sequence[int], *,
