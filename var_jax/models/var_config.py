@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 from var_jax import scales
 from var_jax.errors import ConfigError
+from var_jax.models.config_mapping import FromMapping
 from var_jax.models.vqvae_config import COMPUTE_DTYPES, PATCH_NUMS_256
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
@@ -15,8 +15,9 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 
 
 @dataclasses.dataclass(frozen=True)
-class VARConfig:
+class VARConfig(FromMapping):
   """Architecture and numerics of the VAR transformer (VAR_SPEC §4)."""
+  KIND = "VAR"  # not a field (no annotation)
   depth: int = 16
   embed_dim: int = 0             # 0: 64 * depth, as every released model.
   num_heads: int = 0             # 0: depth.
@@ -97,14 +98,3 @@ class VARConfig:
   @property
   def image_size(self) -> int:
     return 16 * self.patch_nums[-1]
-
-  @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "VARConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"Unknown VAR config fields {unknown}; known fields: {sorted(known)}.")
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)

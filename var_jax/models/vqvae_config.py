@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 from var_jax import scales
 from var_jax.errors import ConfigError
+from var_jax.models.config_mapping import FromMapping
 
 # The released tokenizer, vae_ch160v4096z32.pth (VAR_SPEC §0, §2).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -17,8 +17,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class VQVAEConfig:
+class VQVAEConfig(FromMapping):
   """Architecture of the official multi-scale VQVAE (encoder, decoder, residual quantizer)."""
+  KIND = "VQVAE"  # not a field (no annotation)
   vocab_size: int = 4096
   z_channels: int = 32          # Cvae: latent and codebook width.
   ch: int = 160
@@ -90,14 +91,3 @@ class VQVAEConfig:
     if self.share_quant_resi == 1:
       return (0,) * self.num_scales
     return scales.phi_index_table(self.num_scales, self.num_phi)
-
-  @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "VQVAEConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"Unknown VQVAE config fields {unknown}; known fields: {sorted(known)}.")
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
