@@ -1,38 +1,24 @@
-"""Ahead-of-time TPU compilation on a machine without TPUs: meshes, the VAR train step, the sampler.
+"""Ahead-of-time compiles of the VAR train step and sampler, from abstract inputs only.
 
-libtpu's compile-only client (`jax.experimental.topologies.get_topology_desc`) hands out device
-objects for any TPU slice. A jit lowered with shardings over them is partitioned, fused, given
-its Mosaic (Pallas) kernels and memory-planned exactly as on that slice, but never run. Every
-argument here is a `jax.ShapeDtypeStruct` carrying its sharding, so no model, optimizer state or
-tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memory anyway).
+Every argument here is a `jax.ShapeDtypeStruct` carrying its sharding, so no model, optimizer state
+or tokenizer is ever materialised on this host (a VAR-d30 does not fit in its memory anyway); the
+mesh is usually one over a TPU slice's compile-only devices (`topologies.topology_mesh`).
 
-* `topology_devices` / `topology_mesh`: a ("data", "fsdp", "tensor") mesh (AxisType.Auto, built by
-  `sharding.make_mesh` as training builds it) over e.g. "v5e:4x4" or "v5p-128".
 * `compile_train_step`: the step `train.loop.run` jits for a VAR training config (same state,
-  batch, frozen-tokenizer and rng shardings, state donated), from abstract inputs.
+  batch, frozen-tokenizer and rng shardings, state donated).
 * `lower_sample` / `lower_edit`: the lowered program of `var_jax.sample` / `var_jax.edit` on a
   mesh, through the public calls' own argument checks and placement (`sampler.build_*_call`);
   `compile_sampler` compiles it for a batch of an abstract model (`abstract_model`).
-* `analyze`: XLA's per-chip memory (`memory_analysis`) and cost (`cost_analysis`) of a compiled
-  program, the Mosaic kernels it calls, and a roofline time against the chip's peak FLOP/s and
-  HBM bandwidth. XLA's TPU cost analysis charges a while loop's body once, so the scanned blocks
-  are counted once rather than depth times; `loop_corrected` fixes that from a second compile
-  with the block scan unrolled by 2 (`unroll=2`).
-* `attention_flops_per_example`: analytic FLOPs of the splash kernel, which declares no cost
-  estimate to XLA. Model FLOPs (the MFU numerator) come from `var_jax.models.flops`.
-
-Used by tests/test_aot_tpu.py and benchmarks/aot_tpu.py. Needs libtpu (the `tpu` extra).
+* `compile_decoder`: the tokenizer decode alone (the sampler's last step).
+* `scan_unroll`: unrolls the block scan while tracing, for `analyze.loop_corrected`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
-import os
-import re
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 from unittest import mock
 
 import flax.linen as nn
@@ -43,7 +29,6 @@ from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from var_jax.models import flops as var_flops
-from var_jax import scales
 from var_jax.parallel import sharding
 from var_jax.inference import edit, sampler
 from var_jax.inference import placement
@@ -54,124 +39,7 @@ from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.train import optim, train_var
-from var_jax.train.metrics import PEAK_BF16_FLOPS_PER_DEVICE
 from var_jax.inference.var_model import VARModel
-
-GIB = 2**30
-MOSAIC_CALL = "tpu_custom_call"  # the HLO custom-call target of a Pallas TPU (Mosaic) kernel
-
-
-# -- chips and topologies ------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-  """One TPU generation's per-chip figures (Cloud TPU documentation).
-
-  Attributes:
-    generation: "v4", "v5e", "v5p" or "v6e".
-    hbm_bytes: HBM per chip.
-    peak_flops: peak bfloat16 FLOP/s per chip.
-    hbm_bandwidth: HBM bytes/s per chip.
-    chip_config: libtpu chip configuration; "megacore" for v4 makes one JAX device per chip (as a
-      Cloud TPU v4 VM does) instead of one per TensorCore.
-    cores_in_name: whether slice names count TensorCores ("v4-32" = 16 chips) or chips.
-  """
-  generation: str
-  hbm_bytes: int
-  peak_flops: float
-  hbm_bandwidth: float
-  chip_config: str = "default"
-  cores_in_name: bool = False
-
-
-CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec("v4", 32 * GIB, PEAK_BF16_FLOPS_PER_DEVICE["v4"], 1200e9, "megacore", True),
-    "v5e": ChipSpec("v5e", 16 * GIB, PEAK_BF16_FLOPS_PER_DEVICE["v5e"], 819e9),
-    "v5p": ChipSpec("v5p", 95 * GIB, PEAK_BF16_FLOPS_PER_DEVICE["v5p"], 2765e9, "default", True),
-    "v6e": ChipSpec("v6e", 32 * GIB, PEAK_BF16_FLOPS_PER_DEVICE["v6e"], 1640e9),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
-
-# Physical chip grids of the standard slices: 3-D tori (v4, v5p) and 2-D (v5e, v6e) by chip count.
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_DEFAULT_HOST_BOUNDS = (2, 2, 1)  # libtpu's default chips per host
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-              256: "16x16"}
-
-
-def parse_topology(name: str) -> tuple[str, ChipSpec]:
-  """Reads "v5e:4x4" (generation:chip grid) or a Cloud TPU slice name ("v5p-128", "v4-32").
-
-  Returns:
-    (the topology string libtpu takes, e.g. "v5p:4x4x4", the chip's ChipSpec).
-
-  Raises:
-    ConfigError: for an unknown generation or slice size.
-  """
-  text = name.strip().lower()
-  match = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text)
-  if match:
-    generation, grid = _ALIASES.get(match.group(1), match.group(1)), match.group(2)
-  else:
-    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
-    if not match:
-      raise ConfigError(f"Topology {name!r}: use generation:grid (e.g. 'v5e:4x4', 'v4:2x2x4') or "
-                        "a slice name (e.g. 'v5p-128', 'v4-32', 'v5e-256').")
-    generation = _ALIASES.get(match.group(1), match.group(1))
-    if generation not in CHIPS:
-      raise ConfigError(f"Unknown TPU generation in {name!r}; known: {sorted(CHIPS)}.")
-    count = int(match.group(2))
-    chips = count // 2 if CHIPS[generation].cores_in_name else count
-    shapes = _SHAPES_2D if generation in ("v5e", "v6e") else _SHAPES_3D
-    per_chip = 2 if CHIPS[generation].cores_in_name else 1
-    if chips not in shapes or count % per_chip:
-      raise ConfigError(f"No standard {generation} slice {name!r}; known sizes: "
-                        f"{sorted(k * per_chip for k in shapes)}.")
-    grid = shapes[chips]
-  if generation not in CHIPS:
-    raise ConfigError(f"Unknown TPU generation in {name!r}; known: {sorted(CHIPS)}.")
-  return f"{generation}:{grid}", CHIPS[generation]
-
-
-def chip_spec(topology: str) -> ChipSpec:
-  return parse_topology(topology)[1]
-
-
-@functools.lru_cache(maxsize=None)
-def topology_devices(topology: str) -> tuple[Any, ...]:
-  """The compile-only devices (one per chip) of a TPU slice, e.g. "v5e:2x2" or "v5p-128"."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  # A compile-only client opens no TPU, so several processes may hold one (a test next to a
-  # benchmark); without this the second fails on libtpu's single-process lockfile.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  canonical, spec = parse_topology(topology)
-  grid = [int(n) for n in canonical.split(":")[1].split("x")]
-  grid += [1] * (3 - len(grid))
-  kwargs = {}
-  if any(g < h for g, h in zip(grid, _DEFAULT_HOST_BOUNDS)):  # e.g. one chip: a one-chip host
-    kwargs["chips_per_host_bounds"] = tuple(min(g, h) for g, h in zip(grid, _DEFAULT_HOST_BOUNDS))
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=canonical,
-                                      chip_config_name=spec.chip_config, **kwargs)
-  return tuple(desc.devices)
-
-
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> list[tuple[str, int]]:
-  """[("data", d), ("fsdp", f), ("tensor", t)], the form `config.mesh` takes (-1: the rest)."""
-  return [("data", data), ("fsdp", fsdp), ("tensor", tensor)]
-
-
-def topology_mesh(topology: str, mesh: Sequence[Sequence[Any]] = sharding.DEFAULT_MESH, *,
-                  allow_split_physical_axes: bool = False) -> Mesh:
-  """A Mesh over a TPU slice's devices, laid out by `sharding.make_mesh` as training does.
-
-  Args:
-    topology: "v5e:4x4", "v4-32", "v5p-128", ...
-    mesh: [(axis name, size)] with at most one -1, e.g. `config.mesh` or `mesh_config(...)`.
-    allow_split_physical_axes: let one mesh axis take part of a physical torus axis.
-  """
-  return sharding.make_mesh(mesh, devices=list(topology_devices(topology)),
-                            allow_split_physical_axes=allow_split_physical_axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -236,59 +104,6 @@ def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 
 # -- the train step ------------------------------------------------------------------------------
-
-def attention_flops_per_example(var_cfg: VARConfig, remat: bool) -> float:
-  """FLOPs a flash-style kernel runs for one image's attention, forward + backward.
-
-  Per visible (query, key) pair and layer: 4 C forward (QK^T, PV), 10 C backward (QK^T again,
-  dO V^T, P^T dO, dS K, dS^T Q), 4 C more when remat recomputes the forward. Whole masked tiles
-  are skipped; the partly visible ones are charged as visible only, so this is a lower bound.
-  """
-  visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())
-  return (14.0 + (4.0 if remat else 0.0)) * var_cfg.depth * var_cfg.embed_dim * visible
-
-def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[str, float]:
-  """Matmul FLOPs of one image's KV-cached sampling pass, by part (a multiply-add = 2 FLOPs).
-
-  Per scale and sequence (two with classifier-free guidance): the block linears on the scale's
-  rows, attention's 4 C per (query row, visible key) pair and layer, the head, the per-sequence
-  AdaLN projections and the word embedding of the scale's input.
-  """
-  C, depth, V, Cv = var_cfg.embed_dim, var_cfg.depth, var_cfg.vocab_size, var_cfg.z_channels
-  seqs = 2 if guidance else 1
-  linear_params_per_token = var_flops.block_weights_per_token(var_cfg)  # qkv, proj, fc1, fc2
-  ada_params = var_flops.adaln_weights(var_cfg)
-  parts = {"linear": 0.0, "attention": 0.0, "head": 0.0, "adaln": 0.0, "word_embed": 0.0}
-  for si, (begin, end) in enumerate(scales.begin_ends(var_cfg.patch_nums)):
-    rows = end - begin
-    parts["linear"] += seqs * rows * depth * 2 * linear_params_per_token
-    parts["attention"] += seqs * depth * 4 * rows * end * C
-    parts["head"] += seqs * rows * 2 * C * V
-    parts["adaln"] += seqs * 2 * ada_params
-    if si > 0:
-      parts["word_embed"] += seqs * rows * 2 * Cv * C
-  parts["total"] = sum(parts.values())
-  return parts
-
-
-def sampler_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int,
-                      guidance: bool = True) -> float:
-  """HBM bytes a KV-cached sampling call of `batch` images must move, at the least.
-
-  The VAR weights once per scale (they do not fit in on-chip memory), every key and value
-  written once and each layer's visible cache prefix read once per scale, and the float32
-  logits written once and read once. Activations, the filter's sort and the decode are left out
-  (the decode is charged separately), so this is a lower bound.
-  """
-  seqs = (2 if guidance else 1) * batch
-  C, depth = var_cfg.embed_dim, var_cfg.depth
-  item = jnp.dtype(var_cfg.dtype).itemsize
-  kv_row = 2 * depth * C * item  # keys and values of one token, all layers
-  visible = sum(end for _, end in scales.begin_ends(var_cfg.patch_nums))
-  cache = seqs * kv_row * (var_cfg.seq_len + visible)
-  logits = 2 * seqs * var_cfg.seq_len * var_cfg.vocab_size * 4
-  return float(var_cfg.num_scales * param_bytes + cache + logits)
-
 
 @dataclasses.dataclass
 class CompiledProgram:
@@ -490,156 +305,3 @@ def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledPro
     compiled, lower_s, compile_s = _lower_and_compile(jax.jit(decode), vae_params, f_hat)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(vae_params)))
   return CompiledProgram(compiled, mesh, None, batch, num_params, None, lower_s, compile_s)
-
-
-# -- figures -------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Analysis:
-  """Per-chip figures of a compiled SPMD program (XLA describes one device's partitioned program).
-
-  Attributes:
-    argument_bytes, output_bytes, alias_bytes, temp_bytes, code_bytes: `memory_analysis()`.
-    peak_bytes: argument + output - alias + temp + code: live HBM at the program's peak, an
-      upper bound that counts donated outputs once.
-    hbm_bytes: the chip's HBM.
-    flops, bytes_accessed, transcendentals: `cost_analysis()`; Pallas calls count only what their
-      CostEstimate declares (splash declares nothing).
-    optimal_s: the TPU cost model's time estimate (-1 where it has none).
-    mosaic_calls: Mosaic (Pallas TPU) custom-call sites in the optimized HLO.
-    kernels: ((kernel name, call sites), ...) of those: ours (splash_mha_*, var_prefix_attention)
-      and any XLA emits itself (e.g. "online-softmax" for a softmax feeding a matmul).
-    peak_flops, hbm_bandwidth: the chip's peaks.
-  """
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  code_bytes: int
-  hbm_bytes: int
-  flops: float
-  bytes_accessed: float
-  transcendentals: float
-  optimal_s: float
-  mosaic_calls: int
-  peak_flops: float
-  hbm_bandwidth: float
-  kernels: tuple[tuple[str, int], ...] = ()
-
-  @property
-  def peak_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
-
-  @property
-  def fits(self) -> bool:
-    return self.peak_bytes <= self.hbm_bytes
-
-  @property
-  def compute_s(self) -> float:
-    return self.flops / self.peak_flops
-
-  @property
-  def memory_s(self) -> float:
-    return self.bytes_accessed / self.hbm_bandwidth
-
-  @property
-  def roofline_s(self) -> float:
-    """max(flops / peak FLOP/s, bytes / HBM bandwidth): a lower bound on one call's time."""
-    return max(self.compute_s, self.memory_s)
-
-  @property
-  def bound(self) -> str:
-    return "compute" if self.compute_s >= self.memory_s else "memory"
-
-
-def analyze(compiled: Any, chip: ChipSpec) -> Analysis:
-  """Per-chip memory and cost figures of `compiled` for `chip`."""
-  memory = compiled.memory_analysis()
-  if isinstance(memory, (list, tuple)):
-    memory = memory[0]
-  if memory is None:
-    raise RuntimeError("memory_analysis() returned None for this executable.")
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return Analysis(
-      argument_bytes=int(memory.argument_size_in_bytes),
-      output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes),
-      temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=chip.hbm_bytes,
-      flops=float(cost.get("flops", 0.0)),
-      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      transcendentals=float(cost.get("transcendentals", 0.0)),
-      optimal_s=float(cost.get("optimal_seconds", -1.0)),
-      mosaic_calls=compiled.as_text().count(MOSAIC_CALL),
-      peak_flops=chip.peak_flops,
-      hbm_bandwidth=chip.hbm_bandwidth,
-      kernels=tuple(sorted(mosaic_kernels(compiled).items())),
-  )
-
-
-def mosaic_kernels(compiled: Any) -> dict[str, int]:
-  """{kernel name: call sites} of the Mosaic custom calls in `compiled`'s optimized HLO.
-
-  The name is the HLO instruction's without its ".N" suffix: "splash_mha_fwd_residuals",
-  "var_prefix_attention", or XLA's own "online-softmax".
-  """
-  counts: dict[str, int] = {}
-  for line in compiled.as_text().splitlines():
-    if f'custom_call_target="{MOSAIC_CALL}"' not in line:
-      continue
-    name = re.sub(r"\.\d+$", "", line.split("=", 1)[0].strip().lstrip("%"))
-    counts[name] = counts.get(name, 0) + 1
-  return counts
-
-
-def uses_kernel(analysis: Analysis, prefix: str) -> bool:
-  """Whether a Mosaic kernel whose name starts with `prefix` (e.g. "splash") is called."""
-  return any(name.startswith(prefix) for name, _ in analysis.kernels)
-
-
-def loop_corrected(looped: Analysis, unrolled2: Analysis, trips: int) -> Analysis:
-  """Costs of a program whose scanned blocks XLA's cost analysis counted only once.
-
-  The TPU `cost_analysis()` charges a while loop's body once, whatever its trip count. With the
-  same program compiled with the block scan unrolled by 2 (`unroll=2`; every loop body then holds
-  two blocks), the difference of the two analyses is one trip of every block loop (the forward
-  and backward loops of training; the loop of each sampled scale). Adding (trips - 1) of it gives
-  the full program. Memory figures stay those of `looped`, the real program.
-
-  Args:
-    looped: analysis of the program as it runs (unroll=1).
-    unrolled2: analysis of the same program compiled with unroll=2.
-    trips: the scans' length (the model depth; must be even for unroll=2 to divide it).
-  """
-  if trips % 2:
-    raise ConfigError(f"loop_corrected needs an even trip count (depth), got {trips}.")
-  def full(name: str) -> float:
-    once, twice = getattr(looped, name), getattr(unrolled2, name)
-    return once + (trips - 1) * (twice - once)
-
-  optimal = full("optimal_s") if looped.optimal_s >= 0 and unrolled2.optimal_s >= 0 else -1.0
-  return dataclasses.replace(looped, flops=full("flops"), bytes_accessed=full("bytes_accessed"),
-                             transcendentals=full("transcendentals"), optimal_s=optimal)
-
-
-def while_loops(compiled: Any) -> int:
-  """Number of while loops in the optimized HLO of `compiled`."""
-  return sum(" while(" in line for line in compiled.as_text().splitlines())
-
-
-def mfu_ceiling(model_flops: float, num_chips: int, analysis: Analysis) -> float:
-  """Model FLOPs per chip / (roofline time x peak FLOP/s): the best MFU the program allows."""
-  return model_flops / num_chips / (analysis.roofline_s * analysis.peak_flops)
-
-
-def libtpu_available() -> bool:
-  """Whether libtpu imports (AOT TPU compilation needs it, TPU hardware not)."""
-  try:
-    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
