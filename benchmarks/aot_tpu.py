@@ -21,7 +21,7 @@ Printed per chip (XLA describes one device's partitioned program):
   by compiling the program a second time with the block scan unrolled by 2 (`aot.loop_corrected`;
   `--no-loop-correction` skips it and prints the raw figures). The splash training kernel
   declares no cost estimate, so on the kernel path the compiled FLOPs miss the attention
-  matmuls: its roofline adds them analytically (`aot.attention_flops_per_example`: 14 C per
+  matmuls: its roofline adds them analytically (`flops.kernel_attention_flops_per_example`: 14 C per
   visible (query, key) pair and layer, + 4 C under remat), and its bytes miss splash's q/k/v/o
   traffic;
 * roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, peaks from `aot.CHIPS`
@@ -175,7 +175,7 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         f"{batch // chips} images per chip; Mosaic calls: {_kernels(raw)}")
   print_memory(raw)
   remat = config.model["remat_policy"] != "none"
-  attention_flops = aot.attention_flops_per_example(var_cfg, remat) * batch / chips
+  attention_flops = var_flops.kernel_attention_flops_per_example(var_cfg, remat) * batch / chips
   kernel = aot.uses_kernel(raw, "splash")
   flops = cost.flops + (attention_flops if kernel else 0.0)
   compute_s, memory_s = flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth
@@ -267,14 +267,15 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
 
 def ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch: int, num_params: int,
                            param_dtype: str) -> dict:
-  """The sampler's roofline per chip if it did only the necessary work (`aot.sampler_*`).
+  """The sampler's roofline per chip if it did only the necessary work.
 
-  FLOPs: the analytic transformer matmuls plus the decode as compiled on its own; bytes: the
-  lower bound of `aot.sampler_min_bytes` plus the decode's. Batch and weights per chip as the
-  sampler runs them (batch split over the data axes, weights replicated).
+  FLOPs: the analytic transformer matmuls (`flops.sampler_flops_per_image`) plus the decode as
+  compiled on its own; bytes: the lower bound of `aot.sampler_min_bytes` plus the decode's. Batch
+  and weights per chip as the sampler runs them (batch split over the data axes, weights
+  replicated).
   """
   per_chip = -(-batch // (mesh.shape["data"] * mesh.shape["fsdp"]))  # padded to the shards
-  transformer = aot.sampler_flops_per_image(var_cfg)["total"] * per_chip
+  transformer = var_flops.sampler_flops_per_image(var_cfg)["total"] * per_chip
   decode = aot.analyze(aot.compile_decoder(vae_cfg, mesh, batch).compiled, chip)
   param_bytes = num_params * jnp.dtype(param_dtype).itemsize
   min_bytes = aot.sampler_min_bytes(var_cfg, per_chip, param_bytes) + decode.bytes_accessed

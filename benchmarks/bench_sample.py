@@ -27,8 +27,8 @@ import numpy as np
 
 import _common
 import var_jax
-from var_jax import aot
 from var_jax.inference import sampler
+from var_jax.models import flops as var_flops
 from var_jax.models.vqvae import VQVAE
 
 COMPILE_GOAL_S = 60.0
@@ -137,7 +137,7 @@ def report_goals(rows: list[dict]) -> None:
 
 def measure_flops(args, official, tok, cfg, env) -> tuple[dict[str, float], float | None]:
   """Analytic transformer FLOPs per image; decoder FLOPs (XLA) and matmul rates unless --no-flops."""
-  flops = aot.sampler_flops_per_image(cfg)
+  flops = var_flops.sampler_flops_per_image(cfg)
   decoder_flops = None
   if not args.no_flops:
     decoder_flops = decoder_flops_per_image(tok)

@@ -22,6 +22,7 @@ from var_jax import aot, scales
 from var_jax.models import flops
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
+from var_jax.train import config_lib, train_var
 
 C = 256
 BATCH = 2
@@ -125,6 +126,38 @@ def test_breakdown_by_hand_and_bad_stage():
   np.testing.assert_allclose(parts["total"], 8.955e11, rtol=1e-3)  # ~0.9 TFLOP per 256 px image
   with pytest.raises(Exception, match="prog_si"):
     flops.flops_per_example(cfg, 10)
+
+
+def test_sampler_flops_of_d16_match_the_hand_count():
+  config = config_lib.var_imagenet_config(16)
+  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
+  parts = flops.sampler_flops_per_image(var_cfg)
+  # C = 1024, mlp 4096, V = 4096, L = 680, two sequences (guidance); per scale the rows attend
+  # to every key so far: sum of rows x end over scales = the block-causal mask's visible pairs.
+  C, L, V = 1024, 680, 4096
+  rows_x_keys = sum((e - b) * e for b, e in scales.begin_ends(var_cfg.patch_nums))
+  assert parts["blocks"] == 2 * L * 16 * 2 * (4 * C * C + 2 * C * 4 * C)
+  assert parts["attention"] == 2 * 16 * 4 * C * rows_x_keys
+  assert parts["head"] == 2 * L * 2 * C * V
+  assert parts["adaln"] == 2 * 10 * 2 * (16 * 6 + 2) * C * C  # per sequence, once per scale
+  assert parts["word_embed"] == 2 * (L - 1) * 2 * 32 * C
+  assert parts["total"] == pytest.approx(600.76e9, rel=1e-4)
+  unguided = flops.sampler_flops_per_image(var_cfg, guidance=False)
+  assert unguided["total"] * 2 == parts["total"]
+  # One forward pass per sequence: the training count's forward share, AdaLN applied per scale.
+  train = flops.flops_breakdown(var_cfg)
+  assert unguided["blocks"] * 3 == train["blocks"] and unguided["attention"] * 3 == train["attention"]
+  assert unguided["word_embed"] * 2 == train["word_embed"]
+
+
+def test_kernel_attention_flops_by_hand():
+  cfg = VARConfig(depth=16)
+  visible = float(scales.block_causal_mask(cfg.patch_nums).sum())
+  assert flops.kernel_attention_flops_per_example(cfg, remat=False) == 14 * 16 * 1024 * visible
+  assert flops.kernel_attention_flops_per_example(cfg, remat=True) == 18 * 16 * 1024 * visible
+  # The kernel recomputes QK^T in the backward: more than the model count's 12 C per pair.
+  assert (flops.kernel_attention_flops_per_example(cfg, remat=False)
+          > flops.flops_breakdown(cfg)["attention"])
 
 
 def test_trainer_logs_these_flops():

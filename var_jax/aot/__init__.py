@@ -12,12 +12,11 @@ exactly as on that slice, but never run. Needs libtpu (the `tpu` extra), no TPU.
 * `analysis`: per-chip memory and cost of a compiled program (`analyze`), its Mosaic kernels, the
   loop correction of XLA's cost analysis, the roofline and MFU ceiling.
 
-Model FLOPs (the MFU numerator) come from `var_jax.models.flops`.
+FLOPs counted analytically (the MFU numerator, the splash kernel's attention, the sampler's
+matmuls) come from `var_jax.models.flops`.
 """
-from var_jax.aot.analysis import (MOSAIC_CALL, Analysis, analyze, attention_flops_per_example,
-                                  loop_corrected, mfu_ceiling, mosaic_kernels,
-                                  sampler_flops_per_image, sampler_min_bytes, uses_kernel,
-                                  while_loops)
+from var_jax.aot.analysis import (MOSAIC_CALL, Analysis, analyze, loop_corrected, mfu_ceiling,
+                                  mosaic_kernels, sampler_min_bytes, uses_kernel, while_loops)
 from var_jax.aot.compile import (CompiledProgram, abstract_batch, abstract_key, abstract_model,
                                  abstract_tokenizer_params, compile_decoder, compile_sampler,
                                  compile_train_step, lower_edit, lower_sample, replicated,
@@ -27,11 +26,9 @@ from var_jax.aot.topologies import (CHIPS, GIB, ChipSpec, chip_spec, libtpu_avai
 
 __all__ = [
     "CHIPS", "GIB", "MOSAIC_CALL", "Analysis", "ChipSpec", "CompiledProgram", "abstract_batch",
-    "abstract_key", "abstract_model", "abstract_tokenizer_params", "analyze",
-    "attention_flops_per_example", "chip_spec",
+    "abstract_key", "abstract_model", "abstract_tokenizer_params", "analyze", "chip_spec",
     "compile_decoder", "compile_sampler", "compile_train_step", "libtpu_available",
     "loop_corrected", "lower_edit", "lower_sample", "mesh_config", "mfu_ceiling",
-    "mosaic_kernels", "parse_topology", "replicated", "sampler_flops_per_image",
-    "sampler_min_bytes", "scan_unroll",
+    "mosaic_kernels", "parse_topology", "replicated", "sampler_min_bytes", "scan_unroll",
     "tokenizer_config", "topology_devices", "topology_mesh", "uses_kernel", "while_loops",
 ]

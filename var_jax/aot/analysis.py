@@ -4,7 +4,8 @@
 program. XLA's TPU cost analysis charges a while loop's body once, so the scanned blocks are
 counted once rather than depth times; `loop_corrected` fixes that from a second compile with the
 block scan unrolled by 2 (`compile.scan_unroll`). The roofline is max(FLOPs / peak FLOP/s,
-bytes / HBM bandwidth) against the chip's figures (`topologies.CHIPS`).
+bytes / HBM bandwidth) against the chip's figures (`topologies.CHIPS`). Analytic FLOPs (model,
+attention kernel, sampler) are `var_jax.models.flops`'s; the sampler's least HBM traffic is here.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 from var_jax import scales
 from var_jax.aot.topologies import ChipSpec
 from var_jax.errors import ConfigError
-from var_jax.models import flops as var_flops
 from var_jax.models.var_config import VARConfig
 
 MOSAIC_CALL = "tpu_custom_call"  # the HLO custom-call target of a Pallas TPU (Mosaic) kernel
@@ -165,43 +165,7 @@ def mfu_ceiling(model_flops: float, num_chips: int, analysis: Analysis) -> float
   return model_flops / num_chips / (analysis.roofline_s * analysis.peak_flops)
 
 
-
-# -- analytic figures ----------------------------------------------------------------------------
-
-def attention_flops_per_example(var_cfg: VARConfig, remat: bool) -> float:
-  """FLOPs a flash-style kernel runs for one image's attention, forward + backward.
-
-  Per visible (query, key) pair and layer: 4 C forward (QK^T, PV), 10 C backward (QK^T again,
-  dO V^T, P^T dO, dS K, dS^T Q), 4 C more when remat recomputes the forward. Whole masked tiles
-  are skipped; the partly visible ones are charged as visible only, so this is a lower bound.
-  """
-  visible = float(scales.block_causal_mask(var_cfg.patch_nums).sum())
-  return (14.0 + (4.0 if remat else 0.0)) * var_cfg.depth * var_cfg.embed_dim * visible
-
-
-def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[str, float]:
-  """Matmul FLOPs of one image's KV-cached sampling pass, by part (a multiply-add = 2 FLOPs).
-
-  Per scale and sequence (two with classifier-free guidance): the block linears on the scale's
-  rows, attention's 4 C per (query row, visible key) pair and layer, the head, the per-sequence
-  AdaLN projections and the word embedding of the scale's input.
-  """
-  C, depth, V, Cv = var_cfg.embed_dim, var_cfg.depth, var_cfg.vocab_size, var_cfg.z_channels
-  seqs = 2 if guidance else 1
-  linear_params_per_token = var_flops.block_weights_per_token(var_cfg)  # qkv, proj, fc1, fc2
-  ada_params = var_flops.adaln_weights(var_cfg)
-  parts = {"linear": 0.0, "attention": 0.0, "head": 0.0, "adaln": 0.0, "word_embed": 0.0}
-  for si, (begin, end) in enumerate(scales.begin_ends(var_cfg.patch_nums)):
-    rows = end - begin
-    parts["linear"] += seqs * rows * depth * 2 * linear_params_per_token
-    parts["attention"] += seqs * depth * 4 * rows * end * C
-    parts["head"] += seqs * rows * 2 * C * V
-    parts["adaln"] += seqs * 2 * ada_params
-    if si > 0:
-      parts["word_embed"] += seqs * rows * 2 * Cv * C
-  parts["total"] = sum(parts.values())
-  return parts
-
+# -- analytic bytes ------------------------------------------------------------------------------
 
 def sampler_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int,
                       guidance: bool = True) -> float:

@@ -1,32 +1,49 @@
-"""Model FLOPs of one VAR training example (forward + backward), the numerator of MFU.
+"""Matmul FLOPs of VAR: one training example (the numerator of MFU), one sampled image, and what a
+flash-style attention kernel runs. The one place the repository counts matmul and attention FLOPs.
 
-One count, used by the trainer's logged MFU (`train/train_var.py`), the AOT roofline
-(`aot.py`) and the benchmarks. A multiply-add is 2 FLOPs; only matmuls count (norms, softmax,
-GELU, the optimizer update are elementwise and left out, as MFU conventionally does). Per part:
+Used by the trainer's logged MFU (`train/train_var.py`), the AOT roofline (`var_jax.aot`) and the
+benchmarks. A multiply-add is 2 FLOPs; only matmuls count (norms, softmax, GELU, the optimizer
+update are elementwise and left out, as MFU conventionally does).
 
-* block linears (qkv, proj, fc1, fc2): applied to every token, 2 FLOPs per weight per token
-  forward and 4 backward (the weight gradient and the input gradient), so 6 per weight per token;
-* head: the same 6 per weight per token;
+Everything starts from the forward pass of one sequence (`forward_breakdown`):
+
+* block linears (qkv, proj, fc1, fc2): 2 FLOPs per weight per token;
+* head: the same 2 per weight per token;
 * word_embed: applied to the tokens after the first scale (the first scale's tokens are the
-  class token + pos_start). Its input is the tokenizer's data, which needs no gradient: 2 forward
-  + 2 for the weight gradient = 4 per weight per token;
-* AdaLN projections (each block's 6C x C, or one shared, and the head's 2C x C): applied once per
-  image to the class condition, 6 per weight per image (the class embedding is a lookup);
-* attention: QK^T and PV are 2 C FLOPs each per (query, key) pair per layer forward, twice that
-  backward (dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q): 12 C per pair that the
-  block-causal mask lets through. A dense XLA attention computes the masked pairs too (all L²);
-  those are not model FLOPs.
+  class token + pos_start), 2 per weight per token;
+* AdaLN projections (each block's 6C x C, or one shared, and the head's 2C x C): applied to the
+  class condition, 2 per weight each time the network is applied (the class embedding is a
+  lookup);
+* attention: QK^T and PV are 2 C FLOPs each per (query, key) pair per layer, 4 C per pair that
+  the block-causal mask lets through. A dense XLA attention computes the masked pairs too (all
+  L²); those are not model FLOPs. A query row of scale k sees the keys of scales 0..k, so the
+  visible pairs are also what a KV-cached sampler attends to, scale by scale.
 
-With `prog_si` (a progressive-training stage) the step runs on scales 0..prog_si only, i.e. the
-first ed = sum(pn² for those scales) tokens, and only their pairs are visible.
+Training (`flops_breakdown`) adds the backward pass: 4 per weight per token more (the weight
+gradient and the input gradient), so 6 per weight; word_embed's input is the tokenizer's data and
+needs no gradient, so 2 + 2 = 4 per weight; attention's backward is twice its forward (dP = dO V^T,
+dV = P^T dO, dQ = dS K, dK = dS^T Q): 12 C per visible pair. No remat recompute is counted (model
+FLOPs, not hardware FLOPs). With `prog_si` (a progressive-training stage) the step runs on scales
+0..prog_si only, i.e. the first ed = sum(pn² for those scales) tokens, and only their pairs are
+visible.
 
-No remat recompute is counted (model FLOPs, not hardware FLOPs).
+Sampling (`sampler_flops_per_image`) is the forward pass of each sequence (two per image with
+classifier-free guidance), the network applied once per scale, so the AdaLN projections count once
+per scale. `kernel_attention_flops_per_example` is the hardware count of a flash kernel's
+attention in training (it recomputes QK^T in the backward, and the forward again under remat).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 from var_jax import scales
 from var_jax.errors import ConfigError
 from var_jax.models.var_config import VARConfig
+
+# FLOPs per visible (query, key) pair, per layer and per channel.
+ATTENTION_FORWARD_PER_PAIR = 4     # QK^T, PV
+ATTENTION_BACKWARD_PER_PAIR = 8    # dO V^T, P^T dO, dS K, dS^T Q
+KERNEL_ATTENTION_BACKWARD_PER_PAIR = 10  # the same and QK^T again (probabilities are not stored)
 
 
 def stage_patch_nums(var_cfg: VARConfig, prog_si: int | None = None) -> tuple[int, ...]:
@@ -50,24 +67,37 @@ def adaln_weights(var_cfg: VARConfig) -> int:
   return (1 if var_cfg.shared_aln else var_cfg.depth) * 6 * C * C + 2 * C * C
 
 
+def visible_pairs(patch_nums: Sequence[int]) -> float:
+  """(query, key) pairs the block-causal mask lets through: sum over scales of rows x keys so far."""
+  return float(scales.block_causal_mask(tuple(patch_nums)).sum())
+
+
+def forward_breakdown(var_cfg: VARConfig, prog_si: int | None = None, *,
+                      adaln_calls: int = 1) -> dict[str, float]:
+  """Forward matmul FLOPs of one sequence, by part: "blocks", "head", "word_embed", "adaln",
+  "attention" (visible pairs only). `adaln_calls`: times the AdaLN projections are applied."""
+  patch_nums = stage_patch_nums(var_cfg, prog_si)
+  C = var_cfg.embed_dim
+  tokens = scales.seq_len(patch_nums)
+  return {
+      "blocks": 2.0 * var_cfg.depth * block_weights_per_token(var_cfg) * tokens,
+      "head": 2.0 * C * var_cfg.vocab_size * tokens,
+      "word_embed": 2.0 * var_cfg.z_channels * C * (tokens - var_cfg.first_l),
+      "adaln": 2.0 * adaln_weights(var_cfg) * adaln_calls,
+      "attention": float(ATTENTION_FORWARD_PER_PAIR * var_cfg.depth * C) * visible_pairs(patch_nums),
+  }
+
+
 def flops_breakdown(var_cfg: VARConfig, prog_si: int | None = None) -> dict[str, float]:
   """Forward + backward model FLOPs of one example, by part, and their "total".
 
   Parts: "blocks" (qkv, proj, fc1, fc2 of all layers), "head", "word_embed", "adaln",
   "attention" (visible pairs only). See the module docstring.
   """
-  patch_nums = stage_patch_nums(var_cfg, prog_si)
-  C = var_cfg.embed_dim
-  tokens = scales.seq_len(patch_nums)
-  embedded = tokens - var_cfg.first_l
-  visible = float(scales.block_causal_mask(patch_nums).sum())  # (query, key) pairs
-  parts = {
-      "blocks": 6.0 * var_cfg.depth * block_weights_per_token(var_cfg) * tokens,
-      "head": 6.0 * C * var_cfg.vocab_size * tokens,
-      "word_embed": 4.0 * var_cfg.z_channels * C * embedded,
-      "adaln": 6.0 * adaln_weights(var_cfg),
-      "attention": 12.0 * var_cfg.depth * C * visible,
-  }
+  forward = forward_breakdown(var_cfg, prog_si)
+  attention_factor = (ATTENTION_FORWARD_PER_PAIR + ATTENTION_BACKWARD_PER_PAIR) / ATTENTION_FORWARD_PER_PAIR
+  factor = {"word_embed": 2.0, "attention": attention_factor}  # the rest: forward 2 + backward 4
+  parts = {name: factor.get(name, 3.0) * value for name, value in forward.items()}
   parts["total"] = sum(parts.values())
   return parts
 
@@ -75,3 +105,32 @@ def flops_breakdown(var_cfg: VARConfig, prog_si: int | None = None) -> dict[str,
 def flops_per_example(var_cfg: VARConfig, prog_si: int | None = None) -> float:
   """Model FLOPs of one example's forward + backward at stage `prog_si` (None: all scales)."""
   return flops_breakdown(var_cfg, prog_si)["total"]
+
+
+def kernel_attention_flops_per_example(var_cfg: VARConfig, remat: bool,
+                                       prog_si: int | None = None) -> float:
+  """FLOPs a flash-style kernel runs for one training example's attention, forward + backward.
+
+  Per visible (query, key) pair and layer: 4 C forward, 10 C backward (QK^T again, dO V^T,
+  P^T dO, dS K, dS^T Q), 4 C more when remat recomputes the forward. Whole masked tiles are
+  skipped; the partly visible ones are charged as visible only, so this is a lower bound. A
+  kernel that declares no cost estimate to XLA (splash) is missing this from `cost_analysis()`.
+  """
+  per_pair = (ATTENTION_FORWARD_PER_PAIR * (2 if remat else 1)
+              + KERNEL_ATTENTION_BACKWARD_PER_PAIR)
+  patch_nums = stage_patch_nums(var_cfg, prog_si)
+  return float(per_pair * var_cfg.depth * var_cfg.embed_dim) * visible_pairs(patch_nums)
+
+
+def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[str, float]:
+  """Matmul FLOPs of one image's KV-cached sampling pass, by part, and their "total".
+
+  The forward pass of each sequence (two with classifier-free guidance), the network applied once
+  per scale: the block linears, head and word embedding on each scale's rows, attention from each
+  scale's rows to every cached key so far (the visible pairs), the AdaLN projections per scale.
+  """
+  seqs = 2 if guidance else 1
+  forward = forward_breakdown(var_cfg, adaln_calls=var_cfg.num_scales)
+  parts = {name: seqs * value for name, value in forward.items()}
+  parts["total"] = sum(parts.values())
+  return parts
