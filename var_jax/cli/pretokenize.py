@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import re
 import sys
 from typing import Sequence
 
@@ -31,8 +29,6 @@ import numpy as np
 from var_jax.errors import ConfigError, InputError, VarJaxError
 
 PROG = "var-jax pretokenize"
-# `--config.a.b=v` / `--noconfig.a.b` overrides, handed to ml_collections' config flag.
-_OVERRIDE = re.compile(r"^--?(no)?config\.")
 
 
 def _parse_patch_nums(text: str) -> tuple[int, ...]:
@@ -75,26 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(parser: argparse.ArgumentParser, config_arg: str, overrides: Sequence[str]):
-  """The config file with its overrides, through ml_collections' config flag (as `var-jax train`)."""
-  import ml_collections
-  from absl import flags
-  from ml_collections import config_flags
-  path = config_arg.split(":", 1)[0]
-  if not os.path.isfile(path):
-    parser.error(f"--config {path}: no such config file (e.g. configs/var_d16.py).")
-  argv = [PROG, f"--config={config_arg}", *overrides]
-  # A private FlagValues per call: repeated calls (tests) and other commands never collide.
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                           flag_values=flag_values, lock_config=True, sys_argv=argv)
+  """The config file with its overrides (`config_lib.load_config_file`); a bad one exits 2 with usage."""
+  from var_jax.train import config_lib
   try:
-    flag_values(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    parser.error(f"cannot load --config {config_arg} with overrides {list(overrides)}: {e}")
-  if not isinstance(holder.value, ml_collections.ConfigDict):
-    parser.error(f"--config {config_arg} did not give a ConfigDict (its get_config() failed to "
-                 "load or returned something else).")
-  return holder.value
+    return config_lib.load_config_file(config_arg, overrides, prog=PROG)
+  except ConfigError as e:
+    parser.error(str(e))
 
 
 def tokenizer_spec(config, tokenizer: str | None, patch_nums: Sequence[int] | None):
@@ -242,8 +224,8 @@ def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   parser = build_parser()
   args, rest = parser.parse_known_args(argv[1:])
-  overrides = [a for a in rest if _OVERRIDE.match(a)]
-  unknown = [a for a in rest if not _OVERRIDE.match(a)]
+  from var_jax.train import config_lib
+  overrides, unknown = config_lib.split_config_overrides(rest)
   if unknown:
     parser.error(f"unrecognized arguments: {' '.join(unknown)} (write config overrides as "
                  "--config.FIELD=VALUE)")

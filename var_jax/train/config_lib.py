@@ -1,13 +1,19 @@
-"""What config files share: `:k=v` variant parsing, the base training config, the official recipes.
+"""What config files share: `:k=v` variant parsing, the base training config, the official recipes;
+and how a command that takes a training config file loads one (`load_config_file`).
 
 Config files in configs/ are loaded by path (and copied alone to TPU workers), so they import
 this module rather than each other.
 """
 from __future__ import annotations
 
+import os
+import re
+from typing import Sequence
+
 import ml_collections
 
 from var_jax.data.config import default_data_config
+from var_jax.errors import ConfigError
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
 from var_jax.train import optim, progressive
 
@@ -116,3 +122,48 @@ def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool 
     c.optim.warmup_steps = 1
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   return c
+
+
+# `--config.a.b=v` / `--noconfig.a.b` overrides of a config file's fields.
+_OVERRIDE = re.compile(r"^--?(no)?config\.")
+
+
+def split_config_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(the `--config.FIELD=VALUE` / `--noconfig.FIELD` overrides in `args`, the other args)."""
+  overrides = [a for a in args if _OVERRIDE.match(a)]
+  return overrides, [a for a in args if not _OVERRIDE.match(a)]
+
+
+def load_config_file(config_arg: str, overrides: Sequence[str] = (), *,
+                     prog: str = "var-jax") -> ml_collections.ConfigDict:
+  """A config file with its overrides, through ml_collections' config flag (as `var-jax train`).
+
+  Args:
+    config_arg: "configs/var_d16.py" or "configs/var_d16.py:tiny" (the part after ':' goes to the
+      file's get_config).
+    overrides: ["--config.global_batch_size=64", "--noconfig.async_checkpointing", ...].
+    prog: the command's name, for absl's flag parsing.
+
+  Raises:
+    ConfigError: no such file, an override of a field the config lacks or of the wrong type, or a
+      file whose get_config() failed or returned something else than a ConfigDict.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  path = config_arg.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {path}: no such config file (e.g. configs/var_d16.py).")
+  argv = [prog, f"--config={config_arg}", *overrides]
+  # A private FlagValues per call: repeated calls (tests) and other commands never collide.
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                           flag_values=flag_values, lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    raise ConfigError(f"cannot load --config {config_arg} with overrides {list(overrides)}: "
+                      f"{e}") from None
+  if not isinstance(holder.value, ml_collections.ConfigDict):
+    raise ConfigError(f"--config {config_arg} did not give a ConfigDict (its get_config() failed "
+                      "to load or returned something else).")
+  return holder.value
