@@ -115,6 +115,19 @@ def test_lower_sample_is_the_program_sample_runs():
   assert abstract == concrete
 
 
+def test_lower_sample_traces_anew_under_scan_unroll():
+  """`aot.scan_unroll` changes what lower_sample traces (the sampler's loop correction relies on
+  it): the lowering is a new trace, not jit's cached trace of the same call."""
+  m = model("tiny")
+  assert m.config.depth % 2 == 0
+  mesh = placement.default_mesh()
+  lower = lambda: aot.lower_sample(m, np.arange(5), mesh=mesh).as_text()
+  once = lower()
+  with aot.scan_unroll(2):
+    unrolled = lower()
+  assert unrolled != once and lower() == once
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes", [(2, 1, 2), (1, 4, 1)], ids=["tensor2", "fsdp4"])
 def test_d30_samples_on_16gb_chips_with_sharded_weights(mesh_sizes):

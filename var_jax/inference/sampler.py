@@ -12,6 +12,7 @@ are one `jax.jit`; the KV cache is preallocated for the whole sequence and writt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -186,7 +187,9 @@ class Call:
   def lower(self, *, fresh: bool = False) -> jax.stages.Lowered:
     """Traces and lowers the program. fresh=True traces anew, past jit's trace cache (for
     lowering under a different trace-time setting, e.g. `aot.scan_unroll`)."""
-    jitted = jax.jit(self.fn, static_argnames=STATIC_ARGNAMES) if fresh else self.jitted
+    # A new function object: jit's trace cache is keyed on the function, so jitting `self.fn`
+    # itself again would hand back the program traced before.
+    jitted = jax.jit(functools.partial(self.fn), static_argnames=STATIC_ARGNAMES) if fresh else self.jitted
     with placement.batch_context(self.mesh):
       return jitted.lower(*self.args, **self.static)
 
