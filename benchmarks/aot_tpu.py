@@ -13,23 +13,18 @@ Every case starts from the repository's training config (`config_lib.var_imagene
 i.e. configs/var_d{depth}.py: its mesh, remat policy, dtype, optimizer, batch), overridden only
 by the flags given.
 
-Printed per chip (XLA describes one device's partitioned program):
-* memory (`memory_analysis()`): arguments, outputs, aliased (donated) bytes, temporaries,
-  generated code, and their live sum argument + output - alias + temp + code against the HBM;
-* cost (`cost_analysis()`): FLOPs, bytes accessed. XLA's TPU cost analysis charges a while loop's
-  body once, so the per-block cost is counted once, not depth times; the figures are corrected
-  by compiling the program a second time with the block scan unrolled by 2 (`aot.loop_corrected`;
-  `--no-loop-correction` skips it and prints the raw figures). The splash training kernel
-  declares no cost estimate, so on the kernel path the compiled FLOPs miss the attention
-  matmuls: its roofline adds them analytically (`flops.kernel_attention_flops_per_example`: 14 C per
-  visible (query, key) pair and layer, + 4 C under remat), and its bytes miss splash's q/k/v/o
-  traffic;
-* roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, peaks from `aot.CHIPS`
-  (v5e 197 TFLOP/s & 819 GB/s, v4 275 & 1200, v5p 459 & 2765, v6e 918 & 1640), and for training
-  the implied MFU ceiling = model FLOPs per chip / (roofline time x peak FLOP/s), model FLOPs
-  = `var_jax.models.flops.flops_per_example` x batch, the figure the trainer logs its MFU with: 6 x the
-  weights applied per token x L (4 for word_embed, whose input needs no gradient), 6 x the
-  per-image AdaLN weights, 12 C per visible pair and layer (no remat recompute).
+The figures of each compiled program are `var-jax aot`'s, from the same code
+(`var_jax.aot.report.train_step_report` / `sampler_report`; see that module for what they count):
+per-chip memory against the HBM; FLOPs and bytes per chip from XLA's cost analysis, corrected for
+the scanned blocks XLA counts once by a second compile with the block scan unrolled by 2
+(`--no-loop-correction` skips it), plus splash attention counted analytically
+(`flops.kernel_attention_flops_per_example`, 14 C per visible pair and layer, + 4 C under remat;
+splash's q/k/v/o traffic stays missing from the bytes); the roofline against `aot.CHIPS`'s peaks
+(v5e 197 TFLOP/s & 819 GB/s, v4 275 & 1200, v5p 459 & 2765, v6e 918 & 1640) and the MFU ceiling of
+the model FLOPs (`var_jax.models.flops.flops_per_example` x batch, what the trainer logs its MFU
+with). This benchmark adds the model FLOPs by part and compiled / model for training, the
+sampler's ideal roofline (analytic transformer FLOPs, the least bytes, the decode compiled alone)
+and the TPU cost model's estimate, and the kernel-vs-XLA comparison of the d16 case.
 A JSON line per compiled program follows the table (lines starting with `{`).
 """
 from __future__ import annotations
@@ -38,19 +33,16 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from var_jax import aot  # noqa: E402
-from var_jax.train import config_lib
 from var_jax.models import flops as var_flops  # noqa: E402
 from var_jax.models.var_config import REMAT_POLICIES  # noqa: E402
-from var_jax.train import train_var  # noqa: E402
+from var_jax.train import config_lib, train_var  # noqa: E402
 
 CASES = {
     # case: (kind, depth, default topology, default batch(es), default attention impls)
@@ -100,52 +92,22 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def _mib(n: float) -> str:
-  return f"{n / 2**20:.1f} MiB"
-
-
 def _ms(s: float) -> str:
   return f"{s * 1e3:.2f} ms"
 
 
-def _kernels(a: aot.Analysis) -> str:
-  """Mosaic call sites by kernel ("online-softmax" is XLA's own, e.g. in the tokenizer)."""
-  return ", ".join(f"{name} x{count}" for name, count in a.kernels) or "none"
+def _log(line: str) -> None:
+  print(f"  {line}", flush=True)
 
 
-def _compiled_fields(program: aot.CompiledProgram, raw: aot.Analysis, chip: aot.ChipSpec,
-                     unroll_s: float | None) -> dict:
-  """The JSON fields every case reports about its compiled program: times, kernels, memory."""
-  return dict(lower_s=program.lower_s, compile_s=program.compile_s, unroll2_compile_s=unroll_s,
-              mosaic_calls=raw.mosaic_calls, kernels=dict(raw.kernels),
-              argument_bytes=raw.argument_bytes, output_bytes=raw.output_bytes,
-              alias_bytes=raw.alias_bytes, temp_bytes=raw.temp_bytes, code_bytes=raw.code_bytes,
-              live_bytes=raw.peak_bytes, hbm_bytes=chip.hbm_bytes, fits=raw.fits,
-              flops_compiled=raw.flops, bytes_compiled=raw.bytes_accessed)
-
-
-def print_memory(a: aot.Analysis) -> None:
-  print(f"  memory per chip: argument {_mib(a.argument_bytes)}, output {_mib(a.output_bytes)}, "
-        f"alias {_mib(a.alias_bytes)}, temp {_mib(a.temp_bytes)}, generated code "
-        f"{_mib(a.code_bytes)}")
-  print(f"    live sum {_gib(a.peak_bytes)} of {_gib(a.hbm_bytes)} HBM "
-        f"({100 * a.peak_bytes / a.hbm_bytes:.1f}%): {'fits' if a.fits else 'DOES NOT FIT'}")
-
-
-def analyses(compile_fn, chip, depth: int, correct: bool):
-  """(program, analysis as compiled, analysis for the roofline, unroll-2 compile seconds)."""
-  t0 = time.perf_counter()
-  program = compile_fn(1)
-  print(f"  compiled in {time.perf_counter() - t0:.1f} s (trace+lower {program.lower_s:.1f} s, "
-        f"XLA {program.compile_s:.1f} s); {aot.while_loops(program.compiled)} while loops",
-        flush=True)
-  raw = aot.analyze(program.compiled, chip)
-  if not correct:
-    return program, raw, raw, None
-  t0 = time.perf_counter()
-  unrolled = aot.analyze(compile_fn(2).compiled, chip)  # only its costs are needed
-  seconds = time.perf_counter() - t0
-  return program, raw, aot.loop_corrected(raw, unrolled, depth), seconds
+def _print_report(report: aot.ProgramReport) -> None:
+  """`var-jax aot`'s lines for the program, then how the costs were corrected."""
+  print("\n".join("  " + line for line in report.lines()))
+  raw = report.as_compiled
+  if report.loop_corrected:
+    print(f"    [as compiled: {raw.flops / 1e12:.3f} TFLOP, {raw.bytes_accessed / 1e9:.2f} GB; "
+          f"{aot.while_loops(report.program.compiled)} while loops; unroll-2 compile "
+          f"{report.unroll2_compile_s:.1f} s]")
 
 
 def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
@@ -167,48 +129,19 @@ def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         f"{config.model['dtype']}, remat {config.model['remat_policy']}, attention {impl}, "
         f"input {'token maps' if args.pretokenized else 'images (tokenizer in the step)'} ==",
         flush=True)
-  program, raw, cost, unroll_s = analyses(
-      lambda unroll: aot.compile_train_step(config, mesh, global_batch=batch, unroll=unroll),
-      chip, depth, not args.no_loop_correction)
-  var_cfg = program.var_config
-  print(f"  params {program.num_params / 1e6:.1f} M, L = {var_cfg.seq_len}, "
-        f"{batch // chips} images per chip; Mosaic calls: {_kernels(raw)}")
-  print_memory(raw)
-  remat = config.model["remat_policy"] != "none"
-  attention_flops = var_flops.kernel_attention_flops_per_example(var_cfg, remat) * batch / chips
-  kernel = aot.uses_kernel(raw, "splash")
-  flops = cost.flops + (attention_flops if kernel else 0.0)
-  compute_s, memory_s = flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth
-  roofline_s = max(compute_s, memory_s)
-  model_flops_chip = program.model_flops / chips
-  mfu = model_flops_chip / (roofline_s * chip.peak_flops)
-  label = "loop-corrected" if unroll_s is not None else "as compiled"
-  print(f"  cost per chip ({label}): {cost.flops / 1e12:.3f} TFLOP, "
-        f"{cost.bytes_accessed / 1e9:.2f} GB accessed"
-        + (f"  [as compiled: {raw.flops / 1e12:.3f} TFLOP, {raw.bytes_accessed / 1e9:.2f} GB; "
-           f"unroll-2 compile {unroll_s:.1f} s]" if unroll_s is not None else ""))
-  if kernel:
-    rule = "14 + 4 (remat)" if remat else "14"
-    print(f"    + splash attention (analytic, not in cost_analysis: {rule} C per visible pair and "
-          f"layer): {attention_flops / 1e12:.3f} TFLOP -> {flops / 1e12:.3f} TFLOP")
+  report = aot.train_step_report(config, mesh, chip, global_batch=batch,
+                                 loop_correction=not args.no_loop_correction, log=_log)
+  _print_report(report)
+  var_cfg, cost = report.program.var_config, report.cost
   parts = var_flops.flops_breakdown(var_cfg)
-  print(f"  model FLOPs per chip {model_flops_chip / 1e12:.3f} TFLOP (var_jax.models.flops per image: "
+  print("  model FLOPs per image by part (var_jax.models.flops): "
         + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items() if k != "total")
-        + f" GFLOP); compiled / model = {flops / model_flops_chip:.2f}")
-  print(f"  roofline per chip: compute {_ms(compute_s)}, memory {_ms(memory_s)} -> "
-        f"{_ms(roofline_s)} per step ({'compute' if compute_s >= memory_s else 'memory'}-bound); "
-        f"MFU ceiling {100 * mfu:.1f}%; <= {batch / roofline_s:.0f} images/s, "
-        f"{batch * var_cfg.seq_len / roofline_s / 1e6:.2f} M tokens/s")
-  record = dict(case=f"d{depth}_train", topology=topology, chips=chips, mesh=dict(mesh.shape),
-                batch=batch, attention=impl, dtype=config.model["dtype"],
+        + f" GFLOP; compiled / model = {cost.flops / report.model_flops_per_chip:.2f}; "
+        f"L = {var_cfg.seq_len}; <= {batch * var_cfg.seq_len / cost.roofline_s / 1e6:.2f} M "
+        "tokens/s")
+  record = dict(case=f"d{depth}_train", topology=topology, attention=impl,
                 remat=config.model["remat_policy"], pretokenized=args.pretokenized,
-                params=program.num_params,
-                **_compiled_fields(program, raw, chip, unroll_s),
-                flops=flops, bytes=cost.bytes_accessed,
-                attention_flops_added=attention_flops if kernel else 0.0,
-                model_flops_per_chip=model_flops_chip,
-                roofline_s=roofline_s,
-                compute_s=compute_s, memory_s=memory_s, mfu_ceiling=mfu)
+                **report.record())
   print(json.dumps(record), flush=True)
   return record
 
@@ -229,20 +162,11 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
         f"{mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}, batch {batch}, "
         f"{var_cfg.dtype} compute and matmul weights, attention {impl} ==", flush=True)
   param_dtype = var_cfg.dtype  # the placement stores the matmul weights in the compute dtype
-  program, raw, cost, unroll_s = analyses(
-      lambda unroll: aot.compile_sampler(var_cfg, vae_cfg, mesh, batch, unroll=unroll),
-      chip, depth, not args.no_loop_correction)
-  print(f"  params {program.num_params / 1e6:.1f} M; Mosaic calls: {_kernels(raw)}")
-  print_memory(raw)
-  label = "loop-corrected" if unroll_s is not None else "as compiled"
-  print(f"  cost per chip ({label}): {cost.flops / 1e12:.3f} TFLOP, "
-        f"{cost.bytes_accessed / 1e9:.2f} GB accessed"
-        + (f"  [as compiled: {raw.flops / 1e12:.3f} TFLOP, {raw.bytes_accessed / 1e9:.2f} GB; "
-           f"unroll-2 compile {unroll_s:.1f} s]" if unroll_s is not None else ""))
-  print(f"  roofline per chip: compute {_ms(cost.compute_s)}, memory {_ms(cost.memory_s)} -> "
-        f"{_ms(cost.roofline_s)} per call ({cost.bound}-bound); <= {batch / cost.roofline_s:.0f} "
-        f"images/s")
-  ideal = ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch, program.num_params,
+  report = aot.sampler_report(var_cfg, vae_cfg, mesh, chip, batch,
+                              loop_correction=not args.no_loop_correction, log=_log)
+  _print_report(report)
+  cost = report.cost
+  ideal = ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch, report.program.num_params,
                                  param_dtype)
   print(f"  ideal per chip: transformer {ideal['transformer_flops'] / 1e12:.3f} TFLOP (analytic) + "
         f"decode {ideal['decode_flops'] / 1e12:.3f} TFLOP (compiled alone); "
@@ -252,13 +176,9 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
   if cost.optimal_s > 0:
     print(f"  XLA TPU cost model estimate {_ms(cost.optimal_s)} per call = "
           f"{cost.optimal_s / cost.roofline_s:.2f} x the compiled roofline")
-  record = dict(case=f"d{depth}_sample", topology=topology, chips=chips, mesh=dict(mesh.shape),
-                batch=batch, attention=impl, dtype=var_cfg.dtype,
-                param_dtype=param_dtype, params=program.num_params,
-                **_compiled_fields(program, raw, chip, unroll_s),
-                flops=cost.flops, bytes=cost.bytes_accessed,
-                roofline_s=cost.roofline_s, compute_s=cost.compute_s, memory_s=cost.memory_s,
-                cost_model_s=cost.optimal_s, ideal_roofline_s=ideal["roofline_s"],
+  record = dict(case=f"d{depth}_sample", topology=topology, attention=impl,
+                param_dtype=param_dtype, **report.record(),
+                ideal_roofline_s=ideal["roofline_s"],
                 ideal_flops=ideal["transformer_flops"] + ideal["decode_flops"],
                 ideal_bytes=ideal["min_bytes"])
   print(json.dumps(record), flush=True)
@@ -305,14 +225,10 @@ def main(argv=None) -> int:
     for batch in batches:
       try:
         records.append(run(args, depth, topology, impl, batch))
-      except jax.errors.JaxRuntimeError as err:
-        if "RESOURCE_EXHAUSTED" not in str(err):
-          raise
-        # XLA refuses to compile a program whose buffers exceed the chip's HBM.
-        print(f"  DOES NOT FIT: {str(err).splitlines()[0]}")
+      except aot.DoesNotFitError as err:  # XLA refused the program for the chip's HBM
+        print(f"  DOES NOT FIT: {err}")
         print(json.dumps(dict(case=f"d{depth}_{kind}", topology=topology, batch=batch,
-                              attention=impl, fits=False, error=str(err).splitlines()[0])),
-              flush=True)
+                              attention=impl, fits=False, error=str(err))), flush=True)
   if kind == "train" and len(records) == 2 and {r["attention"] for r in records} == {"auto", "xla"}:
     k, x = records if records[0]["attention"] == "auto" else records[::-1]
     print(f"\nkernel vs XLA per chip: live memory {_gib(k['live_bytes'])} vs "

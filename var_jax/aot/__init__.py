@@ -11,6 +11,8 @@ exactly as on that slice, but never run. Needs libtpu (the `tpu` extra), no TPU.
   and the tokenizer decode, all from abstract inputs.
 * `analysis`: per-chip memory and cost of a compiled program (`analyze`), its Mosaic kernels, the
   loop correction of XLA's cost analysis, the roofline and MFU ceiling.
+* `report`: a training config's train step (and sampler) compiled for a slice with those figures
+  (`train_step_report`, `sampler_report`): what `var-jax aot` prints, benchmarks/aot_tpu.py too.
 
 FLOPs counted analytically (the MFU numerator, the splash kernel's attention, the sampler's
 matmuls) come from `var_jax.models.flops`.
@@ -23,12 +25,15 @@ from var_jax.aot.compile import (CompiledProgram, abstract_batch, abstract_key, 
                                  scan_unroll, tokenizer_config)
 from var_jax.aot.topologies import (CHIPS, GIB, ChipSpec, chip_spec, libtpu_available,
                                     mesh_config, parse_topology, topology_devices, topology_mesh)
+from var_jax.aot.report import (DoesNotFitError, ProgramReport, sampler_report,
+                                train_step_report)
 
 __all__ = [
-    "CHIPS", "GIB", "MOSAIC_CALL", "Analysis", "ChipSpec", "CompiledProgram", "abstract_batch",
-    "abstract_key", "abstract_model", "abstract_tokenizer_params", "analyze", "chip_spec",
-    "compile_decoder", "compile_sampler", "compile_train_step", "libtpu_available",
-    "loop_corrected", "lower_edit", "lower_sample", "mesh_config", "mfu_ceiling",
-    "mosaic_kernels", "parse_topology", "replicated", "sampler_min_bytes", "scan_unroll",
-    "tokenizer_config", "topology_devices", "topology_mesh", "uses_kernel", "while_loops",
+    "Analysis", "CHIPS", "ChipSpec", "CompiledProgram", "DoesNotFitError", "GIB", "MOSAIC_CALL",
+    "ProgramReport", "abstract_batch", "abstract_key", "abstract_model",
+    "abstract_tokenizer_params", "analyze", "chip_spec", "compile_decoder", "compile_sampler",
+    "compile_train_step", "libtpu_available", "loop_corrected", "lower_edit", "lower_sample",
+    "mesh_config", "mfu_ceiling", "mosaic_kernels", "parse_topology", "replicated",
+    "sampler_min_bytes", "sampler_report", "scan_unroll", "tokenizer_config", "topology_devices",
+    "topology_mesh", "train_step_report", "uses_kernel", "while_loops",
 ]

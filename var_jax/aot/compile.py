@@ -116,7 +116,8 @@ class CompiledProgram:
     batch: global batch (images per step, or sampled images per call).
     num_params: VAR parameters.
     model_flops: analytic model FLOPs of one call over all chips (train:
-      `flops.flops_per_example` x batch; sampler: None).
+      `flops.flops_per_example` x batch; sampler: `flops.sampler_flops_per_image` x batch, the
+      transformer's matmuls; decoder: None).
     lower_s: seconds to trace and lower.
     compile_s: seconds XLA took to compile.
   """
@@ -286,7 +287,8 @@ def compile_sampler(var_cfg: VARConfig, vae_cfg: VQVAEConfig, mesh: Mesh, batch:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(model.params)))
-  return CompiledProgram(compiled, mesh, model.config, batch, num_params, None, t1 - t0,
+  model_flops = var_flops.sampler_flops_per_image(model.config)["total"] * batch
+  return CompiledProgram(compiled, mesh, model.config, batch, num_params, model_flops, t1 - t0,
                          time.perf_counter() - t1)
 
 
