@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
   for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
                              ("train-tokenizer", "var_jax.train.train_vqvae", "train the tokenizer"),
                              ("pretokenize", "var_jax.cli.pretokenize", "encode a dataset to token maps"),
-                             ("evaluate", "var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID")):
+                             ("evaluate", "var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID"),
+                             ("aot", "var_jax.cli.aot", "will a training config fit a TPU slice: compile it ahead of time")):
     p = sub.add_parser(name, help=what, add_help=False)
     p.set_defaults(fn=None, module=module)
   return parser
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
-  if argv and argv[0] in ("train", "train-tokenizer", "pretokenize", "evaluate"):
+  if argv and argv[0] in ("train", "train-tokenizer", "pretokenize", "evaluate", "aot"):
     import importlib
     module = importlib.import_module(parser.parse_args(argv[:1]).module)
     command, run = argv[0], lambda: module.main(["var-jax " + argv[0]] + argv[1:])
