@@ -47,7 +47,9 @@ setup(
     python_requires=">=3.11",
     # Namespace discovery lists the data-only folders (assets/...) as packages too, so setuptools
     # installs their files as package data without its "importable package" warning.
-    packages=find_namespace_packages(include=["var_jax", "var_jax.*"]),
+    packages=find_namespace_packages(include=["var_jax", "var_jax.*"]) + ["var_jax.configs"],
+    # The repository's configs/ installs as var_jax.configs, so `--config var_tiny` works anywhere.
+    package_dir={"var_jax.configs": "configs"},
     package_data={"var_jax": ["assets/*", "assets/**/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

@@ -7,6 +7,7 @@ from PIL import Image
 import helpers
 import var_jax
 from var_jax import cli
+from var_jax.cli import sample as cli_sample
 from var_jax.inference.pretrained import convert_files, save_converted
 
 SIZE = 64  # the fixture model: 64 px, 10 classes, vocabulary 64, patch_nums (1, 2, 3, 4)
@@ -94,7 +95,7 @@ def test_sample_images_do_not_depend_on_the_batch_size(model_dir, tmp_path):
 
 
 def test_host_share_splits_the_images_once():
-  shares = [cli.host_share(10, p, 4) for p in range(4)]
+  shares = [cli_sample.host_share(10, p, 4) for p in range(4)]
   assert [len(s) for s in shares] == [3, 3, 2, 2]
   assert [i for s in shares for i in s] == list(range(10))
 

@@ -121,7 +121,16 @@ def _losses(workdir) -> dict[int, float]:
 def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   arg = "steps=24,batch=8"
   full = tmp_path / "full"
-  subprocess.run(_train_cmd(full, arg), env=_env(1), check=True, capture_output=True, timeout=600)
+  out = subprocess.run(_train_cmd(full, arg), env=_env(1), check=True, capture_output=True,
+                       text=True, timeout=600).stderr
+  # Quiet by default: one metrics line per log step (log_every=1 here), a closing summary, no
+  # third-party INFO (Orbax logs ~40 lines per checkpoint).
+  assert len([l for l in out.splitlines() if "] accuracy=" in l]) == 24, out[-3000:]
+  assert "Finished: steps 1-24" in out and "final loss" in out, out[-3000:]
+  assert "orbax" not in out.lower() and "INFO:absl" not in out, out[-3000:]
+  rerun = subprocess.run(_train_cmd(full, arg), env=_env(1), check=True, capture_output=True,
+                         text=True, timeout=600).stderr
+  assert "Already finished at step 24 (total_steps=24)" in rerun, rerun[-3000:]
   cut = tmp_path / "cut"
   proc = subprocess.Popen(_train_cmd(cut, arg), env=_env(1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)

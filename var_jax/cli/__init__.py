@@ -1,237 +1,43 @@
-"""The `var-jax` command line: sample, edit, convert, train, pretokenize, train-tokenizer, evaluate."""
+"""The `var-jax` command: one module per subcommand, each with `main(argv)` (argv[0] = its name)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
 
-from var_jax.errors import InputError, VarJaxError
+from var_jax.errors import VarJaxError
 
-DEFAULT_MODEL = "shapes-tiny"
-
-
-def _parse_classes(text: str) -> list[int]:
-  try:
-    return [int(c) for c in text.split(",") if c.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--classes takes comma-separated ints, got {text!r}") from None
-
-
-def _parse_patch_nums(text: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(p) for p in text.split(",") if p.strip())
-  except ValueError:
-    values = ()
-  if not values:
-    raise argparse.ArgumentTypeError(f"--patch-nums takes comma-separated ints, e.g. 1,2,3,4; got {text!r}")
-  return values
-
-
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default=DEFAULT_MODEL,
-                 help="shapes-tiny (shipped), d16|d20|d24|d30|d36 (released), or a converted directory")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (>= 0)")
-  p.add_argument("--top-k", type=int, default=900, help="keep the k largest logits (0 = off)")
-  p.add_argument("--top-p", type=float, default=0.96, help="nucleus filtering (0 = off)")
-  p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation)")
-  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  p.add_argument("--mesh", type=_parse_mesh, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR",
-                 help="local devices as data,fsdp,tensor (-1 = the rest); tensor > 1 splits the "
-                 "weights of models too large for one chip (default -1,1,1; write --mesh=-1,1,4)")
-
-
-def _load_model(name: str, dtype: str | None):
-  from var_jax.inference.pretrained import load_pretrained
-  return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
-
-
-# Images per device in one sampling call when --batch-size is 0: what a 16 GB chip holds for
-# VAR-d16 at 256 px with guidance (AOT: batch 8 on one v5e chip lives in 5.1 GiB, weights included),
-# and a few on CPU, where larger batches gain nothing and cost memory.
-PER_DEVICE_BATCH = {"cpu": 4, "gpu": 16, "tpu": 16}
-
-
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-  try:
-    sizes = tuple(int(s) for s in text.split(","))
-  except ValueError:
-    sizes = ()
-  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
-    raise argparse.ArgumentTypeError(f"--mesh takes DATA,FSDP,TENSOR sizes (-1 = the rest), e.g. "
-                                     f"-1,1,4; got {text!r}")
-  return sizes
-
-
-def default_batch(mesh) -> int:
-  """Images per call: PER_DEVICE_BATCH of the platform x the mesh's batch shards."""
-  from var_jax.inference import placement
-  platform = mesh.devices.flat[0].platform
-  platform = "gpu" if platform in ("cuda", "rocm") else platform
-  return PER_DEVICE_BATCH.get(platform, 4) * placement.batch_shards(mesh)
-
-
-def host_share(count: int, process_index: int, process_count: int) -> range:
-  """The contiguous range of global image indices one host samples (sizes differ by at most 1)."""
-  per, extra = divmod(count, process_count)
-  start = process_index * per + min(process_index, extra)
-  return range(start, start + per + (process_index < extra))
-
-
-def cmd_sample(args) -> int:
-  import jax
-  import numpy as np
-  from tqdm import tqdm
-  from var_jax.inference import images as image_io
-  from var_jax.inference.placement import sampling_mesh
-  from var_jax.inference.filters import check_sampling_options
-  from var_jax.inference.sampler import sample
-
-  if args.per_class < 1 or args.batch_size < 0:
-    raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
-  model = _load_model(args.model, args.dtype)
-  classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
-  model.check_labels(np.asarray(classes), allow_null=False)
-  check_sampling_options(model, args.cfg, args.top_k, args.top_p)
-  mesh = sampling_mesh(*args.mesh)
-  labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
-  # Global image i is drawn with key fold_in(seed key, i): the images do not depend on
-  # --batch-size, the device count or the number of hosts; each host samples its own share.
-  mine = host_share(len(labels), jax.process_index(), jax.process_count())
-  batch = min(args.batch_size or default_batch(mesh), max(len(mine), 1))
-  key = jax.random.key(args.seed)
-  outputs = []
-  bar = tqdm(total=len(mine), unit="img", desc="sampling (compiling)", disable=jax.process_index() > 0)
-  t_start, n_timed = None, 0
-  for start in range(mine.start, mine.stop, batch):
-    idx = np.arange(start, min(start + batch, mine.stop))
-    padded = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])  # one shape: one compile
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(padded.astype(np.uint32))
-    imgs = sample(model, labels[padded], rng=keys, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                  more_smooth=args.more_smooth, mesh=mesh)
-    outputs.append(np.asarray(imgs)[:len(idx)])
-    if t_start is None:
-      t_start = time.perf_counter()  # rates after the first (compiling) call
-      bar.set_description("sampling")
-    else:
-      n_timed += len(idx)
-    bar.update(len(idx))
-  bar.close()
-  images = np.concatenate(outputs) if outputs else np.zeros((0,) * 4, np.uint8)
-  index = np.arange(mine.start, mine.stop)
-  elapsed = time.perf_counter() - t_start if t_start else 0.0
-  rate = (f"{n_timed / elapsed:.2f} images/s after compile" if n_timed and elapsed > 0
-          else "(one call: no rate without the compile)")
-  host = f" (this host: {len(images)})" if jax.process_count() > 1 else ""
-  n_classes = f"{len(classes)} class{'es' if len(classes) != 1 else ''}"
-  print(f"sampled {len(labels)} images of {n_classes}{host} in calls of {batch}, {rate}")
-  if args.out and jax.process_index() == 0:
-    ncols = args.per_class if args.per_class > 1 else None
-    path = image_io.save_png(image_io.make_grid(images, ncols=ncols), args.out)
-    print(f"wrote the sample grid{' of host 0' if host else ''} to {path.resolve()}")
-  if args.out_dir:
-    import pathlib
-    out_dir = pathlib.Path(args.out_dir)
-    for i, img in zip(index, images):
-      image_io.save_png(img, out_dir / f"{i:06d}_class{labels[i]}.png")
-    name = "samples.npz" if jax.process_count() == 1 else f"samples_process{jax.process_index()}.npz"
-    npz = image_io.save_npz_batch(images, out_dir / name)
-    print(f"wrote {len(images)} PNGs and {npz} (arr_0: uint8 {images.shape}) to {out_dir.resolve()}")
-  if args.model == DEFAULT_MODEL:
-    print("This is the small model shipped with var-jax (10 synthetic shape classes). For ImageNet "
-          "models use --model d16 (or d20, d24, d30, d36): released weights download from the "
-          "Hugging Face hub (FoundationVision/var) on first use; see README.md.")
-  return 0
-
-
-def cmd_edit(args) -> int:
-  import jax
-  import numpy as np
-  from var_jax.inference import images as image_io
-  from var_jax.inference.placement import sampling_mesh
-  from var_jax.inference.edit import edit
-  from var_jax.inference.filters import check_sampling_options
-
-  model = _load_model(args.model, args.dtype)
-  size = model.tokenizer.config.image_size
-  image = image_io.load_image(args.image, size)
-  mask = image_io.load_image(args.mask, size, mode="L").astype(np.float32) / 255.0
-  label = args.class_id if args.class_id is not None else model.config.num_classes
-  model.check_labels(np.asarray([label]), allow_null=True)
-  check_sampling_options(model, args.cfg, args.top_k, args.top_p)
-  keep = mask >= 0.5 if not args.white_is_generate else mask < 0.5
-  out = edit(model, image[None], keep.astype(np.float32), [label], rng=jax.random.key(args.seed),
-             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-             mesh=sampling_mesh(*args.mesh))
-  path = image_io.save_png(np.asarray(out)[0], args.out)
-  print(f"wrote the edited image to {path.resolve()}")
-  return 0
-
-
-def cmd_convert(args) -> int:
-  from var_jax.inference.pretrained import convert_files, save_converted
-  model = convert_files(args.vae, args.var, patch_nums=args.patch_nums)
-  out = save_converted(model, args.out)
-  print(f"converted depth-{model.config.depth} VAR ({model.num_params():,} params) and its tokenizer "
-        f"to {out}; load it with var_jax.load_pretrained('{out}')")
-  return 0
+# name -> (module, one-line help); `var-jax NAME --help` has the details.
+COMMANDS = {
+    "sample": ("var_jax.cli.sample", "class-conditional samples to a PNG grid / PNGs + npz"),
+    "edit": ("var_jax.cli.edit", "zero-shot in/out-painting and class editing"),
+    "convert": ("var_jax.cli.convert", "official .pth files -> a var-jax (Orbax) directory"),
+    "train": ("var_jax.cli.train", "train VAR"),
+    "train-tokenizer": ("var_jax.cli.train", "train the multi-scale VQVAE tokenizer"),
+    "pretokenize": ("var_jax.cli.pretokenize", "encode a data set to token maps once"),
+    "evaluate": ("var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID"),
+    "aot": ("var_jax.cli.aot", "will a training config fit a TPU slice: compile it ahead of time"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="var-jax", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-
-  p = sub.add_parser("sample", help="class-conditional samples to a PNG grid / PNGs + npz")
-  _add_sampling_flags(p)
-  p.add_argument("--classes", type=_parse_classes, default=None, help="e.g. 207,360,388 (default: all)")
-  p.add_argument("--per-class", type=int, default=4)
-  p.add_argument("--batch-size", type=int, default=0,
-                 help="images per jitted call (default 0: %s per device of the mesh's batch axes)"
-                 % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
-  p.add_argument("--out", default="samples.png", help="PNG grid path ('' to skip)")
-  p.add_argument("--out-dir", default=None, help="also write one PNG per image and samples.npz here")
-  p.set_defaults(fn=cmd_sample)
-
-  p = sub.add_parser("edit", help="zero-shot in/out-painting and class editing")
-  _add_sampling_flags(p)
-  p.add_argument("--image", required=True)
-  p.add_argument("--mask", required=True, help="greyscale PNG of the image size: white = keep, black = generate")
-  p.add_argument("--white-is-generate", action="store_true", help="invert the mask convention")
-  p.add_argument("--class", dest="class_id", type=int, default=None, help="default: unconditional")
-  p.add_argument("--out", default="edited.png")
-  p.set_defaults(fn=cmd_edit)
-
-  p = sub.add_parser("convert", help="official .pth files -> a var-jax (Orbax) directory")
-  p.add_argument("--vae", required=True)
-  p.add_argument("--var", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--patch-nums", type=_parse_patch_nums, default=None,
-                 help="scales, e.g. 1,2,3,4 (default: the released 256/512 px schedule the VAR fits)")
-  p.set_defaults(fn=cmd_convert)
-
-  for name, module, what in (("train", "var_jax.train.train_var", "train VAR"),
-                             ("train-tokenizer", "var_jax.train.train_vqvae", "train the tokenizer"),
-                             ("pretokenize", "var_jax.cli.pretokenize", "encode a dataset to token maps"),
-                             ("evaluate", "var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID"),
-                             ("aot", "var_jax.cli.aot", "will a training config fit a TPU slice: compile it ahead of time")):
-    p = sub.add_parser(name, help=what, add_help=False)
-    p.set_defaults(fn=None, module=module)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for name, (_, what) in COMMANDS.items():
+    sub.add_parser(name, help=what, add_help=False)
   return parser
 
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
-  if argv and argv[0] in ("train", "train-tokenizer", "pretokenize", "evaluate", "aot"):
-    import importlib
-    module = importlib.import_module(parser.parse_args(argv[:1]).module)
-    command, run = argv[0], lambda: module.main(["var-jax " + argv[0]] + argv[1:])
-  else:
-    args = parser.parse_args(argv)
-    command, run = args.command, lambda: args.fn(args)
+  if not argv or argv[0] not in COMMANDS:
+    build_parser().parse_args(argv[:1])  # prints help, or the usage and the error (exit 2)
+  command, rest = argv[0], argv[1:]
   try:
-    return run()
-  except VarJaxError as e:
+    module = importlib.import_module(COMMANDS[command][0])
+    run = module.main_tokenizer if command == "train-tokenizer" else module.main
+    return run([f"var-jax {command}", *rest])
+  except VarJaxError as e:  # bad input, a missing extra: one line, exit 2
     print(f"var-jax {command}: error: {e}", file=sys.stderr)
     return 2
 

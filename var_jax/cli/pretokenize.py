@@ -26,29 +26,17 @@ from typing import Sequence
 
 import numpy as np
 
+from var_jax.cli import common
 from var_jax.errors import ConfigError, InputError, VarJaxError
 
 PROG = "var-jax pretokenize"
 
 
-def _parse_patch_nums(text: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(p) for p in text.split(",") if p.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"--patch-nums takes comma-separated ints, e.g. 1,2,3,4,5,6,8,10,13,16; got {text!r}") from None
-  if not values:
-    raise argparse.ArgumentTypeError("--patch-nums is empty.")
-  return values
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The command's flags; config overrides (`--config.x=y`) are parsed separately."""
-  parser = argparse.ArgumentParser(
-      prog=PROG, description=__doc__, allow_abbrev=False,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
-             "--config.data.data_dir=DIR or --config.data.split=train.")
+  parser = common.new_parser(
+      PROG, __doc__, epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
+      "--config.data.data_dir=DIR or --config.data.split=train.")
   parser.add_argument("--config", required=True,
                       help="training config file (e.g. configs/var_d16.py, with ':args' if it takes "
                            "any); its data, patch_nums and tokenizer sections are read")
@@ -56,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tokenizer", default=None,
                       help="official .pth file, `var-jax convert` directory or train-tokenizer "
                            "workdir (default: the config's tokenizer.path)")
-  parser.add_argument("--patch-nums", type=_parse_patch_nums, default=None,
+  parser.add_argument("--patch-nums", type=common.int_list("--patch-nums", "1,2,3,4,5,6,8,10,13,16"), default=None,
                       help="scales, e.g. 1,2,3,4,5,6,8,10,13,16 (default: the config's patch_nums)")
   parser.add_argument("--variants", type=int, default=1,
                       help="augmented views encoded per image (training picks one per epoch)")
@@ -68,15 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this host's index: it writes the shards s with s %% count == index")
   parser.add_argument("--process-count", type=int, default=1, help="hosts sharing the work")
   return parser
-
-
-def _load_config(parser: argparse.ArgumentParser, config_arg: str, overrides: Sequence[str]):
-  """The config file with its overrides (`config_lib.load_config_file`); a bad one exits 2 with usage."""
-  from var_jax.train import config_lib
-  try:
-    return config_lib.load_config_file(config_arg, overrides, prog=PROG)
-  except ConfigError as e:
-    parser.error(str(e))
 
 
 def tokenizer_spec(config, tokenizer: str | None, patch_nums: Sequence[int] | None):
@@ -222,14 +201,8 @@ def pretokenize(config, out: str, *, tokenizer: str | None = None,
 def main(argv=None) -> int:
   """`var-jax pretokenize ...`; argv[0] is the program name. Returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
-  parser = build_parser()
-  args, rest = parser.parse_known_args(argv[1:])
-  from var_jax.train import config_lib
-  overrides, unknown = config_lib.split_config_overrides(rest)
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)} (write config overrides as "
-                 "--config.FIELD=VALUE)")
-  config = _load_config(parser, args.config, overrides)
+  args, config = common.parse_with_config(build_parser(), argv[1:])
+  common.check_output_dir(args.out, "--out")
   try:
     result = pretokenize(
         config, args.out, tokenizer=args.tokenizer, patch_nums=args.patch_nums,

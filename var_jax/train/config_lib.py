@@ -6,7 +6,9 @@ this module rather than each other.
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
+import pathlib
 import re
 from typing import Sequence
 
@@ -134,13 +136,48 @@ def split_config_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
   return overrides, [a for a in args if not _OVERRIDE.match(a)]
 
 
+def shipped_config_dirs() -> list[pathlib.Path]:
+  """Where the shipped config files are: installed with the package (`var_jax.configs`, mapped from
+  the repository's configs/ by setup.py), or configs/ beside the package in a source tree."""
+  dirs = []
+  try:
+    dirs.append(pathlib.Path(str(importlib.resources.files("var_jax.configs"))))
+  except ModuleNotFoundError:  # a source tree used without installing
+    pass
+  source_tree = pathlib.Path(__file__).resolve().parents[2] / "configs"
+  if source_tree.is_dir() and source_tree not in dirs:
+    dirs.append(source_tree)
+  return dirs
+
+
+def resolve_config_path(path: str) -> str:
+  """A config file by path, or a shipped config by name from anywhere: "var_tiny", "var_tiny.py"
+  and "configs/var_tiny.py" (when no such file is under the current directory) all name the
+  shipped configs/var_tiny.py.
+
+  Raises:
+    ConfigError: neither a file nor a shipped config; the message lists the shipped ones.
+  """
+  if os.path.isfile(path) or "://" in path:
+    return path
+  name = pathlib.PurePath(path).name
+  name = name if name.endswith(".py") else name + ".py"
+  dirs = shipped_config_dirs()
+  for d in dirs:
+    if (d / name).is_file():
+      return str(d / name)
+  shipped = sorted({f.stem for d in dirs for f in d.glob("*.py") if f.stem != "__init__"})
+  raise ConfigError(f"--config {path}: no such config file, and no shipped config of that name "
+                    f"(shipped: {', '.join(shipped) or 'none found'}).")
+
+
 def load_config_file(config_arg: str, overrides: Sequence[str] = (), *,
                      prog: str = "var-jax") -> ml_collections.ConfigDict:
   """A config file with its overrides, through ml_collections' config flag (as `var-jax train`).
 
   Args:
-    config_arg: "configs/var_d16.py" or "configs/var_d16.py:tiny" (the part after ':' goes to the
-      file's get_config).
+    config_arg: "configs/var_d16.py", "var_d16" (a shipped config, from anywhere) or
+      "configs/var_d16.py:tiny" (the part after ':' goes to the file's get_config).
     overrides: ["--config.global_batch_size=64", "--noconfig.async_checkpointing", ...].
     prog: the command's name, for absl's flag parsing.
 
@@ -150,9 +187,8 @@ def load_config_file(config_arg: str, overrides: Sequence[str] = (), *,
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  path = config_arg.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config {path}: no such config file (e.g. configs/var_d16.py).")
+  path, sep, variant = config_arg.partition(":")
+  config_arg = resolve_config_path(path) + sep + variant
   argv = [prog, f"--config={config_arg}", *overrides]
   # A private FlagValues per call: repeated calls (tests) and other commands never collide.
   flag_values = flags.FlagValues()

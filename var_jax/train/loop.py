@@ -167,6 +167,12 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   state = restored.state
   start_step = int(jax.device_get(state.step))
   logging.info("Train state: %s at step %d; %s", restored.source, start_step, report.summary())
+  if start_step >= config.total_steps:
+    ckpt.close()
+    logging.info("Already finished at step %d (total_steps=%d) in %s: nothing to do. Raise "
+                 "total_steps (--config.total_steps=N) to train on.", start_step,
+                 config.total_steps, workdir)
+    return {}
 
   data = make_input_iterator(config.data, global_batch=config.global_batch_size, seed=config.seed,
                              start_step=start_step, process_index=jax.process_index(),
@@ -186,6 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   pending = None  # (step, device metrics, host stats) of the last logged step, read one step late
   last_scalars: dict[str, float] = {}
   t_log, window = time.perf_counter(), _Window()
+  t_start = t_log
   step = start_step
   try:
     for step in range(start_step, config.total_steps):
@@ -236,12 +243,21 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
     if pending is not None:
       last_scalars = _write(logger, *pending)
     ckpt.save_now(config.total_steps, state, {"data_step": config.total_steps})
+    _log_summary(start_step, config.total_steps, time.perf_counter() - t_start, last_scalars, workdir)
     return last_scalars
   finally:
     ckpt.close()
     logger.close()
     if hasattr(data, "close"):
       data.close()
+
+
+def _log_summary(start_step: int, end_step: int, seconds: float, scalars: dict[str, float],
+                 workdir: epath.Path) -> None:
+  loss = f", final loss {scalars['loss']:.4f}" if "loss" in scalars else ""
+  logging.info("Finished: steps %d-%d in %.1f s (%.2f steps/s)%s; checkpoint %d and metrics.jsonl "
+               "in %s.", start_step + 1, end_step, seconds, (end_step - start_step) / max(seconds, 1e-9),
+               loss, end_step, workdir)
 
 
 def check_replicated_params(config: ml_collections.ConfigDict, params, mesh) -> sharding.ShardingReport:
@@ -349,32 +365,3 @@ def _write(logger, step, device_metrics, host):
   scalars = {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
   scalars.update(host)
   return logger.write_scalars(step, scalars)  # raises on a non-finite loss / grad norm
-
-
-def cli_main(argv, train_fn: Callable[[ml_collections.ConfigDict, str], Any], what: str) -> int:
-  """`--config FILE[:args] --workdir DIR [--config.x=y ...]` -> train_fn(config, workdir).
-
-  Flags live in a private FlagValues created per call, so importing several trainers (tests,
-  notebooks) never collides on flag names.
-  """
-  from absl import flags
-  from ml_collections import config_flags
-  fv = flags.FlagValues()
-  config = config_flags.DEFINE_config_file("config", None, f"{what} config file.", flag_values=fv,
-                                           lock_config=True, sys_argv=list(argv))
-  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here (gs:// ok).",
-                                flag_values=fv)
-  try:
-    fv(list(argv))
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    # config_flags reports an unknown --config.field as AttributeError/KeyError.
-    raise ConfigError(f"bad flag or config override ({type(e).__name__}: {e}). Usage: {argv[0]} "
-                      "--config FILE[:args] --workdir DIR [--config.existing_field=value ...]") from None
-  if config.value is None or not workdir.value:
-    raise ConfigError(f"{argv[0]} needs --config FILE and --workdir DIR.")
-  if not isinstance(config.value, ml_collections.ConfigDict):  # e.g. an unreadable config file
-    cause = object.__getattribute__(config.value, "_error") if hasattr(type(config.value), "_ReportError") else config.value
-    raise ConfigError(f"could not load the config file: {cause}")
-  logging.set_verbosity(logging.INFO)
-  train_fn(config.value, workdir.value)
-  return 0

@@ -9,7 +9,6 @@ prefix of scales, one compiled step per stage.
 """
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +271,3 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
   maybe_initialize_distributed(config.get("distributed", "auto"))
   task, _ = build_task(config)
   return loop.run(config, workdir, task)
-
-
-def main(argv=None) -> int:
-  return loop.cli_main(argv or sys.argv, train, "VAR training")

@@ -12,7 +12,6 @@ periodically (`rfid_eval`).
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +203,3 @@ def load_trained_tokenizer(workdir, *, patch_nums=None, use_ema: bool = True):
   step, params = checkpointing.restore_params(workdir, abstract)
   logging.info("Loaded tokenizer params from %s step %d.", workdir, step)
   return vae_cfg, params
-
-
-def main(argv=None) -> int:
-  return loop.cli_main(argv or sys.argv, train, "Tokenizer training")

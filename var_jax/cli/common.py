@@ -1,0 +1,149 @@
+"""What the var-jax commands share: one argparse style, list/mesh flag types, output-path checks
+before any work, model loading, config files with `--config.x=y` overrides, and log set-up."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+from typing import Sequence
+
+from var_jax.errors import ConfigError, InputError
+
+DEFAULT_MODEL = "shapes-tiny"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """--help shows every flag's default and keeps the description's own line breaks."""
+
+
+def new_parser(prog: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                 formatter_class=_HelpFormatter, **kwargs)
+
+
+def int_list(flag: str, example: str = "1,2,3,4"):
+  """An argparse type: comma-separated ints, at least one."""
+  def parse(text: str) -> tuple[int, ...]:
+    try:
+      values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+      values = ()
+    if not values:
+      raise argparse.ArgumentTypeError(f"{flag} takes comma-separated ints, e.g. {example}; got {text!r}")
+    return values
+  return parse
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+  return value
+
+
+def mesh_sizes(text: str) -> tuple[int, int, int]:
+  """An argparse type: DATA,FSDP,TENSOR sizes, -1 = the rest."""
+  try:
+    sizes = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+    raise argparse.ArgumentTypeError(f"--mesh takes DATA,FSDP,TENSOR sizes (-1 = the rest), e.g. "
+                                     f"-1,1,4; got {text!r}")
+  return sizes
+
+
+def shown(path) -> str:
+  """A path as printed to the user: absolute and normalised (remote URLs as given)."""
+  text = os.fspath(path)
+  return text if "://" in text else os.path.normpath(os.path.abspath(text))
+
+
+def check_output_file(path, flag: str) -> None:
+  """Raises InputError, before any work, if `path` cannot be written as a file."""
+  if not path or "://" in os.fspath(path):
+    return
+  p = pathlib.Path(path)
+  if p.is_dir():
+    raise InputError(f"{flag} {shown(p)} is a directory; give a file path.")
+  parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise InputError(f"{flag} {shown(p)}: {shown(parent)} is a file, not a directory.")
+
+
+def check_output_dir(path, flag: str) -> None:
+  """Raises InputError, before any work, if `path` exists and is not a directory."""
+  if not path or "://" in os.fspath(path):
+    return
+  p = pathlib.Path(path)
+  for a in [p, *p.parents]:
+    if a.exists():
+      if not a.is_dir():
+        what = "is a file" if a == p else f"is inside {shown(a)}, which is a file"
+        raise InputError(f"{flag} {shown(p)} {what}; give a directory.")
+      return
+
+
+def load_model(name: str, dtype: str | None = None):
+  """A VARModel by shipped/released name or converted directory (`load_pretrained`)."""
+  from var_jax.inference.pretrained import load_pretrained
+  return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, what: str) -> None:
+  parser.add_argument("--config", required=True,
+                      help=f"{what} config: a file (configs/var_d16.py), or a shipped config by name "
+                           "from anywhere (var_d16); ':args' after it go to its get_config")
+  parser.epilog = ("Any --config.FIELD=VALUE overrides a field of the config (--noconfig.FIELD for "
+                   "False), e.g. --config.seed=1.")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]):
+  """(args, config): the command's flags by argparse, the config file and its `--config.x=y`
+  overrides by ml_collections' config flag (`config_lib.load_config_file`). Errors exit 2 with usage."""
+  from var_jax.train import config_lib
+  args, rest = parser.parse_known_args(list(argv))
+  overrides, unknown = config_lib.split_config_overrides(rest)
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)} (write config overrides as "
+                 "--config.FIELD=VALUE)")
+  try:
+    return args, config_lib.load_config_file(args.config, overrides, prog=parser.prog)
+  except ConfigError as e:
+    parser.error(str(e))
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--verbose", action="store_true",
+                      help="also show third-party INFO logs (Orbax, TensorFlow, JAX)")
+
+
+def set_up_logging(verbose: bool = False) -> None:
+  """var-jax's own log lines (and clu's one metrics line per log interval) as `HH:MM:SS message` on
+  stderr; third-party INFO (Orbax writes ~40 lines per checkpoint) only with --verbose.
+
+  Library code logs through absl, whose records go to the Python logger "absl": it gets one
+  handler here, so the output does not depend on whether absl.app or someone's basicConfig ran.
+  """
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  if not verbose:
+    handler.addFilter(_OwnInfoOnly())
+  logger = logging.getLogger("absl")
+  logger.handlers = [handler]
+  logger.propagate = False
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Keeps warnings and errors, and INFO logged from var_jax's or clu's code (the metrics line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return any(f"{os.sep}{pkg}{os.sep}" in record.pathname for pkg in ("var_jax", "clu"))
