@@ -28,6 +28,7 @@ import json
 import os
 import sys
 
+from var_jax.cli import common
 from var_jax.errors import ConfigError, VarJaxError
 
 PROG = "var-jax aot"
@@ -35,33 +36,10 @@ PROG = "var-jax aot"
 SAMPLE_BATCH_PER_CHIP = 16
 
 
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-  try:
-    sizes = tuple(int(s) for s in text.split(","))
-  except ValueError:
-    sizes = ()
-  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
-    raise argparse.ArgumentTypeError(f"--mesh takes DATA,FSDP,TENSOR sizes (-1 = the rest), e.g. "
-                                     f"-1,8,1; got {text!r}")
-  return sizes
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The command's flags; config overrides (`--config.x=y`) are parsed separately."""
-  parser = argparse.ArgumentParser(
-      prog=PROG, description=__doc__, allow_abbrev=False,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
+  parser = common.new_parser(
+      PROG, __doc__, epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
              "--config.model.dtype=float32 or --config.optim.mu_dtype=bfloat16.")
   parser.add_argument("--config", required=True,
                       help="VAR training config file (e.g. configs/var_d30.py, with ':args' if it "
@@ -69,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--topology", required=True,
                       help="TPU slice: v5p-128, v4-32, v5litepod-16, v5e-4, v6e-8, or v5e:4x4, "
                            "v4:2x2x4")
-  parser.add_argument("--mesh", type=_parse_mesh, default=None, metavar="DATA,FSDP,TENSOR",
+  parser.add_argument("--mesh", type=common.mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
                       help="mesh sizes, -1 = the rest (default: the config's mesh; write "
                            "--mesh=-1,8,1)")
-  parser.add_argument("--batch", type=_positive_int, default=None,
+  parser.add_argument("--batch", type=common.positive_int, default=None,
                       help="global batch of the train step (default: the config's "
                            "global_batch_size)")
   parser.add_argument("--sample", action="store_true",
                       help="also compile var_jax.sample of the config's model on the same mesh")
-  parser.add_argument("--sample-batch", type=_positive_int, default=None,
+  parser.add_argument("--sample-batch", type=common.positive_int, default=None,
                       help=f"images per sampling call (default {SAMPLE_BATCH_PER_CHIP} per chip of "
                            "the mesh's data x fsdp axes, as var-jax sample on TPU)")
   parser.add_argument("--no-loop-correction", action="store_true",
