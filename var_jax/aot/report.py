@@ -178,7 +178,9 @@ def _compile(compile_fn: Callable[[int], CompiledProgram], unroll: int, what: st
       raise
     first = str(err).strip().splitlines()[0]
     raise DoesNotFitError(f"the {what} does not fit in the {chip.hbm_bytes / 2**30:.0f} GiB of HBM "
-                          f"of a {chip.generation} chip (XLA: {first})") from None
+                          f"of a {chip.generation} chip (XLA: {first}); a smaller batch per chip, "
+                          "the weights split over fsdp or tensor, or a remat policy "
+                          "(model.remat_policy) needs less") from None
 
 
 def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipSpec,

@@ -90,7 +90,9 @@ def _require_fit(report, topology: str) -> None:
     from var_jax.aot.report import DoesNotFitError, format_bytes
     a = report.as_compiled
     raise DoesNotFitError(f"the {report.kind} needs {format_bytes(a.peak_bytes)} per chip, more "
-                          f"than the {format_bytes(a.hbm_bytes)} of HBM of a {topology} chip.")
+                          f"than the {format_bytes(a.hbm_bytes)} of HBM of a {topology} chip; a "
+                          "smaller --batch, an fsdp or tensor axis in --mesh, or "
+                          "--config.model.remat_policy=nothing_saveable needs less.")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
