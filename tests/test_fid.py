@@ -338,3 +338,48 @@ def test_tokenizer_training_logs_rfid(tmp_path, weights_file):
   assert np.isfinite(last["rfid"]) and last["rfid"] > 0
   assert 0 < last["eval_psnr"] < 100
   assert "rFID" in proc.stderr
+
+
+def test_adm_input_path_matches_pytorch_fid_and_tensorflow_on_random_weights(tmp_path, monkeypatch):
+  # The ADM path: uint8 pixels -> TF1 ResizeBilinear -> (x - 128) / 128 -> the trunk. Expected
+  # values: TensorFlow's own resize (tf.compat.v1.image.resize_bilinear), the normalisation of the
+  # 2015 graph, then pytorch-fid's network (pool3, the sFID tap mixed_6/conv = Mixed_6d.branch1x1
+  # after its ReLU, and the classifier's matmul without its bias).
+  pfi = _import_pytorch_fid_inception()
+  tf = pytest.importorskip("tensorflow")
+  import torch
+  sd = random_state_dict(2)
+  torch_sd = {k: torch.from_numpy(v) for k, v in sd.items()}
+  monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *args, **kwargs: torch_sd)
+  net = pfi.fid_inception_v3().eval()
+  taps = {}
+  net.avgpool.register_forward_hook(lambda m, i, o: taps.__setitem__("pool", o))
+  net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.__setitem__("spatial", o))
+  images = np.random.default_rng(3).integers(0, 256, (2, 40, 52, 3), dtype=np.uint8)
+  resized = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), (299, 299)).numpy()
+  with torch.no_grad():
+    net(torch.from_numpy((resized - 128.0) / 128.0).permute(0, 3, 1, 2))
+  want_pool = taps["pool"].reshape(2, -1).numpy()
+  want_spatial = taps["spatial"].permute(0, 2, 3, 1)[..., :7].reshape(2, -1).numpy()
+  want_logits = want_pool @ sd["fc.weight"].T
+
+  path = tmp_path / inception.WEIGHTS_FILENAME
+  torch.save(torch_sd, path)
+  adm_net = inception.load_adm_inception(path)
+  pool, spatial = jax.jit(lambda p, x: inception.pool_and_spatial_features(adm_net.module, p, x))(
+      adm_net.params, images.astype(np.float32))
+  assert spatial.shape == (2, inception.SPATIAL_DIM)
+  for got, want in ((pool, want_pool), (spatial, want_spatial),
+                    (np.asarray(pool) @ adm_net.classifier_DK, want_logits)):
+    scale = np.abs(want).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * scale)
+
+
+def test_adm_network_needs_the_classifier(tmp_path):
+  sd = random_state_dict(0)
+  del sd["fc.weight"], sd["fc.bias"]
+  path = write_pth(tmp_path / inception.WEIGHTS_FILENAME, sd)
+  inception.load_fid_inception(path)  # features alone: fine
+  with pytest.raises(CheckpointError, match="1008-way classifier"):
+    inception.load_adm_inception(path)

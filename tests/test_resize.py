@@ -1,4 +1,5 @@
 """Resampling matrices against PyTorch's F.interpolate semantics (VAR_SPEC §3.3)."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,3 +57,19 @@ def test_against_torch_when_available():
       ref = F.interpolate(torch.from_numpy(x), size=(b, b), mode=mode).numpy()
       m = getattr(R, f"{mode}_matrix")(a, b)
       np.testing.assert_allclose(np.einsum("oh,bchw,pw->bcop", m, x, m), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (64, 48), (512, 512), (17, 300)])
+def test_tf1_bilinear_matches_tensorflow(shape):
+  # The resize inside the 2015 Inception graph: TF1 ResizeBilinear, half_pixel_centers=False.
+  tf = pytest.importorskip("tensorflow")
+  x = np.random.default_rng(0).uniform(0, 255, (2, *shape, 3)).astype(np.float32)
+  want = tf.compat.v1.image.resize_bilinear(x, (299, 299)).numpy()
+  got = np.asarray(R.resize(jnp.asarray(x), 299, "tf1_bilinear"))
+  np.testing.assert_allclose(got, want, rtol=0, atol=255 * 2e-7)
+
+
+def test_tf1_bilinear_samples_at_corners_not_centres():
+  # 2 -> 4: TF1 samples positions 0, 0.5, 1, 1.5 (clamped); PyTorch samples centres.
+  np.testing.assert_allclose(R.tf1_bilinear_matrix(2, 4),
+                             [[1, 0], [0.5, 0.5], [0, 1], [0, 1]])

@@ -11,9 +11,22 @@ differs from the torchvision ImageNet InceptionV3 in three ways, all reproduced 
   * the classifier has 1008 outputs (unused here: features are taken before it).
 
 Every convolution has no bias and is followed by batch norm (eps 1e-3, inference statistics) and
-a ReLU. Input images in [-1, 1] are resized bilinearly to 299x299 exactly like PyTorch's
-`F.interpolate(mode='bilinear', align_corners=False)` (no antialiasing), which is what pytorch-fid
-does; the features are the spatial mean of the last block, (B, 2048) float32.
+a ReLU. The features are the spatial mean of the last block ("pool_3"), (B, 2048) float32.
+
+Two ways in, one network (`input_format`):
+
+  * "pytorch_fid": images in [-1, 1], resized to 299x299 like PyTorch's
+    `F.interpolate(mode='bilinear', align_corners=False)`; pytorch-fid's pipeline, used for rFID
+    during training.
+  * "adm": pixel values in [0, 255] (uint8 images cast to float), resized to 299x299 by TensorFlow
+    1's `ResizeBilinear` (half_pixel_centers=False) and mapped by (x - 128) / 128: what the 2015
+    graph does behind its `ExpandDims` input, which OpenAI's ADM evaluator (guided-diffusion
+    `evaluations/evaluator.py`, the numbers VAR and its successors report) feeds 256x256 images to.
+
+`spatial_features` also returns the ADM evaluator's sFID tap, "mixed_6/conv": the 1x1 branch of
+the graph's seventh mixed block (Mixed_6d here) after its ReLU, first 7 channels, 17x17x7 = 2023
+values per image flattened in (h, w, c) order. `classifier_from_torch` reads the 1008-way softmax
+weights for the Inception Score.
 
 Parameter names follow the PyTorch module names so that the state dict maps key by key:
 `Mixed_5b.branch1x1.conv.weight` -> params["Mixed_5b"]["branch1x1"]["conv"]["kernel"] (OIHW ->
@@ -22,6 +35,7 @@ The network is never trained here.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Mapping
 
@@ -39,6 +53,10 @@ FEATURE_DIM = 2048
 BN_EPS = 1e-3
 # Output width of the FID network's classifier; torchvision's ImageNet InceptionV3 has 1000.
 FID_NUM_CLASSES = 1008
+# The ADM evaluator's sFID features: mixed_6/conv[..., :7] on the 17x17 grid.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+INPUT_FORMATS = ("pytorch_fid", "adm")
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_HINT = (
@@ -62,7 +80,10 @@ _TORCH_LEAF_NAMES: Mapping[tuple[str, str], str] = {
 
 
 class FrozenBatchNorm(nn.Module):
-  """Batch norm with fixed statistics: (x - mean) / sqrt(var + eps) * scale + bias, per channel."""
+  """Batch norm with fixed statistics: (x - mean) / sqrt(var + eps) * scale + bias, per channel.
+
+  The statistics stay float32; the output has the input's dtype.
+  """
   eps: float = BN_EPS
 
   @nn.compact
@@ -73,7 +94,7 @@ class FrozenBatchNorm(nn.Module):
     mean = self.param("mean", nn.initializers.zeros, (c,), jnp.float32)
     var = self.param("var", nn.initializers.ones, (c,), jnp.float32)
     gain = scale * jax.lax.rsqrt(var + self.eps)
-    return x_BHWC * gain + (bias - mean * gain)
+    return (x_BHWC * gain + (bias - mean * gain)).astype(x_BHWC.dtype)
 
 
 class ConvBN(nn.Module):
@@ -87,7 +108,8 @@ class ConvBN(nn.Module):
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     ph, pw = self.padding
     h = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=False, precision=_HIGHEST,
+                padding=((ph, ph), (pw, pw)), use_bias=False, dtype=x_BHWC.dtype,
+                precision=_HIGHEST if x_BHWC.dtype == jnp.float32 else None,
                 name="conv")(x_BHWC)
     return nn.relu(FrozenBatchNorm(name="bn")(h))
 
@@ -140,6 +162,7 @@ class BlockC(nn.Module):
     c7 = self.channels_7x7
     row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
     b1 = ConvBN(192, (1, 1), name="branch1x1")(x)
+    self.sow("intermediates", "branch1x1_out", b1)  # Mixed_6d's is the sFID tap (mixed_6/conv)
     b7 = ConvBN(c7, (1, 1), name="branch7x7_1")(x)
     b7 = ConvBN(c7, **row, name="branch7x7_2")(b7)
     b7 = ConvBN(192, **col, name="branch7x7_3")(b7)
@@ -190,14 +213,30 @@ class BlockE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-  """Images in [-1, 1], (B, H, W, 3) of any size -> pool3 features (B, 2048) float32."""
+  """(B, H, W, 3) images of any size -> pool3 features (B, 2048) float32.
+
+  Attributes:
+    input_format: "pytorch_fid" (images in [-1, 1]) or "adm" (pixel values in [0, 255]); see the
+      module docstring.
+    dtype: computation dtype of the trunk (float32, or bfloat16 for speed at some cost in FID
+      agreement); the input scaling and resize are float32, the parameters stay float32.
+  """
+  input_format: str = "pytorch_fid"
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     if x_BHWC.ndim != 4 or x_BHWC.shape[-1] != 3:
-      raise InputError("The FID Inception network takes (B, H, W, 3) RGB images in [-1, 1], got "
-                       f"shape {x_BHWC.shape}.")
-    h = resize(x_BHWC.astype(jnp.float32), INPUT_SIZE, "bilinear")
+      raise InputError("The FID Inception network takes (B, H, W, 3) RGB images, got shape "
+                       f"{x_BHWC.shape}.")
+    if self.input_format == "pytorch_fid":
+      h = resize(x_BHWC.astype(jnp.float32), INPUT_SIZE, "bilinear")
+    elif self.input_format == "adm":
+      h = resize(x_BHWC.astype(jnp.float32), INPUT_SIZE, "tf1_bilinear")
+      h = (h - 128.0) * (1.0 / 128.0)
+    else:
+      raise InputError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}.")
+    h = h.astype(self.dtype)
     h = ConvBN(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(h)
     h = ConvBN(32, (3, 3), name="Conv2d_2a_3x3")(h)
     h = ConvBN(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(h)
@@ -213,7 +252,16 @@ class FIDInceptionV3(nn.Module):
     h = BlockD(name="Mixed_7a")(h)
     h = BlockE("avg", name="Mixed_7b")(h)
     h = BlockE("max", name="Mixed_7c")(h)
-    return jnp.mean(h, axis=(1, 2))
+    return jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+
+
+def pool_and_spatial_features(module: FIDInceptionV3, params: Mapping, x_BHWC: jax.Array
+                              ) -> tuple[jax.Array, jax.Array]:
+  """(pool3 features (B, 2048), sFID features (B, 2023)) float32, from one pass."""
+  pool, state = module.apply({"params": params}, x_BHWC, mutable=["intermediates"])
+  (tap,) = state["intermediates"]["Mixed_6d"]["branch1x1_out"]
+  spatial = tap[..., :SPATIAL_CHANNELS].astype(jnp.float32)
+  return pool, spatial.reshape(spatial.shape[0], -1)
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -279,6 +327,36 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
   return params
 
 
+def _read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isfile(path):
+    raise CheckpointError(f"FID Inception weights not found at {path!r}: download {WEIGHTS_HINT} "
+                          "and pass its local path.")
+  try:
+    return load_torch_checkpoint(path)
+  except CheckpointError as e:
+    raise CheckpointError(f"Cannot read the FID Inception weights: {e} {RESAVE_HINT}") from e
+
+
+def classifier_from_torch(state_dict: Mapping[str, np.ndarray]) -> np.ndarray:
+  """The 1008-way softmax weights, (2048, 1008) float32, from `fc.weight`.
+
+  The ADM evaluator's Inception Score multiplies pool3 features by the graph's
+  `softmax/logits/MatMul` weights alone: the classifier bias (`fc.bias`) is not used, here either.
+
+  Raises:
+    CheckpointError: the state dict has no `fc.weight` of shape (1008, 2048).
+  """
+  weight = state_dict.get("fc.weight")
+  if weight is None or tuple(np.shape(weight)) != (FID_NUM_CLASSES, FEATURE_DIM):
+    found = "no 'fc.weight'" if weight is None else f"'fc.weight' of shape {np.shape(weight)}"
+    raise CheckpointError(
+        f"The Inception Score needs the FID Inception network's 1008-way classifier, "
+        f"'fc.weight' of shape ({FID_NUM_CLASSES}, {FEATURE_DIM}); the weights file has {found}. "
+        f"Use {WEIGHTS_HINT}.")
+  return np.ascontiguousarray(np.asarray(weight, np.float32).T)
+
+
 def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInceptionV3, dict]:
   """Reads the pytorch-fid weights file; returns (module, parameters as numpy float32 arrays).
 
@@ -286,15 +364,27 @@ def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInceptionV3, dict]:
     CheckpointError: the file is missing (the message says where to get it), unreadable, or does
       not hold the FID Inception weights.
   """
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isfile(path):
-    raise CheckpointError(f"FID Inception weights not found at {path!r}: download {WEIGHTS_HINT} "
-                          "and pass its local path.")
-  try:
-    state_dict = load_torch_checkpoint(path)
-  except CheckpointError as e:
-    raise CheckpointError(f"Cannot read the FID Inception weights: {e} {RESAVE_HINT}") from e
-  return FIDInceptionV3(), params_from_torch(state_dict)
+  return FIDInceptionV3(), params_from_torch(_read_state_dict(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class ADMInception:
+  """The network as the ADM evaluator runs it: module ("adm" input format), trunk parameters and
+  the (2048, 1008) softmax weights of the Inception Score, all numpy float32."""
+  module: FIDInceptionV3
+  params: dict
+  classifier_DK: np.ndarray
+
+
+def load_adm_inception(path: str | os.PathLike, *, dtype=jnp.float32) -> ADMInception:
+  """Reads pytorch-fid's weights file (with its classifier) for ADM-exact evaluation.
+
+  Raises:
+    CheckpointError: as `load_fid_inception`, or the file lacks the 1008-way classifier.
+  """
+  state_dict = _read_state_dict(path)
+  return ADMInception(FIDInceptionV3(input_format="adm", dtype=jnp.dtype(dtype)),
+                      params_from_torch(state_dict), classifier_from_torch(state_dict))
 
 
 def make_feature_fn(module: FIDInceptionV3) -> Callable[[Mapping, jax.Array], jax.Array]:

@@ -1,4 +1,5 @@
-"""Resampling that matches PyTorch's `F.interpolate` exactly, as separable matrices.
+"""Resampling that matches PyTorch's `F.interpolate` (and TensorFlow 1's `ResizeBilinear`) exactly,
+as separable matrices.
 
 `jax.image.resize` does not match the official tokenizer: its bicubic uses Keys' A=-0.5 and
 renormalises at borders, and its antialiased linear mode is not adaptive average pooling
@@ -67,16 +68,39 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m
 
 
-_MATRICES = {"area": area_matrix, "bicubic": bicubic_matrix, "bilinear": bilinear_matrix}
+@functools.lru_cache(maxsize=None)
+def tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float64: TensorFlow 1's `ResizeBilinear` with its defaults (align_corners=False,
+  half_pixel_centers=False), the resize inside the 2015 Inception graph of FID and the ADM evaluator.
+
+  Output pixel o samples the input at o * (n_in / n_out), not at its centre: the image shifts by
+  half a pixel against PyTorch's bilinear. The position and the weights are computed in float32,
+  as TensorFlow does, so the taps and weights are TensorFlow's own.
+  """
+  m = np.zeros((n_out, n_in), np.float64)
+  scale = np.float32(n_in) / np.float32(n_out)
+  for o in range(n_out):
+    src = np.float32(o) * scale
+    i0 = int(np.floor(src))
+    i1 = min(i0 + 1, n_in - 1)
+    lam = np.float32(src - np.float32(i0))
+    m[o, i0] += 1.0 - float(lam)
+    m[o, i1] += float(lam)
+  return m
+
+
+_MATRICES = {"area": area_matrix, "bicubic": bicubic_matrix, "bilinear": bilinear_matrix,
+             "tf1_bilinear": tf1_bilinear_matrix}
 
 
 def resize(x_BHWC: jax.Array, size: int | tuple[int, int], mode: str) -> jax.Array:
-  """Resizes the two spatial axes of an NHWC array like `F.interpolate(x, size, mode=mode)`.
+  """Resizes the two spatial axes of an NHWC array like `F.interpolate(x, size, mode=mode)`, or
+  for mode 'tf1_bilinear' like `tf.compat.v1.image.resize_bilinear(x, size)`.
 
   Args:
     x_BHWC: (B, H, W, C) array.
     size: output side, or (out_h, out_w).
-    mode: 'area', 'bicubic' or 'bilinear'.
+    mode: 'area', 'bicubic', 'bilinear' or 'tf1_bilinear'.
   """
   if mode not in _MATRICES:
     raise ValueError(f"resize mode must be one of {sorted(_MATRICES)}, got {mode!r}.")
