@@ -1,93 +1,251 @@
-"""`var-jax evaluate`: class consistency of samples, tokenizer reconstruction PSNR, optional FID.
+"""`var-jax evaluate`: FID, sFID, Inception Score, precision and recall as OpenAI's ADM evaluator
+computes them (the numbers VAR's paper reports), of a model or of an ADM sample batch.
 
-For models of the synthetic shapes data (e.g. the shipped `shapes-tiny`), a deterministic pixel
-classifier (`var_jax.data.shapes.classify`) tells each sample's class; class consistency is the
-share of samples classified as the class they were generated for. Reconstruction PSNR is measured
-on held-out generated images (a seed the training data never used).
+  var-jax evaluate --model d16 --num-samples 50000 --cfg 1.5 --top-k 900 --top-p 0.96 \\
+      --ref VIRTUAL_imagenet256_labeled.npz --fid-inception pt_inception-2015-12-05-6726825d.pth \\
+      --out d16.json
+  var-jax evaluate --sample-batch samples.npz --ref REF.npz --fid-inception W.pth --out R.json
 
-With --fid-inception (pytorch-fid's FID Inception weights, a local file) it also reports the
-tokenizer's reconstruction FID (rFID: held-out images vs their reconstructions) and the FID of the
-samples against --fid-ref-stats (an .npz of mu and sigma) or, without it, the held-out images.
+With --model, images are sampled class-balanced (image i: class i % num_classes, key
+fold_in(seed, i)) over every device of every host, and their Inception features are taken on the
+devices right behind the sampler. Features are saved in chunks under --features-dir: a run that
+stops continues where it left off when started again with the same flags. --save-samples also
+writes the images as an ADM sample batch, for the official evaluator.
+
+Models of the synthetic shapes data (e.g. the shipped shapes-tiny) also get class consistency (a
+pixel classifier tells each sample's class) and tokenizer reconstruction PSNR; those two need no
+Inception weights, so `var-jax evaluate` alone runs offline.
 """
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import sys
+import time
 
 from var_jax.cli import common
 from var_jax.errors import InputError
 
 PROG = "var-jax evaluate"
+# Images per device in one feature call of --sample-batch (the Inception network at 299 px).
+FEATURE_BATCH_PER_DEVICE = 32
 
 
 def build_parser():
-  parser = common.new_parser(PROG, __doc__)
-  parser.add_argument("--model", default="shapes-tiny")
-  parser.add_argument("--per-class", type=int, default=50)
-  parser.add_argument("--batch-size", type=int, default=50)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--cfg", type=float, default=1.5)
-  parser.add_argument("--top-k", type=int, default=900)
-  parser.add_argument("--top-p", type=float, default=0.96)
-  parser.add_argument("--psnr-images", type=int, default=500)
-  parser.add_argument("--fid-inception", default=None, metavar="PATH",
-                      help="pytorch-fid's FID Inception weights, a local file "
-                           "(pt_inception-2015-12-05-6726825d.pth): also report rFID and sample FID")
-  parser.add_argument("--fid-ref-stats", default=None, metavar="PATH.npz",
-                      help="reference statistics (arrays mu, sigma) for the sample FID; default: "
-                           "the held-out images")
-  parser.add_argument("--fid-images", type=int, default=500, help="held-out images for rFID")
-  parser.add_argument("--json", default=None, help="also write the results here")
-  return parser
+  from var_jax.cli.sample import PER_DEVICE_BATCH
+  p = common.new_parser(PROG, __doc__)
+  what = p.add_mutually_exclusive_group()
+  what.add_argument("--model", default=None,
+                    help="a model to sample: shapes-tiny, d16..d36, a converted directory or a "
+                         "training workdir (default: shapes-tiny)")
+  what.add_argument("--sample-batch", default=None, metavar="S.npz",
+                    help="evaluate these images instead (ADM sample batch: arr_0, uint8 N x H x W x 3)")
+  p.add_argument("--ref", default=None, metavar="REF.npz",
+                 help="reference batch: ADM's (e.g. VIRTUAL_imagenet256_labeled.npz) or one "
+                      "written by `var-jax fid-stats`")
+  p.add_argument("--fid-inception", default=None, metavar="W.pth",
+                 help="pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth "
+                      "(a local file)")
+  p.add_argument("--out", default=None, metavar="R.json", help="write the results here (JSON)")
+  s = p.add_argument_group("sampling (--model)")
+  s.add_argument("--num-samples", type=common.positive_int, default=50_000)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
+  s.add_argument("--top-k", type=int, default=900, help="0, or any k >= the vocabulary: all")
+  s.add_argument("--top-p", type=float, default=0.96, help="0 = off")
+  s.add_argument("--more-smooth", action="store_true")
+  s.add_argument("--dtype", default=None, help="model compute dtype override, e.g. bfloat16")
+  s.add_argument("--mesh", type=common.mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR")
+  s.add_argument("--batch-size", type=int, default=0,
+                 help="images per sampling call over all local devices (0: %s per device)"
+                 % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
+  s.add_argument("--features-dir", default=None,
+                 help="where the features are saved in chunks (resumable); default: next to "
+                      "--out, else ./evaluation_features")
+  s.add_argument("--save-samples", default=None, metavar="S.npz",
+                 help="also write the samples as an ADM sample batch")
+  s.add_argument("--psnr-images", type=int, default=500,
+                 help="shapes models: held-out images for the tokenizer PSNR (0: skip)")
+  p.add_argument("--inception-dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="the Inception network's compute dtype (bfloat16: faster, see README)")
+  return p
+
+
+def _check_args(args) -> None:
+  common.check_output_file(args.out, "--out")
+  common.check_output_file(args.save_samples, "--save-samples")
+  if args.sample_batch and args.save_samples:
+    raise InputError("--save-samples goes with --model (the images of --sample-batch are already a batch).")
+  if bool(args.ref) != bool(args.fid_inception):
+    raise InputError("--ref and --fid-inception go together: the reference batch's features are "
+                     "those of that network.")
+  if args.sample_batch and not args.ref:
+    raise InputError("--sample-batch needs --ref and --fid-inception.")
+  if args.batch_size < 0 or args.psnr_images < 0:
+    raise InputError("--batch-size and --psnr-images must be >= 0.")
+
+
+def _features_dir(args) -> pathlib.Path:
+  if args.features_dir:
+    return pathlib.Path(args.features_dir)
+  if args.out:
+    out = pathlib.Path(args.out)
+    return out.with_name(out.stem + ".features")
+  return pathlib.Path("evaluation_features")
+
+
+def _reference(args, extract, features_dir: pathlib.Path):
+  """The reference batch; features of an image-only (ADM) batch are computed once and kept."""
+  import jax
+  import numpy as np
+  from var_jax.eval import adm
+  ref_path = os.path.abspath(os.path.expanduser(args.ref))
+  cache = features_dir / "reference_features.npz"
+  stat = os.stat(ref_path) if os.path.isfile(ref_path) else None
+  tag = f"{ref_path}|{stat.st_size}|{int(stat.st_mtime)}|{args.inception_dtype}" if stat else ""
+  if cache.is_file():
+    with np.load(cache, allow_pickle=False) as data:
+      if str(data["tag"]) == tag:
+        return adm.Reference(**{k: data[k] for k in adm.STAT_KEYS},
+                             pool_features=data[adm.POOL_KEY], source=ref_path)
+  print(f"reading the reference batch {common.shown(ref_path)}", flush=True)
+  ref = adm.read_reference(ref_path, extract)
+  if jax.process_index() == 0:
+    features_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".tmp"), "wb") as f:
+      np.savez(f, tag=np.asarray(tag), **{k: getattr(ref, k) for k in adm.STAT_KEYS},
+               **{adm.POOL_KEY: ref.pool_features})
+    os.replace(cache.with_suffix(".tmp"), cache)
+  return ref
+
+
+def _print_metrics(result: dict) -> None:
+  if "fid" in result:
+    print(f"FID {result['fid']:.4f}   sFID {result['sfid']:.4f}   IS {result['inception_score']:.2f}"
+          f"   precision {result['precision']:.4f}   recall {result['recall']:.4f}"
+          f"   ({result['num_samples']} samples vs {result['num_reference_images']} reference "
+          "images)")
+  if "class_consistency" in result:
+    print(f"class consistency: {result['class_consistency']:.2%} of {result['num_samples']} samples")
+    for name, acc in result["per_class"].items():
+      print(f"  {name:14s} {acc:.2%}")
+  if "reconstruction_psnr_db" in result:
+    print(f"tokenizer reconstruction PSNR on {result['settings']['psnr_images']} held-out images: "
+          f"{result['reconstruction_psnr_db']:.2f} dB")
+
+
+def _evaluate_sample_batch(args, network) -> dict:
+  from var_jax.eval import adm
+  from var_jax.inference.placement import batch_shards, sampling_mesh
+  mesh = sampling_mesh()
+  shards = batch_shards(mesh)
+  count, _ = adm.iter_image_batches(args.sample_batch, 1)  # checks the file before the reference
+  per_call = min(FEATURE_BATCH_PER_DEVICE, -(-count // shards)) * shards
+  extract = adm.ADMFeatures(network, batch_size=per_call, mesh=mesh)
+  features_dir = _features_dir(args)
+  reference = _reference(args, extract, features_dir)
+  count, batches = adm.iter_image_batches(args.sample_batch, extract.batch_size)
+  print(f"computing the features of {count} images of {common.shown(args.sample_batch)}", flush=True)
+  t0 = time.perf_counter()
+  pool, spatial = adm.compute_features(batches, extract)
+  seconds = time.perf_counter() - t0
+  result = adm.metrics(pool, spatial, reference, network.classifier_DK)
+  result["settings"] = dict(sample_batch=common.shown(args.sample_batch))
+  result["timing"] = dict(features_s=round(seconds, 2), images_per_s=round(count / seconds, 2))
+  return result
+
+
+def _evaluate_model(args, network) -> dict | None:
+  import jax
+  import numpy as np
+  from tqdm import tqdm
+  from var_jax.cli.sample import default_batch
+  from var_jax.data import shapes
+  from var_jax.eval import adm, generation, sample_features as sf
+  from var_jax.inference.filters import check_sampling_options
+  from var_jax.inference.placement import sampling_mesh
+  name = args.model or common.DEFAULT_MODEL
+  features_dir = _features_dir(args)
+  mesh = sampling_mesh(*args.mesh)
+  batch = args.batch_size or default_batch(mesh)
+  extract = adm.ADMFeatures(network, batch_size=batch, mesh=mesh) if network else None
+  reference = _reference(args, extract, features_dir) if network else None
+  if reference is not None and args.num_samples <= 3:
+    raise InputError(f"--num-samples must be > 3 for precision and recall, got {args.num_samples}.")
+  model = common.load_model(name, args.dtype)
+  check_sampling_options(model, args.cfg, args.top_k, args.top_p)
+  is_shapes = model.config.num_classes == shapes.NUM_CLASSES and model.tokenizer.config.image_size == 64
+  if network is None and not is_shapes:
+    raise InputError("FID and the other ADM metrics need --ref REF.npz and --fid-inception W.pth "
+                     "(see README: Reproducing the paper's numbers).")
+  settings = sf.SamplingSettings(
+      model=common.shown(name) if os.path.exists(name) else name, num_samples=args.num_samples,
+      seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+      more_smooth=args.more_smooth, batch=batch, inception_dtype=args.inception_dtype)
+  keep_images = is_shapes or bool(args.save_samples)
+  share = sf.host_share(args.num_samples, jax.process_index(), jax.process_count())
+  writer = None
+  if args.save_samples:
+    path = pathlib.Path(args.save_samples)
+    if jax.process_count() > 1:
+      path = path.with_name(f"{path.stem}_process{jax.process_index()}{path.suffix}")
+    size = model.tokenizer.config.image_size
+    writer = sf.SampleBatchWriter(path, len(share), (size, size, 3))
+  bar = tqdm(total=len(share), unit="img", desc="sampling + features", disable=jax.process_index() > 0)
+  chunks, t0 = [], time.perf_counter()
+  for chunk in sf.sample_features(model, settings, extract, mesh=mesh, chunk_dir=features_dir,
+                                  keep_images=keep_images, progress=bar.update):
+    if writer is not None:
+      writer.write(chunk["images"])
+    chunks.append(chunk if is_shapes else {k: v for k, v in chunk.items() if k != "images"})
+  bar.close()
+  seconds = time.perf_counter() - t0
+  if writer is not None:
+    print(f"wrote the ADM sample batch {common.shown(writer.close())} ({len(share)} images)")
+  local = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+  result = {"num_samples": args.num_samples}
+  if network is not None:
+    pool = sf.gather(local["pool"])
+    spatial = sf.gather(local["spatial"])
+    if jax.process_index() == 0:
+      result.update(adm.metrics(pool, spatial, reference, network.classifier_DK))
+  if is_shapes:
+    images = sf.gather(local["images"])
+    labels = sf.class_balanced_labels(args.num_samples, model.config.num_classes)
+    result.update(generation.class_consistency(images, labels))
+    if args.psnr_images:
+      result["reconstruction_psnr_db"] = generation.reconstruction_psnr(
+          model.tokenizer, num_images=args.psnr_images, batch_size=min(batch, 64))
+  result["settings"] = dict(vars(args), model=settings.model, batch_size=batch,
+                            features_dir=common.shown(features_dir))
+  result["timing"] = dict(sampling_and_features_s=round(seconds, 2),
+                          images_per_s_this_host=round(len(share) / max(seconds, 1e-9), 2))
+  return result if jax.process_index() == 0 else None
 
 
 def main(argv=None) -> int:
-  from var_jax.eval import fid, inception
-  from var_jax.eval.generation import class_consistency, reconstruction_fid, reconstruction_psnr
   argv = list(sys.argv if argv is None else argv)
-  parser = build_parser()
-  args = parser.parse_args(argv[1:])
-  common.check_output_file(args.json, "--json")
-  if args.fid_ref_stats and not args.fid_inception:
-    raise InputError("--fid-ref-stats needs --fid-inception (the network the statistics are of).")
-  image_features = ref_stats = sample_stats = None
-  if args.fid_inception:  # read the files before the long sampling run
-    if args.fid_images < 2:
-      raise InputError(f"--fid-images must be >= 2, got {args.fid_images}.")
-    if args.fid_ref_stats:
-      ref_stats = fid.load_stats(args.fid_ref_stats)
-      if ref_stats[0].shape != (inception.FEATURE_DIM,):
-        raise InputError(f"--fid-ref-stats {args.fid_ref_stats!r} has {ref_stats[0].shape[0]}-d "
-                         f"statistics; FID Inception features are {inception.FEATURE_DIM}-d.")
-    image_features = inception.make_image_features(
-        *inception.load_fid_inception(args.fid_inception), args.batch_size)
-    sample_stats = fid.FeatureStats(inception.FEATURE_DIM)
-  model = common.load_model(args.model)
-  result = class_consistency(model, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
-                             cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                             on_images=(lambda images: sample_stats.update(image_features(images)))
-                             if image_features else None)
-  result["reconstruction_psnr_db"] = reconstruction_psnr(model.tokenizer, num_images=args.psnr_images,
-                                                         batch_size=args.batch_size)
-  result["settings"] = dict(model=args.model, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                            per_class=args.per_class, seed=args.seed)
-  print(f"class consistency: {result['class_consistency']:.2%} of {result['num_samples']} samples "
-        f"(cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p})")
-  for name, acc in result["per_class"].items():
-    print(f"  {name:14s} {acc:.2%}")
-  print(f"tokenizer reconstruction PSNR on {args.psnr_images} held-out images: "
-        f"{result['reconstruction_psnr_db']:.2f} dB")
-  if image_features is not None:
-    rfid, held_out_stats = reconstruction_fid(model.tokenizer, image_features,
-                                              num_images=args.fid_images,
-                                              batch_size=args.batch_size)
-    reference = args.fid_ref_stats or f"{args.fid_images} held-out images"
-    sample_fid = fid.frechet_distance(*(held_out_stats if ref_stats is None else ref_stats),
-                                      *sample_stats.stats())
-    result.update(reconstruction_rfid=rfid, sample_fid=sample_fid, fid_reference=reference)
-    print(f"tokenizer reconstruction FID on {args.fid_images} held-out images: {rfid:.3f}")
-    print(f"sample FID of {sample_stats.count} samples against {reference}: {sample_fid:.3f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  args = build_parser().parse_args(argv[1:])
+  _check_args(args)
+  network = None
+  if args.fid_inception:  # read the weights before anything long
+    import jax.numpy as jnp
+    from var_jax.eval import inception
+    network = inception.load_adm_inception(args.fid_inception, dtype=jnp.dtype(args.inception_dtype))
+  if args.sample_batch:
+    result = _evaluate_sample_batch(args, network)
+  else:
+    result = _evaluate_model(args, network)
+  if result is None:  # hosts other than 0
+    return 0
+  if args.ref:
+    result["reference"] = common.shown(args.ref)
+    result["fid_inception"] = common.shown(args.fid_inception)
+  _print_metrics(result)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {common.shown(out)}")
   return 0

@@ -8,6 +8,7 @@ import sys
 import time
 
 from var_jax.cli import common
+from var_jax.parallel.distributed import host_share
 from var_jax.errors import InputError
 
 PROG = "var-jax sample"
@@ -41,13 +42,6 @@ def default_batch(mesh) -> int:
   platform = mesh.devices.flat[0].platform
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   return PER_DEVICE_BATCH.get(platform, 4) * placement.batch_shards(mesh)
-
-
-def host_share(count: int, process_index: int, process_count: int) -> range:
-  """The contiguous range of global image indices one host samples (sizes differ by at most 1)."""
-  per, extra = divmod(count, process_count)
-  start = process_index * per + min(process_index, extra)
-  return range(start, start + per + (process_index < extra))
 
 
 def cmd_sample(args) -> int:

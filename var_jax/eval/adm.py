@@ -21,6 +21,7 @@ is read as it is, the pool features of its images computed once (`--ref` of `var
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zipfile
 from typing import Callable, Iterable, Iterator, Mapping
@@ -40,6 +41,21 @@ METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 # -- features --------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _jitted_features(module: inception.FIDInceptionV3, mesh):
+  """One jitted program per (network, mesh), kept: later extractors in the process reuse its
+  compiled executables."""
+
+  def features(params, images_BHWC):
+    return inception.pool_and_spatial_features(module, params, images_BHWC.astype(jnp.float32))
+
+  if mesh is None:
+    return jax.jit(features)
+  from var_jax.inference import placement  # pylint: disable=g-import-not-at-top
+  batch = placement.batch_sharding(mesh)
+  return jax.jit(features, out_shardings=(batch, batch))
+
+
 class ADMFeatures:
   """uint8 images (B, H, W, 3) -> (pool3 (B, 2048), spatial (B, 2023)) float32, jitted.
 
@@ -55,20 +71,13 @@ class ADMFeatures:
     self.network = network
     self.batch_size = batch_size
     self.mesh = mesh
-    module = network.module
-
-    def features(params, images_BHWC):
-      return inception.pool_and_spatial_features(module, params, images_BHWC.astype(jnp.float32))
-
+    self._fn = _jitted_features(network.module, mesh)
     if mesh is None:
       self._params = jax.device_put(network.params)
-      self._fn = jax.jit(features)
     else:
       from var_jax.inference import placement  # pylint: disable=g-import-not-at-top
       self._params = placement.put_replicated(network.params, mesh)
-      batch = placement.batch_sharding(mesh)
-      self._fn = jax.jit(features, out_shardings=(batch, batch))
-      self._batch_sharding = batch
+      self._batch_sharding = placement.batch_sharding(mesh)
 
   def device_features(self, images_BHWC) -> tuple[jax.Array, jax.Array]:
     """Features of one batch of at most `batch_size` images, as device arrays."""

@@ -97,3 +97,11 @@ def maybe_initialize_distributed(
   logging.info("jax.distributed initialised: process %d of %d.",
                jax.process_index(), jax.process_count())
   return True
+
+
+def host_share(count: int, process_index: int, process_count: int) -> range:
+  """The contiguous range of `count` global indices (images to sample, say) that one host
+  handles; shares differ in size by at most 1 and cover every index once."""
+  per, extra = divmod(count, process_count)
+  start = process_index * per + min(process_index, extra)
+  return range(start, start + per + (process_index < extra))

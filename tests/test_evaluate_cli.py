@@ -1,0 +1,157 @@
+"""`var-jax fid-stats` and `var-jax evaluate` end to end on the shipped model, with random Inception
+weights in pytorch-fid's layout (the real ones cannot be downloaded here).
+
+Expectations are computed independently of the pipeline: the images of the saved sample batch go
+through the network directly, and FID is taken with scipy's sqrtm as the ADM evaluator does.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+
+from test_fid import random_state_dict, write_pth
+from var_jax import cli
+from var_jax.eval import inception
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> pathlib.Path:
+  return write_pth(tmp_path_factory.mktemp("w") / inception.WEIGHTS_FILENAME, random_state_dict(0))
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, weights) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("ref") / "shapes_ref.npz"
+  assert cli.main(["fid-stats", "--shapes", "32", "--image-size", "64", "--fid-inception",
+                   str(weights), "--out", str(out)]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, weights, ref):
+  d = tmp_path_factory.mktemp("eval")
+  argv = ["evaluate", "--num-samples", str(N), "--ref", str(ref), "--fid-inception", str(weights),
+          "--out", str(d / "r.json"), "--save-samples", str(d / "s.npz"), "--psnr-images", "8"]
+  assert cli.main(argv) == 0
+  return d, argv, json.loads((d / "r.json").read_text())
+
+
+def _adm_features(weights, images):
+  net = inception.load_adm_inception(weights)
+  pool, spatial = jax.jit(lambda p, x: inception.pool_and_spatial_features(net.module, p, x))(
+      net.params, np.asarray(images, np.float32))
+  return np.asarray(pool, np.float64), np.asarray(spatial, np.float64)
+
+
+def _sqrtm_fid(a, b_mu, b_sigma):
+  mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+  covmean = scipy.linalg.sqrtm(sigma @ b_sigma).real
+  return float(((mu - b_mu) ** 2).sum() + np.trace(sigma) + np.trace(b_sigma) - 2 * np.trace(covmean))
+
+
+def test_fid_stats_writes_the_reference_of_the_shapes_data(ref, weights):
+  from var_jax.data import shapes
+  images, _ = shapes.generate(range(32), seed=1, image_size=64)
+  pool, spatial = _adm_features(weights, images)
+  with np.load(ref) as data:
+    np.testing.assert_allclose(data["pool_features"], pool, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data["mu"], pool.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data["sigma_s"], np.cov(spatial, rowvar=False), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_writes_the_contract_keys_and_saves_the_samples(run):
+  d, _, result = run
+  for key in ("fid", "sfid", "inception_score", "precision", "recall", "num_samples"):
+    assert key in result, key
+  assert result["num_samples"] == N and result["num_reference_images"] == 32
+  assert result["class_consistency"] > 0.9
+  with np.load(d / "s.npz") as batch:
+    assert batch["arr_0"].shape == (N, 64, 64, 3) and batch["arr_0"].dtype == np.uint8
+
+
+def test_samples_are_class_balanced_and_drawn_from_their_own_keys(run):
+  # Image i: class i % 10, key fold_in(key(seed), i), whatever the batch and device count.
+  from var_jax.inference.pretrained import load_pretrained
+  from var_jax.inference.sampler import sample
+  d, _, _ = run
+  with np.load(d / "s.npz") as batch:
+    saved = batch["arr_0"]
+  key = jax.random.key(0)
+  idx = np.array([3, 17])
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx.astype(np.uint32))
+  again = np.asarray(sample(load_pretrained("shapes-tiny"), idx % 10, rng=keys))
+  np.testing.assert_array_equal(again, saved[idx])
+
+
+def test_metrics_equal_an_independent_computation_from_the_saved_images(run, ref, weights):
+  d, _, result = run
+  with np.load(d / "s.npz") as batch:
+    pool, spatial = _adm_features(weights, batch["arr_0"])
+  with np.load(ref) as data:
+    want_fid = _sqrtm_fid(pool, data["mu"], data["sigma"])
+    want_sfid = _sqrtm_fid(spatial, data["mu_s"], data["sigma_s"])
+  np.testing.assert_allclose(result["fid"], want_fid, rtol=1e-3)
+  np.testing.assert_allclose(result["sfid"], want_sfid, rtol=1e-3)
+
+
+def test_the_sample_batch_gives_the_same_numbers(run, ref, weights):
+  d, _, result = run
+  assert cli.main(["evaluate", "--sample-batch", str(d / "s.npz"), "--ref", str(ref),
+                   "--fid-inception", str(weights), "--out", str(d / "batch.json")]) == 0
+  again = json.loads((d / "batch.json").read_text())
+  for key in ("fid", "sfid", "inception_score"):
+    np.testing.assert_allclose(again[key], result[key], rtol=1e-4)
+  assert (again["precision"], again["recall"]) == (result["precision"], result["recall"])
+
+
+def test_an_interrupted_evaluation_resumes_from_its_chunks(run, capsys):
+  d, argv, result = run
+  chunks = sorted((d / "r.features" / "process_0").glob("chunk_*.npz"))
+  assert len(chunks) >= 1
+  chunks[-1].unlink()                               # never written
+  if len(chunks) > 1:
+    chunks[0].write_bytes(b"cut short")             # written halfway: sampled again
+  (d / "s.npz").unlink()
+  assert cli.main(argv) == 0
+  again = json.loads((d / "r.json").read_text())
+  for key in ("fid", "sfid", "inception_score", "precision", "recall", "class_consistency"):
+    assert again[key] == result[key], key
+  # Other settings are refused, nothing deleted.
+  capsys.readouterr()
+  assert cli.main(argv[:-2] + ["--cfg", "2.0"]) == 2
+  assert "cfg: 1.5 then, 2.0 now" in capsys.readouterr().err
+  assert len(list((d / "r.features" / "process_0").glob("chunk_*.npz"))) == len(chunks)
+
+
+def test_bad_evaluate_inputs_are_clear_errors(tmp_path, weights, ref, capsys):
+  cases = [
+      (["--ref", str(ref)], "--ref and --fid-inception go together"),
+      (["--sample-batch", str(tmp_path / "x.npz")], "--sample-batch needs --ref"),
+      (["--ref", str(tmp_path / "missing.npz"), "--fid-inception", str(weights)], "not found"),
+      (["--ref", str(ref), "--fid-inception", str(tmp_path / "no.pth")], "FID Inception weights not found"),
+      (["--num-samples", "3", "--ref", str(ref), "--fid-inception", str(weights)], "must be > 3"),
+  ]
+  for args, message in cases:
+    assert cli.main(["evaluate", *args, "--features-dir", str(tmp_path / "f")]) == 2, args
+    assert message in capsys.readouterr().err, args
+  assert cli.main(["fid-stats", "--images", str(tmp_path), "--fid-inception", str(weights),
+                   "--out", str(tmp_path / "r.npz")]) == 2
+  assert "holds no image files" in capsys.readouterr().err
+
+
+def test_fid_stats_of_an_image_folder_crops_like_adm(tmp_path, weights):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate([(80, 100), (64, 64), (150, 130), (70, 90)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  assert cli.main(["fid-stats", "--images", str(tmp_path), "--image-size", "64", "--fid-inception",
+                   str(weights), "--out", str(tmp_path / "ref.npz")]) == 0
+  with np.load(tmp_path / "ref.npz") as data:
+    assert data["pool_features"].shape == (4, inception.FEATURE_DIM)
