@@ -15,7 +15,8 @@ COMMANDS = {
     "train": ("var_jax.cli.train", "train VAR"),
     "train-tokenizer": ("var_jax.cli.train", "train the multi-scale VQVAE tokenizer"),
     "pretokenize": ("var_jax.cli.pretokenize", "encode a data set to token maps once"),
-    "evaluate": ("var_jax.cli.evaluate", "class consistency of samples, PSNR, optional FID"),
+    "evaluate": ("var_jax.cli.evaluate", "FID, sFID, IS, precision, recall (ADM evaluator) of a model or batch"),
+    "fid-stats": ("var_jax.cli.fid_stats", "a reference batch (ADM format) from images, for --ref"),
     "aot": ("var_jax.cli.aot", "will a training config fit a TPU slice: compile it ahead of time"),
 }
 
