@@ -53,7 +53,7 @@ def main() -> int:
   print(f"tokenizer {t1 - t0:.0f} s, VAR {t2 - t1:.0f} s, total {t2 - t0:.0f} s")
   if not args.skip_evaluate:
     run([sys.executable, "-m", "var_jax.cli", "evaluate", f"--model={args.out}",
-         f"--json={work / 'evaluation.json'}"])
+         "--num-samples=500", f"--out={work / 'evaluation.json'}"])
   return 0
 
 

@@ -267,18 +267,6 @@ def test_features_match_pytorch_fid_on_random_weights(tmp_path, monkeypatch):
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
 
 
-def test_evaluate_checks_its_fid_inputs_before_loading_the_model(tmp_path, weights_file, capsys):
-  from var_jax import cli
-  assert cli.main(["evaluate", "--fid-ref-stats", str(tmp_path / "ref.npz")]) == 2
-  assert "--fid-ref-stats needs --fid-inception" in capsys.readouterr().err
-  assert cli.main(["evaluate", "--fid-inception", str(tmp_path / "missing.pth")]) == 2
-  assert "FID Inception weights not found" in capsys.readouterr().err
-  fid.save_stats(tmp_path / "ref8.npz", np.zeros(8), np.eye(8))
-  assert cli.main(["evaluate", "--fid-inception", str(weights_file),
-                   "--fid-ref-stats", str(tmp_path / "ref8.npz")]) == 2
-  assert "8-d statistics" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------------------------
 # rFID in tokenizer training.
 
