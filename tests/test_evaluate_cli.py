@@ -155,3 +155,30 @@ def test_fid_stats_of_an_image_folder_crops_like_adm(tmp_path, weights):
                    str(weights), "--out", str(tmp_path / "ref.npz")]) == 0
   with np.load(tmp_path / "ref.npz") as data:
     assert data["pool_features"].shape == (4, inception.FEATURE_DIM)
+
+
+@pytest.mark.slow  # ~80 s: a tiny training run with the hook (run by hand: pytest -m slow)
+def test_training_logs_adm_metrics_periodically(tmp_path, weights, ref):
+  from test_train_var import _tiny_config
+  from var_jax.train import train_var
+  config = _tiny_config(checkpoint_every=2, async_checkpointing=False, stop_on_hook_error=True)
+  config.fid_eval = dict(every=2, num_samples=8, ref=str(ref), inception_path=str(weights),
+                         batch_per_device=1)
+  train_var.train(config, str(tmp_path / "run"))
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  at_2 = [m for m in logged if m.get("step") == 2 and "fid" in m]
+  assert at_2, logged
+  for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+    assert np.isfinite(at_2[0][key]), key
+  assert not (tmp_path / "run" / "fid_eval" / "step_00000002").exists()
+
+
+def test_training_with_a_missing_reference_fails_before_training(tmp_path, weights):
+  from test_train_var import _tiny_config
+  from var_jax.errors import ConfigError
+  from var_jax.train import train_var
+  config = _tiny_config()
+  config.fid_eval = dict(every=2, ref=str(tmp_path / "nope.npz"), inception_path=str(weights))
+  with pytest.raises(ConfigError, match="fid_eval.ref: no file at"):
+    train_var.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -17,7 +17,7 @@ import ml_collections
 from var_jax.data.config import default_data_config
 from var_jax.errors import ConfigError
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
-from var_jax.train import optim, progressive
+from var_jax.train import fid_hook, optim, progressive
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -104,6 +104,8 @@ def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool 
   c.sample_every = 10_000
   c.sample_classes = [207, 360, 387, 974, 88, 979, 417, 279]
   c.sample_cfg, c.sample_top_k, c.sample_top_p = 1.5, 900, 0.96
+  # Periodic FID/IS/precision/recall (var_jax/train/fid_hook.py): set every, ref, inception_path.
+  c.fid_eval = fid_hook.default_fid_eval_config()
   c.label_smoothing = 0.0
   c.progressive = progressive_config()
   c.data.image_size = 16 * c.patch_nums[-1]

@@ -27,7 +27,7 @@ from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import loop, optim, progressive
+from var_jax.train import fid_hook, loop, optim, progressive
 from var_jax.train.state import TrainState
 
 
@@ -253,6 +253,11 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
   hooks = {}
   if config.get("sample_every", 0):
     hooks["samples"] = (config.sample_every, make_sample_hook(var_cfg, vae_cfg, vae_params, config))
+  fid_settings = fid_hook.fid_eval_settings(config)
+  if fid_settings is not None:
+    from var_jax.inference.tokenizer import Tokenizer
+    hooks["fid"] = (fid_settings.every,
+                    fid_hook.make_fid_hook(var_cfg, Tokenizer(vae_cfg, vae_params), fid_settings))
   task = loop.TrainTask(
       init_state=init, train_step=make_train_step(var_cfg, vae_cfg, opt.tx, config), frozen=vae_params,
       tokens_per_example=var_cfg.seq_len, flops_per_example=flops.flops_per_example(var_cfg),
