@@ -151,6 +151,9 @@ def test_reference_file_round_trip_and_metrics(tmp_path):
   assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3
   assert result["precision"] == 1.0 and result["recall"] == 1.0
   assert result["num_samples"] == 40 and result["num_reference_images"] == 40
+  # A features-only weights file: every metric but the Inception Score.
+  no_is = adm.metrics(pool, spatial, ref, None)
+  assert no_is["inception_score"] is None and no_is["fid"] == result["fid"]
 
 
 def test_adm_reference_batch_with_images_only_uses_the_network(tmp_path):

@@ -182,3 +182,36 @@ def test_training_with_a_missing_reference_fails_before_training(tmp_path, weigh
   with pytest.raises(ConfigError, match="fid_eval.ref: no file at"):
     train_var.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # ~2 min: two processes joined by jax.distributed over localhost
+def test_two_hosts_give_the_one_host_numbers(tmp_path, weights, ref):
+  """Each host samples its share, features are gathered, host 0 writes the JSON: the same numbers
+  as one process over the same number of devices."""
+  import subprocess
+  import sys
+  from test_train_var import _env, _free_port
+  argv = [sys.executable, "-m", "var_jax.cli", "evaluate", "--num-samples", "10", "--batch-size",
+          "4", "--ref", str(ref), "--fid-inception", str(weights), "--psnr-images", "0"]
+  subprocess.run(argv + ["--out", str(tmp_path / "one.json")], env=_env(2), check=True,
+                 capture_output=True, timeout=900)
+  port = _free_port()
+  procs = [subprocess.Popen(argv + ["--out", str(tmp_path / "two.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  one = json.loads((tmp_path / "one.json").read_text())
+  two = json.loads((tmp_path / "two.json").read_text())
+  for key in ("fid", "sfid", "inception_score"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, err_msg=key)
+  for key in ("precision", "recall", "class_consistency", "num_samples"):
+    assert two[key] == one[key], key
+  # Each host kept its own share's chunks: 5 images each, in calls of at most 4.
+  shares = [sorted(p.name for p in (tmp_path / "two.features" / f"process_{i}").glob("chunk_*"))
+            for i in range(2)]
+  assert shares == [["chunk_00000000_00000004.npz", "chunk_00000004_00000005.npz"],
+                    ["chunk_00000005_00000009.npz", "chunk_00000009_00000010.npz"]]

@@ -364,13 +364,18 @@ def test_adm_input_path_matches_pytorch_fid_and_tensorflow_on_random_weights(tmp
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * scale)
 
 
-def test_adm_network_needs_the_classifier(tmp_path):
+def test_adm_network_without_the_classifier_has_no_inception_score(tmp_path):
   sd = random_state_dict(0)
   del sd["fc.weight"], sd["fc.bias"]
   path = write_pth(tmp_path / inception.WEIGHTS_FILENAME, sd)
-  inception.load_fid_inception(path)  # features alone: fine
+  assert inception.load_adm_inception(path).classifier_DK is None
+  assert inception.load_adm_inception(weights_file_of(tmp_path)).classifier_DK.shape == (2048, 1008)
   with pytest.raises(CheckpointError, match="1008-way classifier"):
-    inception.load_adm_inception(path)
+    inception.classifier_from_torch({"fc.weight": np.zeros((1000, 2048), np.float32)})
+
+
+def weights_file_of(tmp_path):
+  return write_pth(tmp_path / "full.pth", random_state_dict(1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,8 +410,7 @@ def test_tf_inception_torchscript_converts_to_our_network_and_sfid_tap(tmp_path)
   out = tmp_path / "tf_inception_pytorch_layout.pth"
   converter.save_state_dict(state_dict, out)
   module, params = inception.load_fid_inception(out)
-  with pytest.raises(CheckpointError, match="1008-way classifier"):  # no fc in the TorchScript
-    inception.load_adm_inception(out)
+  assert inception.load_adm_inception(out).classifier_DK is None  # no fc in the TorchScript
 
   rng = np.random.default_rng(5)
   images = np.concatenate([converter.random_images(2, seed=6),

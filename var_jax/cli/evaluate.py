@@ -122,7 +122,9 @@ def _reference(args, extract, features_dir: pathlib.Path):
 
 def _print_metrics(result: dict) -> None:
   if "fid" in result:
-    print(f"FID {result['fid']:.4f}   sFID {result['sfid']:.4f}   IS {result['inception_score']:.2f}"
+    score = result["inception_score"]
+    is_text = f"{score:.2f}" if score is not None else "n/a (the weights file has no classifier)"
+    print(f"FID {result['fid']:.4f}   sFID {result['sfid']:.4f}   IS {is_text}"
           f"   precision {result['precision']:.4f}   recall {result['recall']:.4f}"
           f"   ({result['num_samples']} samples vs {result['num_reference_images']} reference "
           "images)")
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   args = build_parser().parse_args(argv[1:])
   _check_args(args)
+  from var_jax.parallel.distributed import maybe_initialize_distributed
+  maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   network = None
   if args.fid_inception:  # read the weights before anything long
     import jax.numpy as jnp

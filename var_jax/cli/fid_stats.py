@@ -40,6 +40,10 @@ def build_parser():
   p.add_argument("--tfds-data-dir", default="", help="TFDS data_dir (default: $TFDS_DATA_DIR)")
   p.add_argument("--shapes-seed", type=int, default=1,
                  help="seed of the shapes data set (configs/var_shapes.py trains on seed 1)")
+  p.add_argument("--with-images", action="store_true",
+                 help="also store the images (arr_0): a complete ADM reference batch that the "
+                      "official evaluator reads, and a sample batch for `evaluate --sample-batch` "
+                      "(N x S x S x 3 bytes, held in memory)")
   p.add_argument("--batch-size", type=common.positive_int, default=64)
   p.add_argument("--inception-dtype", choices=("float32", "bfloat16"), default="float32")
   return p
@@ -50,6 +54,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv[1:])
   common.check_output_file(args.out, "--out")
   import jax.numpy as jnp
+  import numpy as np
   from var_jax.eval import adm, inception, reference_images
   from var_jax.inference.placement import batch_shards, sampling_mesh
   network = inception.load_adm_inception(args.fid_inception, dtype=jnp.dtype(args.inception_dtype))
@@ -77,9 +82,13 @@ def main(argv=None) -> int:
   extract = adm.ADMFeatures(network, batch_size=per_call, mesh=mesh)
   print(f"computing the features of {count} images of {what}", flush=True)
   t0 = time.perf_counter()
+  kept = []
+  if args.with_images:
+    batches = (kept.append(b) or b for b in batches)
   pool, spatial = adm.compute_features(batches, extract)
   seconds = time.perf_counter() - t0
-  path = adm.write_reference(args.out, pool, spatial)
-  print(f"wrote {common.shown(path)}: mu, sigma, mu_s, sigma_s and pool_features of {len(pool)} "
-        f"images ({len(pool) / seconds:.1f} images/s)")
+  path = adm.write_reference(args.out, pool, spatial, np.concatenate(kept) if kept else None)
+  print(f"wrote {common.shown(path)}: mu, sigma, mu_s, sigma_s and pool_features"
+        f"{' and the images' if kept else ''} of {len(pool)} images ({len(pool) / seconds:.1f} "
+        "images/s)")
   return 0

@@ -57,6 +57,8 @@ def cmd_sample(args) -> int:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
   common.check_output_file(args.out, "--out")
   common.check_output_dir(args.out_dir, "--out-dir")
+  from var_jax.parallel.distributed import maybe_initialize_distributed
+  maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)
   classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
   model.check_labels(np.asarray(classes), allow_null=False)

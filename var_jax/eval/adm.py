@@ -96,6 +96,15 @@ class ADMFeatures:
     pool, spatial = self._fn(self._params, images_BHWC)
     return pool[:n], spatial[:n]
 
+  def lower(self, image_size: int) -> jax.stages.Lowered:
+    """The Lowered of exactly what `device_features` runs for a full batch of uint8
+    image_size x image_size images; with ShapeDtypeStruct parameters (e.g.
+    `inception.abstract_params()`) and a mesh of compile-only TPU devices this is the AOT
+    program of that slice (`benchmarks/bench_evaluate.py`)."""
+    images = jax.ShapeDtypeStruct((self.batch_size, image_size, image_size, 3), jnp.uint8,
+                                  sharding=getattr(self, "_batch_sharding", None))
+    return self._fn.lower(self._params, images)
+
   def __call__(self, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Features of any number of images, as numpy arrays."""
     pools, spatials = [], []
@@ -196,13 +205,23 @@ def statistics(features_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return stats.stats()
 
 
-def write_reference(path: str | os.PathLike, pool_ND: np.ndarray, spatial_ND: np.ndarray) -> str:
-  """Writes a reference batch: mu, sigma, mu_s, sigma_s and pool_features."""
+def write_reference(path: str | os.PathLike, pool_ND: np.ndarray, spatial_ND: np.ndarray,
+                    images_NHWC: np.ndarray | None = None) -> str:
+  """Writes a reference batch: mu, sigma, mu_s, sigma_s and pool_features, and with `images` also
+  `arr_0`, which makes the file a complete ADM reference batch (the official evaluator reads it)
+  and a sample batch for `var-jax evaluate --sample-batch`."""
   pool = np.asarray(pool_ND, np.float32)
   spatial = np.asarray(spatial_ND, np.float32)
   if pool.ndim != 2 or spatial.ndim != 2 or len(pool) != len(spatial) or len(pool) < 2:
     raise InputError(f"A reference batch needs matching pool and spatial features of at least 2 "
                      f"images, got {pool.shape} and {spatial.shape}.")
+  extra = {}
+  if images_NHWC is not None:
+    images = np.asarray(images_NHWC)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(pool):
+      raise InputError(f"images must be uint8 (N, H, W, 3) with N = {len(pool)}, got "
+                       f"{images.dtype} {images.shape}.")
+    extra[IMAGES_KEY] = images
   mu, sigma = statistics(pool)
   mu_s, sigma_s = statistics(spatial)
   path = os.path.expanduser(os.fspath(path))
@@ -211,7 +230,7 @@ def write_reference(path: str | os.PathLike, pool_ND: np.ndarray, spatial_ND: np
     os.makedirs(parent, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
-    np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool_features=pool)
+    np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool_features=pool, **extra)
   os.replace(tmp, path)
   return path
 
@@ -265,12 +284,12 @@ def read_reference(path: str, extract: Callable[[np.ndarray], tuple] | None = No
 # -- the metrics ------------------------------------------------------------------------------------
 
 def metrics(sample_pool_ND: np.ndarray, sample_spatial_ND: np.ndarray, reference: Reference,
-            classifier_DK: np.ndarray) -> dict:
+            classifier_DK: np.ndarray | None) -> dict:
   """FID, sFID, Inception Score, precision and recall of sample features against a reference.
 
   Returns:
     {"fid", "sfid", "inception_score", "precision", "recall", "num_samples",
-     "num_reference_images"}.
+     "num_reference_images"}; inception_score is None without the classifier.
   """
   pool = np.asarray(sample_pool_ND, np.float32)
   spatial = np.asarray(sample_spatial_ND, np.float32)
@@ -286,7 +305,8 @@ def metrics(sample_pool_ND: np.ndarray, sample_spatial_ND: np.ndarray, reference
   return {
       "fid": fid.frechet_distance(mu, sigma, reference.mu, reference.sigma),
       "sfid": fid.frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s),
-      "inception_score": inception_score.inception_score(pool, classifier_DK),
+      "inception_score": (None if classifier_DK is None
+                          else inception_score.inception_score(pool, classifier_DK)),
       "precision": precision,
       "recall": recall,
       "num_samples": int(len(pool)),

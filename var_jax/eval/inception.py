@@ -370,21 +370,24 @@ def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInceptionV3, dict]:
 @dataclasses.dataclass(frozen=True)
 class ADMInception:
   """The network as the ADM evaluator runs it: module ("adm" input format), trunk parameters and
-  the (2048, 1008) softmax weights of the Inception Score, all numpy float32."""
+  the (2048, 1008) softmax weights of the Inception Score (None for a features-only weights
+  file: no Inception Score then), numpy float32."""
   module: FIDInceptionV3
   params: dict
-  classifier_DK: np.ndarray
+  classifier_DK: np.ndarray | None
 
 
 def load_adm_inception(path: str | os.PathLike, *, dtype=jnp.float32) -> ADMInception:
-  """Reads pytorch-fid's weights file (with its classifier) for ADM-exact evaluation.
+  """Reads pytorch-fid's weights file for ADM-exact evaluation. A file without the classifier
+  (`fc.*`, e.g. from scripts/convert_tf_inception.py) gives every metric but the Inception Score.
 
   Raises:
-    CheckpointError: as `load_fid_inception`, or the file lacks the 1008-way classifier.
+    CheckpointError: as `load_fid_inception`.
   """
   state_dict = _read_state_dict(path)
+  classifier = classifier_from_torch(state_dict) if "fc.weight" in state_dict else None
   return ADMInception(FIDInceptionV3(input_format="adm", dtype=jnp.dtype(dtype)),
-                      params_from_torch(state_dict), classifier_from_torch(state_dict))
+                      params_from_torch(state_dict), classifier)
 
 
 def make_feature_fn(module: FIDInceptionV3) -> Callable[[Mapping, jax.Array], jax.Array]:

@@ -92,9 +92,9 @@ def make_fid_hook(var_cfg, tokenizer, settings: ml_collections.ConfigDict
     if jax.process_index() == 0:
       shutil.rmtree(chunk_dir, ignore_errors=True)
     if jax.process_index() == 0:
-      logging.info("step %d: FID %.3f, IS %.2f, precision %.3f, recall %.3f on %d samples",
+      logging.info("step %d: FID %.3f, IS %s, precision %.3f, recall %.3f on %d samples",
                    step, result["fid"], result["inception_score"], result["precision"],
                    result["recall"], result["num_samples"])
-    return {k: float(result[k]) for k in adm.METRIC_KEYS}
+    return {k: float(result[k]) for k in adm.METRIC_KEYS if result[k] is not None}
 
   return hook
