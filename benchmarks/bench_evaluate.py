@@ -82,7 +82,7 @@ def cpu_part(args) -> None:
         extract(images)
         rows.append(dict(part="cpu", what="features alone", inception_dtype=dtype, batch=batch,
                          images_per_s=round(len(images) / (time.perf_counter() - t), 2)))
-        _, ref_batches = reference_images.shapes_batches(args.ref_images, 64, batch, seed=1)
+        _, ref_batches = reference_images.shapes_batches(args.ref_images, 64, batch, seed=0)
         ref_pool, ref_spatial = adm.compute_features(ref_batches, extract)
         ref = adm.Reference(*adm.statistics(ref_pool), *adm.statistics(ref_spatial),
                             pool_features=ref_pool)
