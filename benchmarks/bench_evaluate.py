@@ -120,12 +120,16 @@ def aot_part(args) -> None:
     chip = aot.chip_spec(topology)
     chips = mesh.devices.size
     batch = args.per_chip * chips
-    sampler = aot.sampler_report(var_cfg, vae_cfg, mesh, chip, batch)
     extract = adm.ADMFeatures(network, batch_size=batch, mesh=mesh)
     t0 = time.perf_counter()
     compiled = extract.lower(vae_cfg.image_size).compile()
     features = analysis.analyze(compiled, chip)
     feat_compile_s = time.perf_counter() - t0
+    print(f"{topology}: features of {batch} images compiled in {feat_compile_s:.0f} s: roofline "
+          f"{features.roofline_s * 1e3:.1f} ms ({features.bound}-bound), peak "
+          f"{features.peak_bytes / 2**30:.2f} GiB/chip", flush=True)
+    sampler = aot.sampler_report(var_cfg, vae_cfg, mesh, chip, batch, log=lambda m: print(
+        f"{topology}: {m}", flush=True))
     calls = math.ceil(args.num_samples / batch)
     s_call = sampler.cost.roofline_s
     f_call = features.roofline_s
@@ -133,6 +137,7 @@ def aot_part(args) -> None:
     f_model = features.optimal_s
     total_roofline = calls * (s_call + f_call)
     total_model = calls * (s_model + f_model) if s_model > 0 and f_model > 0 else float("nan")
+    s_model, f_model = (max(v, -1.0) for v in (s_model, f_model))  # -1: no estimate
     row = dict(part="aot", topology=topology, chips=chips, batch_per_call=batch, calls=calls,
                sampler_peak_gib=round(sampler.cost.peak_bytes / 2**30, 2),
                sampler_roofline_s=round(s_call, 4), sampler_bound=sampler.cost.bound,
@@ -148,8 +153,9 @@ def aot_part(args) -> None:
           f"model {s_model * 1e3:.1f} ms, peak {sampler.cost.peak_bytes / 2**30:.2f} GiB/chip")
     print(f"  features per call: roofline {f_call * 1e3:.1f} ms ({features.bound}-bound), cost "
           f"model {f_model * 1e3:.1f} ms, peak {features.peak_bytes / 2**30:.2f} GiB/chip")
-    print(f"  50,000 images: >= {total_roofline / 60:.2f} min (roofline), "
-          f"{total_model / 60:.2f} min (cost model)")
+    print(f"  {args.num_samples:,} images: >= {total_roofline / 60:.2f} min (roofline)"
+          + (f", {total_model / 60:.2f} min (cost model)" if total_model == total_model else
+             " (the TPU cost model gives no estimate for these programs)"))
     print(json.dumps(row))
 
 

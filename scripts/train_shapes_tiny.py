@@ -4,8 +4,8 @@
 
 1. a small multi-scale VQVAE on the generated shapes set (configs/vqvae_shapes.py);
 2. a small VAR on its tokens (configs/var_shapes.py);
-3. both exported (EMA weights, bfloat16 storage) to var_jax/assets/shapes-tiny as a converted
-   directory, which `var-jax sample` loads by default;
+3. both exported by `var-jax export` (EMA weights, bfloat16 storage) to
+   var_jax/assets/shapes-tiny, which `var-jax sample` loads by default;
 4. `var-jax evaluate` on the result: class consistency and reconstruction PSNR.
 Each stage resumes from its workdir if interrupted. Deterministic given the seeds, up to
 float reduction order.
@@ -13,7 +13,6 @@ float reduction order.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shutil
 import subprocess
@@ -49,40 +48,16 @@ def main() -> int:
        f"--config={REPO / 'configs' / 'var_shapes.py'}:steps={args.var_steps},batch={args.batch}",
        f"--workdir={var_dir}", f"--config.tokenizer.path={tok_dir}"])
   t2 = time.time()
-  export(tok_dir, var_dir, pathlib.Path(args.out))
+  out = pathlib.Path(args.out)
+  if out.exists():
+    shutil.rmtree(out)  # the asset is rebuilt; `var-jax export` never overwrites
+  run([sys.executable, "-m", "var_jax.cli", "export", f"--workdir={var_dir}", f"--out={out}",
+       "--storage-dtype=bfloat16"])
   print(f"tokenizer {t1 - t0:.0f} s, VAR {t2 - t1:.0f} s, total {t2 - t0:.0f} s")
   if not args.skip_evaluate:
     run([sys.executable, "-m", "var_jax.cli", "evaluate", f"--model={args.out}",
          "--num-samples=500", f"--out={work / 'evaluation.json'}"])
   return 0
-
-
-def export(tok_dir: pathlib.Path, var_dir: pathlib.Path, out: pathlib.Path) -> None:
-  """EMA params of both runs -> a converted directory with bfloat16 storage."""
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  from flax.core import meta
-
-  from var_jax.models.var import VAR
-  from var_jax.inference.pretrained import save_converted
-  from var_jax.inference.tokenizer import Tokenizer
-  from var_jax.train import checkpointing, train_var, train_vqvae
-  from var_jax.inference.var_model import VARModel
-
-  vae_cfg, vae_params = train_vqvae.load_trained_tokenizer(tok_dir)
-  config = ml_collections.ConfigDict(json.loads((var_dir / "config.json").read_text()))
-  var_cfg = train_var.var_config_from(config, vae_cfg)
-  abstract = meta.unbox(jax.eval_shape(lambda: VAR(var_cfg).init(
-      jax.random.key(0), jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1, var_cfg.seq_len - var_cfg.first_l, var_cfg.z_channels))))["params"])
-  _, var_params = checkpointing.restore_params(var_dir, abstract, key="ema_params")
-  model = VARModel(var_cfg, var_params, Tokenizer(vae_cfg, vae_params))
-  if out.exists():
-    shutil.rmtree(out)
-  save_converted(model, out, storage_dtype="bfloat16")
-  size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-  print(f"exported shapes-tiny ({model.num_params():,} VAR params) to {out}: {size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("command", ["sample", "edit", "convert", "train", "train-tokenizer",
-                                     "pretokenize", "evaluate", "fid-stats", "aot"])
+                                     "pretokenize", "evaluate", "fid-stats", "export", "aot"])
 def test_every_command_prints_help(command, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main([command, "--help"])

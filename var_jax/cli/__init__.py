@@ -12,6 +12,7 @@ COMMANDS = {
     "sample": ("var_jax.cli.sample", "class-conditional samples to a PNG grid / PNGs + npz"),
     "edit": ("var_jax.cli.edit", "zero-shot in/out-painting and class editing"),
     "convert": ("var_jax.cli.convert", "official .pth files -> a var-jax (Orbax) directory"),
+    "export": ("var_jax.cli.export", "a training run's weights -> a model directory (or tokenizer)"),
     "train": ("var_jax.cli.train", "train VAR"),
     "train-tokenizer": ("var_jax.cli.train", "train the multi-scale VQVAE tokenizer"),
     "pretokenize": ("var_jax.cli.pretokenize", "encode a data set to token maps once"),

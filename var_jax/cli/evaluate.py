@@ -172,8 +172,11 @@ def _evaluate_model(args, network) -> dict | None:
   mesh = sampling_mesh(*args.mesh)
   batch = args.batch_size or default_batch(mesh)
   extract = adm.ADMFeatures(network, batch_size=batch, mesh=mesh) if network else None
-  reference = _reference(args, extract, features_dir) if network else None
-  if reference is not None and args.num_samples <= 3:
+  # Only host 0 computes the metrics: it alone reads the reference (and, for an image-only ADM
+  # batch, computes its features once).
+  reference = (_reference(args, extract, features_dir)
+               if network and jax.process_index() == 0 else None)
+  if network is not None and args.num_samples <= 3:
     raise InputError(f"--num-samples must be > 3 for precision and recall, got {args.num_samples}.")
   model = common.load_model(name, args.dtype)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)

@@ -76,7 +76,7 @@ class ADMFeatures:
       self._params = jax.device_put(network.params)
     else:
       from var_jax.inference import placement  # pylint: disable=g-import-not-at-top
-      self._params = placement.put_replicated(network.params, mesh)
+      self._params = jax.tree.map(lambda x: placement.put_replicated(x, mesh), network.params)
       self._batch_sharding = placement.batch_sharding(mesh)
 
   def device_features(self, images_BHWC) -> tuple[jax.Array, jax.Array]:

@@ -9,34 +9,35 @@ checkpoint of {"vae": ..., "var": ...}); loading it needs neither torch nor the 
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from var_jax import scales
 from var_jax.errors import CheckpointError, InputError
-from var_jax.models.var_config import VARConfig
-from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
+from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 from var_jax.inference.var_model import VARModel
+from var_jax.inference.model_dirs import (FORMAT, FORMAT_VERSION, RUNTIME_FIELDS as _RUNTIME_FIELDS,
+                                          TOKENIZER_FORMAT, load_converted, read_meta as _read_meta,
+                                          save_converted)
+
+# save_converted / load_converted / FORMAT live in `model_dirs`; they are part of this module's
+# face too (`var-jax convert` writes what load_pretrained reads).
+__all__ = ["FORMAT", "FORMAT_VERSION", "HF_REPO", "RELEASED", "SHIPPED", "VAE_FILE", "convert_files",
+           "default_cache_dir", "load_converted", "load_pretrained", "load_shipped", "save_converted"]
 
 HF_REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
 RELEASED = {f"d{d}": f"var_d{d}.pth" for d in (16, 20, 24, 30, 36)}
-FORMAT = "var-jax-converted"
-FORMAT_VERSION = 1
 _SCHEDULES = {scales.seq_len(p): p for p in (PATCH_NUMS_256, PATCH_NUMS_512)}
 # Models that ship inside the package, so sampling works offline right after install.
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"shapes-tiny": ASSETS / "shapes-tiny"}
 # Numerics a user may change when loading; architecture comes from the checkpoint.
-_RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -58,65 +59,6 @@ def convert_files(vae_path, var_path, **overrides) -> VARModel:
   tok = Tokenizer.from_torch(vae_path, patch_nums=tuple(patch_nums),
                              **{k[len("vae_"):]: v for k, v in vae_overrides.items()})
   return VARModel.from_torch(var_sd, tok, **overrides)
-
-
-def save_converted(model: VARModel, out_dir, *, storage_dtype: str = "float32") -> pathlib.Path:
-  """Writes `config.json` and an Orbax checkpoint of both param trees to `out_dir`.
-
-  storage_dtype="bfloat16" halves the files (the shipped model); loading casts back to float32.
-  """
-  import orbax.checkpoint as ocp
-  out = pathlib.Path(out_dir).absolute()
-  if (out / "params").exists():
-    raise CheckpointError(f"{out} already holds a converted model; choose another --out or delete it.")
-  out.mkdir(parents=True, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
-  tree = {"vae": model.tokenizer.params, "var": model.params}
-  tree = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(storage_dtype)), tree)
-  ckptr.save(out / "params", tree)
-  ckptr.wait_until_finished()
-  meta = {"format": FORMAT, "version": FORMAT_VERSION, "vae": model.tokenizer.config.to_dict(),
-          "var": model.config.to_dict()}
-  (out / "config.json").write_text(json.dumps(meta, indent=2))
-  return out
-
-
-def load_converted(directory, **overrides) -> VARModel:
-  """Reads a directory written by `save_converted` (or `var-jax convert`)."""
-  import orbax.checkpoint as ocp
-  d = pathlib.Path(directory).absolute()
-  cfg_path = d / "config.json"
-  if not cfg_path.is_file() or not (d / "params").is_dir():
-    raise CheckpointError(f"{d} is not a converted var-jax model (needs config.json and params/); "
-                          "make one with `var-jax convert --vae ... --var ... --out DIR`.")
-  try:
-    meta = json.loads(cfg_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_path} is not valid JSON ({e}).") from None
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{cfg_path} is not a var-jax converted model config (format={meta.get('format')!r}).")
-  unknown = sorted(set(overrides) - set(_RUNTIME_FIELDS))
-  if unknown:
-    raise InputError(f"cannot override {unknown} when loading; allowed: {list(_RUNTIME_FIELDS)}.")
-  vae_cfg = VQVAEConfig.from_mapping(meta["vae"])
-  var_cfg = VARConfig.from_mapping({**meta["var"], **overrides})
-  from var_jax.models.vqvae import VQVAE
-  from var_jax.models.var import VAR
-  import jax.numpy as jnp
-  from flax.core import meta as flax_meta
-  size = vae_cfg.image_size
-  abstract = {
-      "vae": jax.eval_shape(lambda: VQVAE(vae_cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"],
-      "var": flax_meta.unbox(jax.eval_shape(lambda: VAR(var_cfg).init(
-          jax.random.key(0), jnp.zeros((1,), jnp.int32),
-          jnp.zeros((1, var_cfg.seq_len - var_cfg.first_l, var_cfg.z_channels))))["params"]),
-  }
-  try:
-    params = ocp.StandardCheckpointer().restore(d / "params", abstract)
-  except Exception as e:  # Orbax raises several types for truncated or mismatched trees.
-    raise CheckpointError(f"could not restore {d / 'params'}: {type(e).__name__}: {e}. "
-                          "Re-run `var-jax convert` to rebuild it.") from None
-  return VARModel(var_cfg, params["var"], Tokenizer(vae_cfg, params["vae"]))
 
 
 def _hub_file(filename: str, cache_dir: pathlib.Path, allow_download: bool) -> pathlib.Path | None:
@@ -145,7 +87,8 @@ def _hub_file(filename: str, cache_dir: pathlib.Path, allow_download: bool) -> p
 def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=None, allow_download=True,
                     **overrides) -> VARModel:
   """Loads a VAR model by name ("shapes-tiny" ships with the package; "d16" ... "d36" are the
-  released ImageNet models), converted directory, or a (vae.pth, var.pth) pair.
+  released ImageNet models), converted or exported directory, `var-jax train` workdir (its latest
+  step's EMA weights; `training_runs.model_from_run` picks others), or a (vae.pth, var.pth) pair.
 
   Names resolve in this order: a converted copy in the cache, the .pth files in the cache (the
   Hugging Face hub cache under `<cache>/hub`, or files placed by hand in `<cache>/torch/`), a
@@ -176,6 +119,18 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     return model
   path = pathlib.Path(name)
   if path.is_dir():
+    meta = _read_meta(path)
+    if isinstance(meta, dict) and meta.get("format") == TOKENIZER_FORMAT:
+      raise InputError(f"{path} holds a tokenizer alone (exported from a tokenizer run), not a VAR "
+                       "model: use it as config.tokenizer.path of a VAR training config.")
+    from var_jax.checkpoints import runs
+    kind = runs.run_kind(meta)
+    if kind == runs.VAR_RUN:
+      from var_jax.inference.training_runs import model_from_run
+      return model_from_run(path, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
+    if kind == runs.TOKENIZER_RUN:
+      raise InputError(f"{path} is a tokenizer training run, not a VAR model: `var-jax export` it "
+                       "and use it as config.tokenizer.path of a VAR training config.")
     return load_converted(path, **overrides)
   if path.suffix == ".pth":
     raise InputError(f"{path} is a single .pth file: pass (vae.pth, var.pth) as a pair.")

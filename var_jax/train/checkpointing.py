@@ -30,10 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from var_jax.checkpoints.runs import (CHECKPOINT_SUBDIR, STATE_ITEM, as_absolute, describe_mismatch,
+                                     restore_args, shapes_by_path, short_error)
 from var_jax.errors import CheckpointError, ConfigError
 
-CHECKPOINT_SUBDIR = "checkpoints"
-STATE_ITEM = "state"
 META_ITEM = "meta"
 
 
@@ -43,50 +43,6 @@ def config_hash(config: Any) -> str:
     config = config.to_dict()
   text = json.dumps(config, sort_keys=True, default=repr)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _as_absolute(path: epath.PathLike) -> epath.Path:
-  # Orbax's tensorstore writer needs absolute paths; gs:// paths already are.
-  path = epath.Path(path)
-  return path if path.is_absolute() else path.absolute()
-
-
-def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{'params/dense/kernel': (shape, dtype name)} for every leaf of `tree` (or its metadata)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = getattr(leaf, "dtype", None)
-    out[jax.tree_util.keystr(tuple(path), simple=True, separator="/")] = (
-        tuple(np.shape(leaf) if getattr(leaf, "shape", None) is None else leaf.shape),
-        str(np.dtype(dtype)) if dtype is not None else type(leaf).__name__)
-  return out
-
-
-def describe_mismatch(saved: Any, expected: Any) -> list[str]:
-  """Human-readable differences in structure and shape between saved metadata and a target.
-
-  Dtypes may differ (orbax casts on restore); shapes and the set of leaves may not.
-  """
-  have, want = _shapes_by_path(saved), _shapes_by_path(expected)
-  problems = []
-  for name in sorted(want.keys() - have.keys()):
-    problems.append(f"{name}: expected {want[name][0]}, missing from the checkpoint")
-  for name in sorted(have.keys() - want.keys()):
-    problems.append(f"{name}: saved {have[name][0]}, not in the model's state")
-  for name in sorted(have.keys() & want.keys()):
-    if have[name][0] != want[name][0]:
-      problems.append(f"{name}: saved shape {have[name][0]}, model expects {want[name][0]}")
-  return problems
-
-
-def _short(error: Exception, limit: int = 400) -> str:
-  """The error's type and the start of its message (tensorstore appends whole JSON specs)."""
-  text = f"{type(error).__name__}: {error}"
-  return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _restore_args(abstract: Any) -> Any:
-  return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +111,7 @@ class Checkpointer:
       raise ConfigError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
     if max_to_keep is not None and max_to_keep < 1:
       raise ConfigError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
-    self.directory = _as_absolute(workdir) / CHECKPOINT_SUBDIR
+    self.directory = as_absolute(workdir) / CHECKPOINT_SUBDIR
     self.config_hash = config_hash
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
@@ -263,9 +219,9 @@ class Checkpointer:
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
       raise CheckpointError(
           f"Cannot read the metadata of checkpoint step {step} in {self.directory} "
-          f"({_short(e)}). Nothing was changed on disk. Move that step directory aside to "
+          f"({short_error(e)}). Nothing was changed on disk. Move that step directory aside to "
           "resume from an older step, or start in a new workdir.") from e
-    if not _shapes_by_path(saved):
+    if not shapes_by_path(saved):
       raise CheckpointError(
           f"Checkpoint step {step} in {self.directory} has no readable state metadata (a file "
           "is missing or corrupt). Nothing was changed on disk. Move that step directory aside "
@@ -307,7 +263,7 @@ class Checkpointer:
           META_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # corrupt or truncated files surface as various orbax errors
       raise CheckpointError(
-          f"Cannot restore checkpoint step {step} from {self.directory} ({_short(e)}). Nothing "
+          f"Cannot restore checkpoint step {step} from {self.directory} ({short_error(e)}). Nothing "
           "was changed on disk. Move that step directory aside to resume from an older step, "
           "or start in a new workdir.") from e
     meta = dict(restored[META_ITEM] or {})
@@ -373,7 +329,7 @@ def restore_params(init_from: epath.PathLike, abstract_params: Any, *, key: str 
   Raises:
     CheckpointError: if there is no checkpoint, or its params do not fit.
   """
-  step_dir = _find_step_dir(_as_absolute(init_from))
+  step_dir = _find_step_dir(as_absolute(init_from))
   abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
   with ocp.PyTreeCheckpointer() as checkpointer:
     return _restore_params_with(checkpointer, step_dir, abstract_params, key)
@@ -387,7 +343,7 @@ def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
     saved = saved.tree if hasattr(saved, "tree") else saved
   except Exception as e:  # unreadable metadata
     raise CheckpointError(
-        f"Cannot read checkpoint metadata in {state_dir} ({_short(e)}). Point init_from at a "
+        f"Cannot read checkpoint metadata in {state_dir} ({short_error(e)}). Point init_from at a "
         "complete checkpoint.") from e
   if not isinstance(saved, Mapping) or not saved.get(key):
     raise CheckpointError(f"Checkpoint {state_dir} has no '{key}' entry to initialise from.")
@@ -400,9 +356,9 @@ def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
   item = {key: abstract_params}
   try:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=_restore_args(item), partial_restore=True))
+        item=item, restore_args=restore_args(item), partial_restore=True))
   except Exception as e:
     raise CheckpointError(
-        f"Cannot restore params from {state_dir} ({_short(e)}). Point init_from at a complete "
+        f"Cannot restore params from {state_dir} ({short_error(e)}). Point init_from at a complete "
         "checkpoint.") from e
   return int(step_dir.name) if step_dir.name.isdigit() else -1, restored[key]

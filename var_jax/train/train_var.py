@@ -34,37 +34,16 @@ from var_jax.train.state import TrainState
 # -- the tokenizer -----------------------------------------------------------------------------
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  """(VQVAEConfig, params) from config.tokenizer: an official .pth, a converted dir, a tokenizer
-  training workdir, or "random" (tests and smoke runs only)."""
-  tc = config.tokenizer
-  overrides = dict(tc.get("overrides", {}) or {})
-  patch_nums = tuple(config.patch_nums)
-  path = str(tc.path)
-  if path == "random":
-    cfg = VQVAEConfig.from_mapping({**overrides, "patch_nums": patch_nums})
-    size = cfg.image_size
-    params = VQVAE(cfg).init(jax.random.key(tc.get("seed", 0)), jnp.zeros((1, size, size, 3)))["params"]
-    return cfg, params
-  p = epath.Path(path)
-  if path.endswith(".pth"):
-    from var_jax.inference.tokenizer import Tokenizer
-    tok = Tokenizer.from_torch(path, patch_nums=patch_nums, **overrides)
-    return tok.config, tok.params
-  if (p / "config.json").exists() and (p / "params").exists():
-    from var_jax.inference.pretrained import load_converted
-    model = load_converted(p)
-    if model.tokenizer.config.patch_nums != patch_nums:
-      raise ConfigError(f"tokenizer at {p} uses patch_nums {model.tokenizer.config.patch_nums}, "
-                        f"but config.patch_nums is {patch_nums}.")
-    return model.tokenizer.config, model.tokenizer.params
-  from var_jax.train.train_vqvae import load_trained_tokenizer
-  return load_trained_tokenizer(p, patch_nums=patch_nums)
+  """(VQVAEConfig, params) from config.tokenizer: an official .pth, an exported or converted dir, a
+  tokenizer training workdir, or "random" (tests and smoke runs only)."""
+  from var_jax.inference.training_runs import tokenizer_from_spec
+  tok = tokenizer_from_spec(config.tokenizer, config.patch_nums)
+  return tok.config, tok.params
 
 
 def var_config_from(config: ml_collections.ConfigDict, vae_cfg: VQVAEConfig) -> VARConfig:
-  model = dict(config.model)
-  return VARConfig.from_mapping({**model, "vocab_size": vae_cfg.vocab_size,
-                                 "z_channels": vae_cfg.z_channels, "patch_nums": vae_cfg.patch_nums})
+  from var_jax.inference.training_runs import var_config_of
+  return var_config_of({"model": dict(config.model)}, vae_cfg)
 
 
 # -- the step ----------------------------------------------------------------------------------

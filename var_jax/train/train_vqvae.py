@@ -11,8 +11,6 @@ periodically (`rfid_eval`).
 """
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,16 +20,17 @@ from absl import logging
 from etils import epath
 
 from var_jax.data.augment import scale_to_model_range
-from var_jax.errors import CheckpointError, ConfigError
+from var_jax.errors import ConfigError
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import checkpointing, loop, optim, rfid_eval
+from var_jax.train import loop, optim, rfid_eval
 from var_jax.train.losses import vqgan as vl
 from var_jax.train.state import TrainState
 
 
 def vqvae_config_from(config: ml_collections.ConfigDict) -> VQVAEConfig:
-  return VQVAEConfig.from_mapping({**dict(config.vqvae), "patch_nums": tuple(config.patch_nums)})
+  from var_jax.inference.training_runs import vqvae_config_of
+  return vqvae_config_of({"vqvae": dict(config.vqvae), "patch_nums": config.patch_nums})
 
 
 def make_init_state(vae_cfg: VQVAEConfig, disc, tx, disc_tx, *, ema: bool):
@@ -177,29 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
 
 
 def load_trained_tokenizer(workdir, *, patch_nums=None, use_ema: bool = True):
-  """(VQVAEConfig, params) from a `train-tokenizer` workdir's latest checkpoint."""
-  workdir = epath.Path(workdir)
-  cfg_path = workdir / "config.json"
-  if not cfg_path.exists():
-    raise CheckpointError(f"{workdir} has no config.json: not a var-jax tokenizer training workdir, "
-                          "official .pth file or converted directory.")
-  saved = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-  if "vqvae" not in saved:
-    raise CheckpointError(f"{cfg_path} is not a tokenizer training config (no 'vqvae' section).")
-  vae_cfg = vqvae_config_from(saved)
-  if patch_nums is not None and tuple(patch_nums) != vae_cfg.patch_nums:
-    raise ConfigError(f"the tokenizer in {workdir} was trained with patch_nums {vae_cfg.patch_nums}, "
-                      f"not {tuple(patch_nums)}.")
-  size = vae_cfg.image_size
-  abstract = jax.eval_shape(lambda: VQVAE(vae_cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
-  if use_ema:
-    try:
-      step, params = checkpointing.restore_params(workdir, abstract, key="ema_params")
-      logging.info("Loaded tokenizer EMA params from %s step %d.", workdir, step)
-      return vae_cfg, params
-    except CheckpointError as e:
-      if "no 'ema_params'" not in str(e):
-        raise
-  step, params = checkpointing.restore_params(workdir, abstract)
-  logging.info("Loaded tokenizer params from %s step %d.", workdir, step)
-  return vae_cfg, params
+  """(VQVAEConfig, params) from a `train-tokenizer` workdir's latest checkpoint (EMA weights when
+  the run kept them)."""
+  from var_jax.inference.training_runs import tokenizer_from_run
+  tok, step, key = tokenizer_from_run(workdir, patch_nums=patch_nums, use_ema=use_ema)
+  logging.info("Loaded tokenizer %s from %s step %d.", key, workdir, step)
+  return tok.config, tok.params
