@@ -111,6 +111,7 @@ def test_the_sample_batch_gives_the_same_numbers(run, ref, weights):
   assert (again["precision"], again["recall"]) == (result["precision"], result["recall"])
 
 
+@pytest.mark.slow  # re-runs the evaluation (run by hand: pytest -m slow)
 def test_an_interrupted_evaluation_resumes_from_its_chunks(run, capsys):
   d, argv, result = run
   chunks = sorted((d / "r.features" / "process_0").glob("chunk_*.npz"))

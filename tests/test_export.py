@@ -56,6 +56,10 @@ def test_export_writes_the_ema_weights_that_load_and_sample(var_run, tmp_path, c
   direct = load_pretrained(str(var_run))
   _assert_trees_equal(direct.params, state["ema_params"])
   _assert_trees_equal(direct.tokenizer.params, exported.tokenizer.params)
+  _assert_trees_equal(load_pretrained(str(var_run), step=2, use_ema=False).params,
+                      _saved_state(var_run, 2)["params"])
+  with pytest.raises(InputError, match="training workdir only"):
+    load_pretrained(str(out), step=2)
   assert cli.main(["sample", "--model", str(out), "--classes", "1,2", "--per-class", "1",
                    "--out", str(tmp_path / "grid.png")]) == 0
   assert (tmp_path / "grid.png").stat().st_size > 0
@@ -98,6 +102,7 @@ def test_export_errors_are_clear_and_overwrite_nothing(var_run, tmp_path, capsys
   assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # ~2 min: a tokenizer run and a VAR run on it (run by hand: pytest -m slow)
 def test_a_tokenizer_run_exports_to_what_var_training_takes(tmp_path, capsys):
   tok_run = tmp_path / "tok_run"
   assert cli.main(["train-tokenizer", "--config", "vqvae_tiny:steps=2,batch=8", "--workdir",
