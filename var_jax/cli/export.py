@@ -45,11 +45,12 @@ def main(argv=None) -> int:
   if (out / "config.json").exists() or (out / "params").exists():
     raise InputError(f"--out {common.shown(out)} already holds a model; nothing was written. "
                      "Choose another --out or delete it.")
+  from etils import epath
   from var_jax.checkpoints import runs
   from var_jax.inference import model_dirs, training_runs
-  workdir = pathlib.Path(args.workdir)
+  workdir = epath.Path(args.workdir)  # gs:// runs too
   if not workdir.is_dir():
-    raise InputError(f"--workdir {common.shown(workdir)} is not a directory.")
+    raise InputError(f"--workdir {common.shown(args.workdir)} is not a directory.")
   kind = runs.run_kind(runs.read_config(workdir))
   use_ema = not args.no_ema
   if kind == runs.VAR_RUN:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     path = model_dirs.save_tokenizer(tokenizer, out, storage_dtype=args.storage_dtype)
     what = "tokenizer"
   else:
-    raise InputError(f"--workdir {common.shown(workdir)} is not a training run: it needs the "
+    raise InputError(f"--workdir {common.shown(args.workdir)} is not a training run: it needs the "
                      "config.json that `var-jax train` / `train-tokenizer` write there.")
   if use_ema and key != "ema_params":
     print("note: the run kept no EMA weights (optim.ema_decay 0); exported its params.")

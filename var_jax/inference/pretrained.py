@@ -37,7 +37,8 @@ _SCHEDULES = {scales.seq_len(p): p for p in (PATCH_NUMS_256, PATCH_NUMS_512)}
 # Models that ship inside the package, so sampling works offline right after install.
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"shapes-tiny": ASSETS / "shapes-tiny"}
-# Numerics a user may change when loading; architecture comes from the checkpoint.
+# Which weights of a training workdir to load (load_pretrained(WORKDIR, step=..., use_ema=...)).
+_RUN_FIELDS = ("step", "use_ema")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -87,12 +88,16 @@ def _hub_file(filename: str, cache_dir: pathlib.Path, allow_download: bool) -> p
 def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=None, allow_download=True,
                     **overrides) -> VARModel:
   """Loads a VAR model by name ("shapes-tiny" ships with the package; "d16" ... "d36" are the
-  released ImageNet models), converted or exported directory, `var-jax train` workdir (its latest
-  step's EMA weights; `training_runs.model_from_run` picks others), or a (vae.pth, var.pth) pair.
+  released ImageNet models), converted or exported directory, `var-jax train` workdir, or a
+  (vae.pth, var.pth) pair.
 
   Names resolve in this order: a converted copy in the cache, the .pth files in the cache (the
   Hugging Face hub cache under `<cache>/hub`, or files placed by hand in `<cache>/torch/`), a
   download from the hub (converted once and kept). `overrides` set dtype / attention_impl.
+
+  A training workdir gives its latest step's EMA weights (its params when it kept no EMA), with
+  the tokenizer its config names; for a workdir only, `step=N` picks another checkpoint and
+  `use_ema=False` the raw params.
   """
   if isinstance(name_or_path, (list, tuple)):
     if len(name_or_path) != 2:
@@ -117,7 +122,7 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     model = convert_files(vae, var, **overrides)
     save_converted(model, converted)
     return model
-  path = pathlib.Path(name)
+  path = _local_or_remote(name)
   if path.is_dir():
     meta = _read_meta(path)
     if isinstance(meta, dict) and meta.get("format") == TOKENIZER_FORMAT:
@@ -127,15 +132,33 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     kind = runs.run_kind(meta)
     if kind == runs.VAR_RUN:
       from var_jax.inference.training_runs import model_from_run
-      return model_from_run(path, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
+      _check_overrides(overrides, (*_RUNTIME_FIELDS, *_RUN_FIELDS), f"{path} (a training run)")
+      return model_from_run(path, **overrides)
     if kind == runs.TOKENIZER_RUN:
       raise InputError(f"{path} is a tokenizer training run, not a VAR model: `var-jax export` it "
                        "and use it as config.tokenizer.path of a VAR training config.")
+    _check_overrides(overrides, _RUNTIME_FIELDS, f"{path} (a model directory)")
     return load_converted(path, **overrides)
   if path.suffix == ".pth":
     raise InputError(f"{path} is a single .pth file: pass (vae.pth, var.pth) as a pair.")
   raise InputError(f"'{name}' is neither a shipped model ({', '.join(SHIPPED)}), a released "
                    f"model ({', '.join(RELEASED)}) nor a directory.")
+
+
+def _local_or_remote(name: str):
+  """A path: gs:// and other URLs through etils (a training run on a bucket loads directly)."""
+  if "://" in name:
+    from etils import epath
+    return epath.Path(name)
+  return pathlib.Path(name)
+
+
+def _check_overrides(overrides, allowed, what: str) -> None:
+  unknown = sorted(set(overrides) - set(allowed))
+  if unknown:
+    hint = (" (step / use_ema choose the weights of a training workdir only)"
+            if set(unknown) & set(_RUN_FIELDS) else "")
+    raise InputError(f"cannot set {unknown} when loading {what}; allowed: {list(allowed)}{hint}.")
 
 
 def load_shipped(name: str, **overrides) -> VARModel:

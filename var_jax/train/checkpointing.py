@@ -30,8 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from var_jax.checkpoints import runs
 from var_jax.checkpoints.runs import (CHECKPOINT_SUBDIR, STATE_ITEM, as_absolute, describe_mismatch,
-                                     restore_args, shapes_by_path, short_error)
+                                     shapes_by_path, short_error)
 from var_jax.errors import CheckpointError, ConfigError
 
 META_ITEM = "meta"
@@ -330,35 +331,6 @@ def restore_params(init_from: epath.PathLike, abstract_params: Any, *, key: str 
     CheckpointError: if there is no checkpoint, or its params do not fit.
   """
   step_dir = _find_step_dir(as_absolute(init_from))
-  abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return _restore_params_with(checkpointer, step_dir, abstract_params, key)
-
-
-def _restore_params_with(checkpointer: ocp.Checkpointer, step_dir: epath.Path,
-                         abstract_params: Any, key: str = "params") -> tuple[int, Any]:
-  state_dir = step_dir / STATE_ITEM
-  try:
-    saved = checkpointer.metadata(state_dir).item_metadata
-    saved = saved.tree if hasattr(saved, "tree") else saved
-  except Exception as e:  # unreadable metadata
-    raise CheckpointError(
-        f"Cannot read checkpoint metadata in {state_dir} ({short_error(e)}). Point init_from at a "
-        "complete checkpoint.") from e
-  if not isinstance(saved, Mapping) or not saved.get(key):
-    raise CheckpointError(f"Checkpoint {state_dir} has no '{key}' entry to initialise from.")
-  problems = describe_mismatch(saved[key], abstract_params)
-  if problems:
-    raise CheckpointError(
-        f"Parameters in {state_dir} do not fit the model ({len(problems)} differences): "
-        + "; ".join(problems[:20]) + ". Check that init_from was trained with the same model "
-        "config.")
-  item = {key: abstract_params}
-  try:
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args(item), partial_restore=True))
-  except Exception as e:
-    raise CheckpointError(
-        f"Cannot restore params from {state_dir} ({short_error(e)}). Point init_from at a complete "
-        "checkpoint.") from e
-  return int(step_dir.name) if step_dir.name.isdigit() else -1, restored[key]
+  params = runs.restore_subtree(step_dir, abstract_params, key, hint=(
+      " Point init_from at a complete checkpoint of a run trained with the same model config."))
+  return int(step_dir.name) if step_dir.name.isdigit() else -1, params
