@@ -158,7 +158,7 @@ def _check_overrides(overrides, allowed, what: str) -> None:
   if unknown:
     hint = (" (step / use_ema choose the weights of a training workdir only)"
             if set(unknown) & set(_RUN_FIELDS) else "")
-    raise InputError(f"cannot set {unknown} when loading {what}; allowed: {list(allowed)}{hint}.")
+    raise InputError(f"cannot override {unknown} when loading {what}; allowed: {list(allowed)}{hint}.")
 
 
 def load_shipped(name: str, **overrides) -> VARModel:
