@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
 
 TRAIN_REQUIRES = [
     "optax>=0.2.8",
+    # The input pipeline (threads, worker processes, checkpointable iterator) and array_record.
+    "grain>=0.2.12",
     "clu>=0.0.12",
     # clu's metric writers import tensorflow and tensorboard without declaring them.
     "tensorflow-cpu>=2.16",

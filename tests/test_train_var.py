@@ -109,8 +109,9 @@ def _env(devices: int, **extra):
   return env
 
 
-def _train_cmd(workdir, arg):
-  return [sys.executable, "-m", "var_jax.cli", "train", f"--config={TINY}:{arg}", f"--workdir={workdir}"]
+def _train_cmd(workdir, arg, *overrides):
+  return [sys.executable, "-m", "var_jax.cli", "train", f"--config={TINY}:{arg}", f"--workdir={workdir}",
+          *overrides]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -131,8 +132,11 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   rerun = subprocess.run(_train_cmd(full, arg), env=_env(1), check=True, capture_output=True,
                          text=True, timeout=600).stderr
   assert "Already finished at step 24 (total_steps=24)" in rerun, rerun[-3000:]
+  # The interrupted run loads its batches in two grain worker processes (the full run in-process):
+  # its iterator state is saved with each checkpoint and restored on the rerun.
   cut = tmp_path / "cut"
-  proc = subprocess.Popen(_train_cmd(cut, arg), env=_env(1), stdout=subprocess.DEVNULL,
+  workers = "--config.data.num_processes=2"
+  proc = subprocess.Popen(_train_cmd(cut, arg, workers), env=_env(1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -146,7 +150,9 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   stopped = max(_losses(cut))
   saved = sorted(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
   assert stopped < 24 and saved[-1] == stopped, (stopped, saved)
-  subprocess.run(_train_cmd(cut, arg), env=_env(1), check=True, capture_output=True, timeout=600)
+  data_state = json.loads((cut / "checkpoints" / str(stopped) / "data" / "process_0-of-1.json").read_text())
+  assert data_state["step"] == stopped and data_state["layout"]["num_processes"] == 2, data_state
+  subprocess.run(_train_cmd(cut, arg, workers), env=_env(1), check=True, capture_output=True, timeout=600)
   resumed, reference = _losses(cut), _losses(full)
   assert sorted(resumed) == list(range(1, 25))
   for step in range(stopped + 1, 25):

@@ -36,10 +36,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     image_size: side of the square training crop (the official final_reso = 16 * max(patch_nums)).
     mid_reso: the shorter side is first resized to round(mid_reso * image_size) (official 1.125).
     hflip: random horizontal flip with probability 1/2 (official default: off).
-    num_workers: threads that read, decode and augment examples. PIL releases the GIL while
-      decoding and resizing, so threads scale with cores without a process pool.
-    prefetch: how many batches beyond the current one are read ahead (0 = read on demand). Each
-      batch in flight holds local_batch * image_size**2 * 3 bytes.
+    num_workers: threads per process that read, decode and augment, each loading whole batches
+      (so num_workers batches load at once). PIL releases the GIL while decoding and resizing, so
+      threads use several cores; `num_processes` adds processes when they do not suffice.
+    prefetch: batches read ahead beyond the num_workers being loaded (per worker process too).
+      Each batch in flight holds local_batch * image_size**2 * 3 bytes.
+    num_processes: grain worker processes (`mp_prefetch`) that load batches, each with
+      num_workers threads; 0 loads in the training process. Workers start with the 'spawn'
+      method (a second or two each, importing var_jax) and take every num_processes-th step.
     epoch_remainder: how an epoch's last, partial global batch is handled.
       "pad" (official `DistInfiniteBatchSampler`): steps_per_epoch = ceil(N / global_batch) and the
         last batch is filled up from the head of the epoch's permutation.
@@ -61,6 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.hflip = False
   config.num_workers = 8
   config.prefetch = 2
+  config.num_processes = 0
   config.epoch_remainder = "pad"
   config.shapes_num_examples = 10_000
   config.shapes_seed = 0
@@ -89,6 +94,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   _require_int(config, "image_size", 1)
   _require_int(config, "num_workers", 1)
   _require_int(config, "prefetch", 0)
+  _require_int(config, "num_processes", 0)
   _require_int(config, "shapes_num_examples", 1)
   _require_int(config, "shapes_seed", 0)
   mid_reso = config.mid_reso

@@ -1,13 +1,17 @@
-"""The input pipeline's entry point: the iterator over this host's batches for a data config."""
+"""The input pipeline's entry point: the iterator over this host's batches for a data config.
+
+The batches come from a grain pipeline (`input_iterator`): an image or pre-tokenized source
+read by random access, this host's records of each step (`order`), loaded by threads and optional
+worker processes, with a state the trainer checkpoints."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import ml_collections
 
-from var_jax.data.batch_iterator import BatchIterator
 from var_jax.data.config import validate_data_config
 from var_jax.data.image_examples import ImageExamples
+from var_jax.data.input_iterator import InputIterator
 from var_jax.data.order import GlobalOrder, local_batch_size
 from var_jax.data.sources import make_image_source
 from var_jax.errors import ConfigError
@@ -16,7 +20,7 @@ from var_jax.errors import ConfigError
 def make_input_iterator(data_config: ml_collections.ConfigDict, *, global_batch: int, seed: int,
                         start_step: int = 0, process_index: int = 0, process_count: int = 1,
                         train: bool = True, patch_nums: Sequence[int] | None = None,
-                        vocab_size: int | None = None) -> BatchIterator:
+                        vocab_size: int | None = None) -> InputIterator:
   """Returns the iterator over this host's part of every global batch.
 
   Training (train=True) runs forever over seeded per-epoch permutations (see `order`): global batch
@@ -29,8 +33,9 @@ def make_input_iterator(data_config: ml_collections.ConfigDict, *, global_batch:
     image sources: {"image": uint8 (b, S, S, 3), "label": int32 (b,)}, S = data_config.image_size;
       `augment.scale_to_model_range` maps images to [-1, 1] on device;
     "pretokenized": {"tokens": int32 (b, L), "label": int32 (b,)}.
-  The iterator's `stats` counts skipped corrupt records, and `steps_per_epoch` and `num_classes`
-  describe the data.
+  The iterator's `stats` counts skipped corrupt records, `steps_per_epoch` and `num_classes`
+  describe the data, and `get_state()` / `set_state()` save and restore its position (the trainer
+  keeps it in every checkpoint).
 
   Args:
     data_config: see default_data_config() for its fields.
@@ -68,8 +73,8 @@ def make_input_iterator(data_config: ml_collections.ConfigDict, *, global_batch:
   order = GlobalOrder(
       num_records=examples.num_records, global_batch=global_batch, seed=seed, shuffle=train,
       remainder=data_config.epoch_remainder if train else "pad")
-  return BatchIterator(
+  return InputIterator(
       examples, order, start_step=start_step, process_index=process_index,
-      process_count=process_count, num_workers=data_config.num_workers,
-      prefetch=data_config.prefetch, num_steps=None if train else order.steps_per_epoch,
-      with_mask=not train)
+      process_count=process_count, num_threads=data_config.num_workers,
+      prefetch=data_config.prefetch, num_processes=data_config.num_processes,
+      num_steps=None if train else order.steps_per_epoch, with_mask=not train)

@@ -3,6 +3,10 @@
 A record that cannot be read is replaced by the record that follows it in the stream order (and, if
 that one is bad too, the one after), so batches keep their shape and every run, resumed or not,
 makes the same replacement.
+
+Hand-written rather than grain's `filter`: a filtered element changes the batch it would have
+been in (grain's batching closes over the next element instead), so batch contents would depend
+on which records are bad and on the worker layout.
 """
 from __future__ import annotations
 
@@ -57,6 +61,17 @@ class SkipCounts:
     """"corrupt_skipped": skips so far; "corrupt_records": distinct bad records among them."""
     with self._lock:
       return {"corrupt_skipped": self._skipped, "corrupt_records": len(self._records)}
+
+  def records(self) -> frozenset[int]:
+    """The distinct bad records counted so far."""
+    with self._lock:
+      return frozenset(self._records)
+
+  def restore(self, skipped: int, records) -> None:
+    """Continues counting from a saved `stats()["corrupt_skipped"]` and `records()`."""
+    with self._lock:
+      self._skipped = int(skipped)
+      self._records = {int(index) for index in records}
 
 
 def load_skipping_unreadable(

@@ -1,7 +1,9 @@
 """Orbax checkpoints of the train state: async save, keep-N, auto-resume, preemption.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, meta}`; `state` is the train-state pytree
-(`StandardSave`), `meta` a small JSON object (step, config hash, data position, ...).
+Layout: `WORKDIR/checkpoints/<step>/{state, meta, data}`; `state` is the train-state pytree
+(`StandardSave`), `meta` a small JSON object (step, config hash, data position, ...), `data` the
+input iterator's position, one `process_<i>-of-<n>.json` per host (grain's Orbax handler; absent
+from checkpoints of runs that predate it, which resume from the step alone).
 
 Restore order (`Checkpointer.restore_or_init`): the latest step in this workdir (auto-resume
 after preemption) → `init_from` (parameters only, from another run's checkpoint) → fresh init.
@@ -27,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -36,6 +39,29 @@ from var_jax.checkpoints.runs import (CHECKPOINT_SUBDIR, STATE_ITEM, as_absolute
 from var_jax.errors import CheckpointError, ConfigError
 
 META_ITEM = "meta"
+DATA_ITEM = "data"
+
+
+class _SavedIteratorState:
+  """What grain's checkpoint handler saves and restores in place of a live iterator.
+
+  Saving: the state is read when `save` is called, not when the (asynchronous) write runs, so it is
+  the position after exactly the batches of the saved step. Restoring: the handler hands the JSON
+  to `set_state` and calls `start_prefetch`, which go to the target iterator.
+  """
+
+  def __init__(self, state: Mapping[str, Any] | None = None, target: Any = None):
+    self._json = json.dumps(state).encode() if state is not None else None
+    self._target = target
+
+  def get_state(self) -> bytes:
+    return self._json
+
+  def set_state(self, state: bytes) -> None:
+    self._target.set_state(state)
+
+  def start_prefetch(self) -> None:
+    self._target.start_prefetch()
 
 
 def config_hash(config: Any) -> str:
@@ -120,7 +146,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       META_ITEM: ocp.JsonCheckpointHandler()})
+                       META_ITEM: ocp.JsonCheckpointHandler(),
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler()})
     self._sigterm = threading.Event()
     self._handler_installed = False
     self._previous_handler = None
@@ -173,23 +200,34 @@ class Checkpointer:
     return json.loads(json.dumps(record, default=lambda x: np.asarray(x).tolist()))
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, *,
-           force: bool = False) -> bool:
+           force: bool = False, data: Any = None) -> bool:
     """Saves `state` at `step` if the interval says so (or `force`); returns whether it did.
 
     Asynchronous: returns once the arrays are copied off the devices, so `state` may be
     donated to the next step right away. A step that already exists is never overwritten.
+
+    Args:
+      step: the step the state has reached.
+      state: the train state.
+      meta: small JSON-able record stored beside it.
+      force: save even off the interval.
+      data: the input iterator (`get_state()` -> JSON-able dict); its position after `step`'s
+        batch is saved too, per host, and `restore_data` puts it back.
     """
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(
-        step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            META_ITEM: ocp.args.JsonSave(self._meta_record(step, meta))}),
-        force=force)
+    items = {STATE_ITEM: ocp.args.StandardSave(state),
+             META_ITEM: ocp.args.JsonSave(self._meta_record(step, meta))}
+    if data is not None:
+      # Read on every call (a small dict): asking orbax first whether it will save would run its
+      # multi-host preemption check a second time for the step.
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_SavedIteratorState(data.get_state()))
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def save_now(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+  def save_now(self, step: int, state: Any, meta: Mapping[str, Any] | None = None, *,
+               data: Any = None) -> None:
     """Forced save (unless `step` is already saved) and wait until it is on disk."""
-    self.save(step, state, meta, force=True)
+    self.save(step, state, meta, force=True, data=data)
     self._manager.wait_until_finished()
 
   def wait_until_finished(self) -> None:
@@ -272,6 +310,33 @@ class Checkpointer:
       logging.warning("Resuming step %d saved with config hash %s under config hash %s.",
                       step, meta.get("config_hash"), self.config_hash)
     return restored[STATE_ITEM], meta
+
+  def restore_data(self, step: int, data: Any) -> bool:
+    """Puts the input iterator saved with `step` (this host's file) into `data` (`set_state`).
+
+    Returns False, leaving `data` as it is, when the step holds no iterator state for this host
+    (a checkpoint from before iterator states were saved, or one written by another number of
+    hosts): a batch is a function of its step, so starting `data` at `step` reads the same.
+
+    Raises:
+      CheckpointError: the saved state cannot be read.
+    """
+    self._manager.wait_until_finished()
+    item_dir = self.directory / str(step) / DATA_ITEM
+    process_file = item_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not process_file.exists():
+      logging.info("Checkpoint step %d has no input-pipeline state for this host (%s): the "
+                   "pipeline starts at the step.", step, process_file)
+      return False
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(**{
+          DATA_ITEM: grain.checkpoint.CheckpointRestore(_SavedIteratorState(target=data))}))
+    except Exception as e:  # the iterator's CheckpointError, or orbax's wrapping of the handler's
+      raise CheckpointError(
+          f"Cannot restore the input-pipeline state of checkpoint step {step} from "
+          f"{process_file} ({short_error(e)}). Nothing was changed on disk. Move that file aside "
+          "to restart the pipeline at the step (same batches), or resume from an older step.") from e
+    return True
 
   def restore_or_init(
       self,

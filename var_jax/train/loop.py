@@ -2,9 +2,10 @@
 
 A task (`TrainTask`) says how to build the state and how one step maps (state, batch) to the next;
 this module does the rest the same way for both: the mesh and logical rules from config, sharded
-init or auto-resume, the per-host input iterator positioned at the resumed step, the jitted step
-with donated state, metrics (TensorBoard, stdout, metrics.jsonl) read one step late, periodic and
-preemption-triggered checkpoints, and periodic task hooks (sample grids), run after their step's
+init or auto-resume, the per-host input iterator positioned at the resumed step (its state is
+saved in every checkpoint and restored with it), the jitted step with donated state, metrics
+(TensorBoard, stdout, metrics.jsonl) read one step late, periodic and preemption-triggered
+checkpoints, and periodic task hooks (sample grids), run after their step's
 checkpoint so that a failing hook costs no training. Before any array is allocated, a config
 whose parameters would replicate more than `max_replicated_param_gb` per chip is refused.
 
@@ -28,7 +29,7 @@ from etils import epath
 
 from var_jax.parallel import sharding
 from var_jax.data.pipeline import make_input_iterator
-from var_jax.errors import ConfigError
+from var_jax.errors import CheckpointError, ConfigError
 from var_jax.train import checkpointing, metrics as metrics_lib
 
 
@@ -177,6 +178,13 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   data = make_input_iterator(config.data, global_batch=config.global_batch_size, seed=config.seed,
                              start_step=start_step, process_index=jax.process_index(),
                              process_count=jax.process_count(), train=True, **task.data_kwargs)
+  if restored.source == "resume" and ckpt.restore_data(start_step, data) and data.step != start_step:
+    data.close()
+    raise CheckpointError(
+        f"Checkpoint step {start_step} in {ckpt.directory} holds an input-pipeline state at step "
+        f"{data.step}: the checkpoint's items disagree. Nothing was changed on disk; move its "
+        f"'{checkpointing.DATA_ITEM}' directory aside to restart the pipeline at the step.")
+  data.start_prefetch()
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen_shardings = task.frozen_shardings
   if frozen_shardings is None:
@@ -221,9 +229,9 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
       meta = {"data_step": done}
       preempted = ckpt.should_stop_and_save(done)
       if preempted or done == config.total_steps:
-        ckpt.save_now(done, state, meta)
+        ckpt.save_now(done, state, meta, data=data)
       else:
-        ckpt.save(done, state, meta)
+        ckpt.save(done, state, meta, data=data)
       due = [(name, hook) for name, (every, hook) in task.hooks.items() if every and done % every == 0]
       if due:
         ckpt.wait_until_finished()  # an asynchronous save of this step is on disk before hooks
@@ -242,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
         return last_scalars
     if pending is not None:
       last_scalars = _write(logger, *pending)
-    ckpt.save_now(config.total_steps, state, {"data_step": config.total_steps})
+    ckpt.save_now(config.total_steps, state, {"data_step": config.total_steps}, data=data)
     _log_summary(start_step, config.total_steps, time.perf_counter() - t_start, last_scalars, workdir)
     return last_scalars
   finally:
