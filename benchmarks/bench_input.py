@@ -340,26 +340,27 @@ def token_writer_version() -> int:
 
 def write_tokens_package(directory: str, count: int, patch_nums: Sequence[int], num_shards: int,
                          seed: int = 0) -> int:
-  """A set in the format this checkout reads, written with the package's writer where it has one
-  for synthetic data (v2: token_shards.write_meta / write_shard), else the v1 layout directly.
-  Returns the format version written."""
+  """A set in the format this checkout reads: v1 (npz) directly, v2 (array_record) with the
+  package's shard writer (token_shards.write_shard / encode_records). Returns the version written."""
   from var_jax.data import token_shards
   version = int(token_shards.FORMAT_VERSION)
   if version == 1:
     write_tokens_v1(directory, count, patch_nums, num_shards, seed)
     return 1
-  write_meta = getattr(token_shards, "write_meta", None)
-  write_shard = getattr(token_shards, "write_shard", None)
-  if write_meta is None or write_shard is None:
-    raise SystemExit(f"token_shards v{version} has no write_meta / write_shard to write synthetic "
-                     "records with; update write_tokens_package")
-  return _write_tokens_v2(token_shards, directory, count, patch_nums, num_shards, seed)
-
-
-def _write_tokens_v2(token_shards, directory: str, count: int, patch_nums: Sequence[int],
-                     num_shards: int, seed: int) -> int:
-  # Filled in against the v2 writer's signature once it lands (see write_tokens_package).
-  raise SystemExit("the v2 token writer is not wired up in this script yet")
+  out = token_shards.epath.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  seq_len = _seq_len(patch_nums)
+  for shard in range(num_shards):
+    start, end = token_shards.shard_bounds(shard, num_shards, count)
+    arrays = _shard_arrays(rng, start, end, seq_len)
+    token_shards.write_shard(
+        out / token_shards.shard_file_name(shard, num_shards),
+        token_shards.encode_records(arrays["tokens"], arrays["labels"], arrays["source_indices"],
+                                    VOCAB_SIZE))
+  token_shards.write_json_atomically(out / token_shards.META_FILE,
+                                     _meta(count, num_shards, patch_nums, version))
+  return version
 
 
 def ensure_tokens(root: str, count: int, size: int, num_shards: int = 8) -> str:

@@ -38,3 +38,30 @@ def split_tokens(idx_BL: np.ndarray, patch_nums=PATCH_NUMS) -> list:
 
 def concat_tokens(maps) -> np.ndarray:
   return np.concatenate([np.asarray(m).reshape(m.shape[0], -1) for m in maps], axis=1)
+
+
+def read_token_shard(path, num_variants: int, seq_len: int, token_dtype: str = "<i2") -> dict:
+  """A pre-tokenized array_record shard decoded by its documented layout (token_shards' docstring),
+  independently of var_jax: {"tokens": (n, K, L), "labels": (n,), "source_indices": (n,)}."""
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    records = reader.read_all()
+  finally:
+    reader.close()
+  layout = np.dtype([("label", "<i4"), ("source_index", "<i8"),
+                     ("tokens", token_dtype, (num_variants, seq_len))])
+  rows = np.frombuffer(b"".join(records), layout)
+  assert all(len(record) == layout.itemsize for record in records)
+  return {"tokens": rows["tokens"], "labels": rows["label"], "source_indices": rows["source_index"]}
+
+
+def write_v1_token_set(directory, meta: dict, shards: list) -> None:
+  """A format-v1 pre-tokenized set as earlier versions wrote it: meta.json (format_version 1) and
+  tokens-SSSSS-of-TTTTT.npz holding tokens (n, K, L), labels (n,), source_indices (n,)."""
+  import json
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+  for shard, arrays in enumerate(shards):
+    np.savez(directory / f"tokens-{shard:05d}-of-{len(shards):05d}.npz", **arrays)

@@ -1,6 +1,7 @@
 """Tests of var_jax/data: sources, augmentation, global order, resume, hosts, pre-tokenized data."""
 import json
 import logging
+import os
 
 import ml_collections
 import numpy as np
@@ -13,6 +14,7 @@ from var_jax.data import token_shards
 from var_jax.data.order import GlobalOrder
 from var_jax.data.pretokenize import write_pretokenized
 from var_jax.errors import ConfigError, InputError
+from helpers import read_token_shard, write_v1_token_set
 
 IMAGE_SIZE = 16
 PATCH_NUMS = (1, 2, 3)
@@ -251,8 +253,9 @@ def test_pretokenized_round_trip(image_root, tmp_path):
   meta = json.loads((out / "meta.json").read_text())
   assert meta["patch_nums"] == list(PATCH_NUMS) and meta["vocab_size"] == 4096
   assert meta["count"] == 11 and meta["num_variants"] == 3 and meta["image_size"] == IMAGE_SIZE
-  shard = np.load(out / "tokens-00001-of-00002.npz")
-  assert shard["tokens"].dtype == np.int16 and shard["tokens"].shape == (6, 3, SEQ_LEN)
+  assert meta["format_version"] == 2 and meta["token_dtype"] == "int16"
+  shard = read_token_shard(out / "tokens-00001-of-00002.array_record", 3, SEQ_LEN)
+  assert shard["tokens"].shape == (6, 3, SEQ_LEN)
   # Variant v of a record is the training augmentation of epoch v, with the writer's seed.
   images = make_input_iterator(config, global_batch=1, seed=1).examples
   record = int(shard["source_indices"][2])
@@ -273,8 +276,8 @@ def test_pretokenized_round_trip(image_root, tmp_path):
     assert batch["label"].dtype == np.int32
   examples = make_input_iterator(token_config, **kwargs).examples
   assert len({examples.variant(0, epoch) for epoch in range(12)}) > 1
-  all_tokens = np.concatenate([np.load(out / token_shards.shard_file_name(s, 2))["tokens"]
-                               for s in range(2)])
+  all_tokens = np.concatenate([read_token_shard(out / f"tokens-0000{s}-of-00002.array_record",
+                                                3, SEQ_LEN)["tokens"] for s in range(2)])
   np.testing.assert_array_equal(examples.load(5, 4)["tokens"],
                                 all_tokens[5, examples.variant(5, 4)])
 
@@ -288,7 +291,8 @@ def test_pretokenized_large_vocab_uses_int32_and_hosts_split_the_shards(tmp_path
   parts = [write_pretokenized(config, _fake_encode(40_000), out, process_index=p,
                               process_count=2, **kwargs) for p in range(2)]
   assert parts[0]["shards_written"] == [0, 2] and parts[1]["shards_written"] == [1]
-  assert np.load(f"{out}/tokens-00000-of-00003.npz")["tokens"].dtype == np.int32
+  shard = read_token_shard(f"{out}/tokens-00000-of-00003.array_record", 1, SEQ_LEN, "<i4")
+  assert shard["tokens"].shape == (2, 1, SEQ_LEN)  # records of int32 tokens (the layout's size)
 
 
 def test_pretokenized_meta_mismatch_is_a_clear_error(image_root, tmp_path):

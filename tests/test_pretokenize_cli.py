@@ -32,6 +32,10 @@ def _run(capsys, *args):
   return code, out, err
 
 
+def _shard(out, shard):
+  return helpers.read_token_shard(out / f"tokens-{shard:05d}-of-00002.array_record", 2, SEQ_LEN)
+
+
 def _data_config(**overrides):
   """configs/var_tiny.py's data section with DATA_OVERRIDES."""
   config = default_data_config()
@@ -64,14 +68,14 @@ def test_writes_shards_and_meta(written):
   assert meta["seed"] == 0 and meta["num_classes"] == 10
   assert meta["source"]["source"] == "shapes" and meta["source"]["split"] == "train"
   for shard in range(2):
-    arrays = np.load(out / token_shards.shard_file_name(shard, 2))
-    assert arrays["tokens"].shape == (3, 2, SEQ_LEN) and arrays["tokens"].dtype == np.int16
+    arrays = helpers.read_token_shard(out / f"tokens-0000{shard}-of-00002.array_record", 2, SEQ_LEN)
+    assert arrays["tokens"].shape == (3, 2, SEQ_LEN)
     np.testing.assert_array_equal(arrays["source_indices"], np.arange(3 * shard, 3 * shard + 3))
 
 
 def test_tokens_are_the_tokenizers_encode_of_the_augmented_images(written):
   out, _ = written
-  shards = [np.load(out / token_shards.shard_file_name(s, 2)) for s in range(2)]
+  shards = [_shard(out, s) for s in range(2)]
   tokens = np.concatenate([s["tokens"] for s in shards])
   labels = np.concatenate([s["labels"] for s in shards])
   # Variant v of record i is the training augmentation of epoch v, seeded by the config's seed 0.
@@ -87,7 +91,7 @@ def test_tokens_are_the_tokenizers_encode_of_the_augmented_images(written):
 
 def test_training_input_pipeline_reads_them_back(written):
   out, _ = written
-  tokens = np.concatenate([np.load(out / token_shards.shard_file_name(s, 2))["tokens"] for s in range(2)])
+  tokens = np.concatenate([_shard(out, s)["tokens"] for s in range(2)])
   config = _data_config(source="pretokenized", data_dir=str(out))
   kwargs = dict(global_batch=NUM_RECORDS, seed=0, patch_nums=helpers.PATCH_NUMS, vocab_size=64)
   with make_input_iterator(config, train=False, **kwargs) as iterator:
@@ -103,11 +107,11 @@ def test_training_input_pipeline_reads_them_back(written):
 
 def test_rerun_keeps_finished_shards(written, capsys):
   out, _ = written
-  before = {p.name: p.stat().st_mtime_ns for p in out.glob("tokens-*.npz")}
+  before = {p.name: p.stat().st_mtime_ns for p in out.glob("tokens-*")}
   code, printed, _ = _run(capsys, "--tokenizer", VAE, "--out", str(out), "--variants", "2",
                           "--num-shards", "2", "--batch-size", "4", *DATA_OVERRIDES)
   assert code == 0 and "wrote shards []" in printed and "kept the finished shards [0, 1]" in printed
-  assert {p.name: p.stat().st_mtime_ns for p in out.glob("tokens-*.npz")} == before
+  assert {p.name: p.stat().st_mtime_ns for p in out.glob("tokens-*")} == before
 
 
 def test_hosts_split_the_shards(tmp_path, capsys):
@@ -116,7 +120,7 @@ def test_hosts_split_the_shards(tmp_path, capsys):
                           "--batch-size", "2", "--process-index", "1", "--process-count", "2",
                           "--patch-nums", "1,2,3,4", *DATA_OVERRIDES)
   assert code == 0 and "host 1 of 2" in printed
-  assert sorted(p.name for p in out.glob("tokens-*.npz")) == ["tokens-00001-of-00003.npz"]
+  assert sorted(p.name for p in out.glob("tokens-*")) == ["tokens-00001-of-00003.array_record"]
   assert not (out / "meta.json").exists()  # host 0 writes it
 
 

@@ -16,6 +16,11 @@ Variant v of every image is its training augmentation of epoch v (see
 `var_jax.data.pretokenize`). Hosts can split the work without talking to each other: run the
 command on each with --process-index=p --process-count=P; re-running it only writes the shards
 that are missing.
+
+Sets written by earlier versions (format v1, npz shards) convert once, without the tokenizer and
+with the tokens unchanged, to the array_record format training reads (again splittable over hosts):
+
+    var-jax pretokenize --convert-from gs://BUCKET/imagenet_tokens_v1 --out /mnt/tokens_v2
 """
 from __future__ import annotations
 
@@ -37,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
   parser = common.new_parser(
       PROG, __doc__, epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
       "--config.data.data_dir=DIR or --config.data.split=train.")
-  parser.add_argument("--config", required=True,
+  parser.add_argument("--config", default=None,
                       help="training config file (e.g. configs/var_d16.py, with ':args' if it takes "
-                           "any); its data, patch_nums and tokenizer sections are read")
+                           "any); its data, patch_nums and tokenizer sections are read (required "
+                           "unless --convert-from)")
   parser.add_argument("--out", required=True, help="directory for meta.json and the token shards (gs:// ok)")
+  parser.add_argument("--convert-from", default=None, metavar="V1_DIR",
+                      help="instead of encoding images, convert the format-v1 (npz) set in V1_DIR "
+                           "to the array_record format in --out (tokens unchanged; only "
+                           "--process-index/--process-count apply)")
   parser.add_argument("--tokenizer", default=None,
                       help="official .pth file, `var-jax convert` directory or train-tokenizer "
                            "workdir (default: the config's tokenizer.path)")
@@ -201,7 +211,13 @@ def pretokenize(config, out: str, *, tokenizer: str | None = None,
 def main(argv=None) -> int:
   """`var-jax pretokenize ...`; argv[0] is the program name. Returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
-  args, config = common.parse_with_config(build_parser(), argv[1:])
+  parser = build_parser()
+  args, _ = parser.parse_known_args(argv[1:])
+  if args.convert_from is not None:
+    return _convert(parser, argv[1:])
+  if args.config is None:
+    parser.error("the following arguments are required: --config (or --convert-from V1_DIR)")
+  args, config = common.parse_with_config(parser, argv[1:])
   common.check_output_dir(args.out, "--out")
   try:
     result = pretokenize(
@@ -224,6 +240,33 @@ def main(argv=None) -> int:
   if args.process_count > 1:
     print(f"This was host {args.process_index} of {args.process_count}: run the same command with "
           "the other --process-index values before training (a missing shard is an error there).")
+  print("Train on them with: var-jax train --config CONFIG --workdir WORKDIR "
+        f"--config.data.source=pretokenized --config.data.data_dir={args.out}")
+  return 0
+
+
+def _convert(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+  """`--convert-from V1_DIR --out DIR`: rewrites a v1 set in the array_record format."""
+  from var_jax.data import token_shards
+  args = parser.parse_args(argv)
+  encoding_flags = [flag for flag, value, default in (
+      ("--config", args.config, None), ("--tokenizer", args.tokenizer, None),
+      ("--patch-nums", args.patch_nums, None), ("--variants", args.variants, 1),
+      ("--num-shards", args.num_shards, 8), ("--seed", args.seed, None)) if value != default]
+  if encoding_flags:
+    parser.error(f"--convert-from keeps the tokens as they are: drop {', '.join(encoding_flags)}")
+  try:
+    common.check_output_dir(args.out, "--out")
+    result = token_shards.convert_v1(args.convert_from, args.out, process_index=args.process_index,
+                                     process_count=args.process_count)
+  except VarJaxError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  meta = result["meta"]
+  print(f"converted {meta['count']} records x {meta['num_variants']} variants from "
+        f"{args.convert_from} (v1): wrote shards {result['shards_written']}"
+        + (f", kept the finished shards {result['shards_kept']}" if result["shards_kept"] else "")
+        + f" in {args.out}")
   print("Train on them with: var-jax train --config CONFIG --workdir WORKDIR "
         f"--config.data.source=pretokenized --config.data.data_dir={args.out}")
   return 0

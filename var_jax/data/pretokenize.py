@@ -4,15 +4,16 @@ Variant v of record i is the training augmentation of epoch v, i.e. seeded by (s
 set is reproducible. The caller supplies `encode_fn`, e.g. the jitted tokenizer that maps uint8
 images to the concatenated multi-scale index maps. The format is described in `token_shards`.
 
-Several hosts can share the work: host p writes the shards s with s % process_count == p. Finished
-shards are kept, so a re-run with the same arguments only writes what is missing.
+Several hosts can share the work: host p writes the shards s with s % process_count == p. A shard
+is written to a temporary name and renamed when complete, so finished shards are kept and a re-run
+with the same arguments only writes what is missing. Images are encoded and written a chunk at a
+time: memory does not grow with the shard.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -182,26 +183,23 @@ class _ShardWriter:
       logging.info("Keeping the existing shard %s.", path)
       return False
     start, end = token_shards.shard_bounds(shard, num_shards, count)
+    written = token_shards.write_shard(path, self._records(start, end))
+    logging.info("Wrote %s (%d records x %d variants).", path, written, self._meta["num_variants"])
+    return True
+
+  def _records(self, start: int, end: int) -> Iterator[bytes]:
+    """The encoded records [start, end), a chunk of batch_size images at a time."""
     num_variants, seq_len = self._meta["num_variants"], self._meta["seq_len"]
-    tokens = np.empty((end - start, num_variants, seq_len),
-                      token_shards.token_dtype(self._meta["vocab_size"]))
-    labels = np.empty((end - start,), np.int32)
-    source_indices = np.empty((end - start,), np.int64)
+    vocab_size = self._meta["vocab_size"]
     for chunk_start in range(start, end, self._batch_size):
       chunk = range(chunk_start, min(chunk_start + self._batch_size, end))
-      rows = slice(chunk.start - start, chunk.stop - start)
+      tokens = np.empty((len(chunk), num_variants, seq_len), np.int64)
       for variant in range(num_variants):
         loaded = list(self._pool.map(lambda position, v=variant: self._load(position, v), chunk))
         images = np.stack([example["image"] for _, example in loaded])
-        tokens[rows, variant] = _check_tokens(
-            self._encode_fn(images), len(chunk), seq_len, self._meta["vocab_size"])
+        tokens[:, variant] = _check_tokens(self._encode_fn(images), len(chunk), seq_len, vocab_size)
         if variant == 0:
-          labels[rows] = [example["label"] for _, example in loaded]
-          source_indices[rows] = [index for index, _ in loaded]
-    buffer = io.BytesIO()
-    np.savez(buffer, tokens=tokens, labels=labels, source_indices=source_indices)
-    temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_bytes(buffer.getvalue())
-    temporary.rename(path)
-    logging.info("Wrote %s (%d records x %d variants).", path, end - start, num_variants)
-    return True
+          labels = [example["label"] for _, example in loaded]
+          source_indices = [index for index, _ in loaded]
+      yield from token_shards.encode_records(tokens, np.asarray(labels), np.asarray(source_indices),
+                                             vocab_size)
