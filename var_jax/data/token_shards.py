@@ -2,7 +2,7 @@
 
 A directory holds `meta.json` and shards `tokens-SSSSS-of-TTTTT.array_record`. Shard s holds the
 records [s * N // T, (s + 1) * N // T) of the source split in index order, one array_record record
-per image (written with group_size 1, so any record is one seek away). A record is the bytes of one
+per image (written with group_size 1 and no compression, so any record is one seek away). A record is the bytes of one
 element of the packed little-endian structured dtype `record_dtype(...)`:
   label: int32;
   source_index: int64, the source record actually encoded (a corrupt image is replaced by the next
@@ -43,8 +43,11 @@ FORMAT_VERSION = 2
 INT16_MAX_VOCAB = 32767
 # Domain tag of the per-(epoch, index) variant choice (see augment.example_rng).
 VARIANT_STREAM = 2
-# group_size 1: every record is its own chunk, so a random read decodes one record.
-WRITER_OPTIONS = "group_size:1"
+# group_size 1: every record is its own chunk, so a random read decodes one record. Uncompressed:
+# token ids are near their codebook's entropy (zstd saves ~14% on 4096-way ids) and a read then
+# costs 2.5x less CPU (6.7 vs 16.7 us per d16 record here); it also bounds a shard's size from below
+# by its records' bytes, which the reader checks.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def shard_file_name(shard: int, num_shards: int) -> str:
