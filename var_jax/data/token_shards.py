@@ -2,8 +2,8 @@
 
 A directory holds `meta.json` and shards `tokens-SSSSS-of-TTTTT.array_record`. Shard s holds the
 records [s * N // T, (s + 1) * N // T) of the source split in index order, one array_record record
-per image (written with group_size 1 and no compression, so any record is one seek away). A record is the bytes of one
-element of the packed little-endian structured dtype `record_dtype(...)`:
+per image (written with group_size 1 and no compression, so any record is one seek away). A record
+is the bytes of one element of the packed little-endian structured dtype `record_dtype(...)`:
   label: int32;
   source_index: int64, the source record actually encoded (a corrupt image is replaced by the next
     readable record, see `skipping`);
@@ -192,6 +192,11 @@ class TokenExamples:
     self.num_variants = int(self.meta["num_variants"])
     self.num_classes = int(self.meta["num_classes"])
     self._dtype = meta_record_dtype(self.meta)
+    if not _is_local(self.directory):
+      raise InputError(
+          f"{directory}: array_record reads local files only; mount the bucket with gcsfuse (e.g. "
+          "`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and set data.data_dir to the mounted "
+          "directory.")
     count, num_shards = int(self.meta["count"]), int(self.meta["num_shards"])
     instructions = []
     for shard in range(num_shards):
@@ -210,14 +215,10 @@ class TokenExamples:
       raise InputError(
           f"Shard {path} is missing: the pretokenize run did not finish on every host; re-run it "
           "with the same arguments to write the missing shards.")
-    if not _is_local(path):
+    size = path.stat().length
+    if size < num_records * self._dtype.itemsize:
       raise InputError(
-          f"{path}: array_record reads local files only; mount the bucket with gcsfuse (e.g. "
-          "`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and set data.data_dir to the mounted "
-          "directory.")
-    if path.stat().length < num_records * self._dtype.itemsize:
-      raise InputError(
-          f"Shard {path} is {path.stat().length} bytes, too small for its {num_records} records of "
+          f"Shard {path} is {size} bytes, too small for its {num_records} records of "
           f"{self._dtype.itemsize} bytes from {META_FILE}: it belongs to another run or was cut "
           "short; delete it and re-run `var-jax pretokenize` with the same arguments.")
 
