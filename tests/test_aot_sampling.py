@@ -96,6 +96,7 @@ def test_shipped_model_edits_on_a_slice():
   _compile_and_check(lowered, "v5e:2x2", m, 2)
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: the full d16 compile (run by hand: pytest -m slow)
 def test_d16_samples_on_a_slice_with_the_kernel_and_fits():
   m = _d16()
   _, analysis = _compile_and_check(

@@ -1,4 +1,5 @@
 """The training loop with the toy model: failing hooks, and the replicated-params check at start."""
+import json
 import logging
 
 import jax
@@ -20,6 +21,19 @@ class _ToyData:
   def __next__(self):
     self.step += 1
     return toy_model.make_batch(self.step)
+
+  # The rest of the input iterator's protocol that the loop uses: its state goes into checkpoints.
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = int(json.loads(state)["step"])
+
+  def start_prefetch(self):
+    pass
+
+  def close(self):
+    pass
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ def _metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~1 min on 2 cores: 300 training steps (run by hand: pytest -m slow)
 def test_reconstruction_loss_falls(tmp_path):
   subprocess.run(_cmd(tmp_path, "steps=300,batch=8"), env=_env(1), check=True, capture_output=True, timeout=900)
   rows = _metrics(tmp_path)
