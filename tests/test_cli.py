@@ -31,6 +31,15 @@ def fixture_model_dir(tmp_path_factory):
   return str(save_converted(model, tmp_path_factory.mktemp("model") / "tiny"))
 
 
+@pytest.fixture(name="refiner_dir", scope="module")
+def fixture_refiner_dir(tmp_path_factory):
+  """The official tiny_saln fixture (same tokenizer as tiny) as a directory: a refiner."""
+  model = convert_files(helpers.FIXTURES / "official_tiny_vae.pth",
+                        helpers.FIXTURES / "official_tiny_saln_seed0_var.pth",
+                        patch_nums=helpers.PATCH_NUMS)
+  return str(save_converted(model, tmp_path_factory.mktemp("refiner") / "tiny_saln"))
+
+
 @pytest.fixture(name="image_and_mask", scope="module")
 def fixture_image_and_mask(tmp_path_factory):
   """A 64 px RGB image and a mask that keeps its left half (white = keep)."""
@@ -92,6 +101,37 @@ def test_sample_images_do_not_depend_on_the_batch_size(model_dir, tmp_path):
   assert one.shape == (6, SIZE, SIZE, 3)
   np.testing.assert_array_equal(one, three)
   assert not np.array_equal(one[0], one[1])  # same class, different keys
+
+
+def test_sample_with_a_refiner_at_the_ends_equals_each_model(model_dir, refiner_dir, tmp_path):
+  """--refiner with --draft-scales 4 (all of the fixture's scales) is --model alone; with 0 it is
+  the refiner alone; in between it differs from both."""
+  def run(name, *flags):
+    out_dir = tmp_path / name
+    assert cli.main(["sample", "--classes", "1,2", "--per-class", "1", "--seed", "3", "--out", "",
+                     "--out-dir", str(out_dir), *flags]) == 0
+    with np.load(out_dir / "samples.npz") as npz:
+      return npz["arr_0"]
+  drafter, refiner = run("drafter", "--model", model_dir), run("refiner", "--model", refiner_dir)
+  both = ["--model", model_dir, "--refiner", refiner_dir]
+  np.testing.assert_array_equal(run("k4", *both, "--draft-scales", "4"), drafter)
+  np.testing.assert_array_equal(run("k0", *both, "--draft-scales", "0"), refiner)
+  mixed = run("k2", *both)  # default: all but the last two scales drafted
+  assert not np.array_equal(mixed, drafter) and not np.array_equal(mixed, refiner)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--draft-scales", "2"], "--draft-scales needs --refiner MODEL"),
+    (["--refiner", "REFINER", "--draft-scales", "5"], "draft_scales must be an int in [0, 4]"),
+])
+def test_sample_bad_refiner_flags_exit_2_before_compiling(model_dir, refiner_dir, tmp_path, capsys,
+                                                          flags, message):
+  flags = [refiner_dir if f == "REFINER" else f for f in flags]
+  compiles = len(_COMPILES)
+  assert cli.main(["sample", "--model", model_dir, "--out", str(tmp_path / "g.png"), *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("var-jax sample: error: ") and message in err, err
+  assert len(_COMPILES) == compiles and not (tmp_path / "g.png").exists()
 
 
 def test_host_share_splits_the_images_once():

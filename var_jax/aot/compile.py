@@ -247,6 +247,8 @@ def lower_sample(model: VARModel, labels, *, mesh: Mesh, **sample_options) -> ja
   """
   sample_options = {"rng": jax.random.key(0), **sample_options}
   sample_options.pop("return_tokens", None)
+  if sample_options.get("refiner") is not None:
+    sample_options["refiner"] = placement.abstract_view(sample_options["refiner"])
   return sampler.build_sample_call(placement.abstract_view(model), labels, mesh=mesh,
                                     **sample_options).lower(fresh=True)
 

@@ -51,7 +51,8 @@ def cmd_sample(args) -> int:
   from var_jax.inference import images as image_io
   from var_jax.inference.placement import sampling_mesh
   from var_jax.inference.filters import check_sampling_options
-  from var_jax.inference.sampler import sample
+  from var_jax.inference.sampler import check_refiner, sample, same_tokenizer
+  from var_jax.inference.var_model import VARModel
 
   if args.per_class < 1 or args.batch_size < 0:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
@@ -60,6 +61,14 @@ def cmd_sample(args) -> int:
   from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)
+  refiner = None
+  if args.refiner:
+    refiner = common.load_model(args.refiner, args.dtype)
+    if same_tokenizer(model.tokenizer, refiner.tokenizer):  # one object: no comparison per call
+      refiner = VARModel(refiner.config, refiner.params, model.tokenizer)
+  elif args.draft_scales is not None:
+    raise InputError("--draft-scales needs --refiner MODEL (the model that samples the last scales).")
+  draft_scales = check_refiner(model, refiner, args.draft_scales)
   classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
   model.check_labels(np.asarray(classes), allow_null=False)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
@@ -78,7 +87,8 @@ def cmd_sample(args) -> int:
     padded = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])  # one shape: one compile
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(padded.astype(np.uint32))
     imgs = sample(model, labels[padded], rng=keys, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                  more_smooth=args.more_smooth, mesh=mesh)
+                  more_smooth=args.more_smooth, mesh=mesh, refiner=refiner,
+                  draft_scales=draft_scales)
     outputs.append(np.asarray(imgs)[:len(idx)])
     if t_start is None:
       t_start = time.perf_counter()  # rates after the first (compiling) call
@@ -125,6 +135,12 @@ def build_parser():
                  % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
   p.add_argument("--out", default="samples.png", help="PNG grid path ('' to skip)")
   p.add_argument("--out-dir", default=None, help="also write one PNG per image and samples.npz here")
+  p.add_argument("--refiner", default=None, metavar="MODEL",
+                 help="collaborative decoding: a second model on the same tokenizer (as --model) "
+                 "that samples the last scales after --model drafted the first ones")
+  p.add_argument("--draft-scales", type=int, default=None, metavar="N",
+                 help="scales --model drafts before --refiner takes over (default: all but the "
+                 "last two)")
   return p
 
 

@@ -15,19 +15,21 @@ import numpy as np
 from var_jax.errors import InputError
 from var_jax.inference import placement
 from var_jax.inference.filters import check_sampling_options, effective_top_k
-from var_jax.inference.sampler import STATIC_ARGNAMES, Call, check_labels, generate, place_common
+from var_jax.inference.sampler import Call, check_labels, generate, place_common
 from var_jax.models.vqvae import VQVAE
 from var_jax.ops.resize import bilinear_matrix, resize
 
 
 def _encode_and_generate(var_params, vae_params, images, labels_B, rng, cfg, top_k, top_p, edit_masks, *,
-                         var_config, vae_config, more_smooth):
+                         var_config, vae_config, more_smooth, guided):
   src_tokens = VQVAE(vae_config).apply({"params": vae_params}, images, method=VQVAE.encode)
   return generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, src_tokens, edit_masks,
-                   var_config=var_config, vae_config=vae_config, more_smooth=more_smooth)
+                  var_config=var_config, vae_config=vae_config, more_smooth=more_smooth,
+                  guided=guided)
 
 
-_edit_jit = jax.jit(_encode_and_generate, static_argnames=STATIC_ARGNAMES)
+_edit_jit = jax.jit(_encode_and_generate,
+                    static_argnames=("var_config", "vae_config", "more_smooth", "guided"))
 
 
 def edit_masks_per_scale(keep_BPP: np.ndarray, patch_nums: Sequence[int]) -> list[np.ndarray]:
@@ -103,7 +105,8 @@ def build_edit_call(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top
     images = placement.as_abstract(images)
   masks = [placement.put_batch(placement.pad_batch(m, size), mesh) for m in masks]
   images = placement.put_batch(placement.pad_batch(images, size), mesh)
-  static = dict(var_config=model.config, vae_config=tc, more_smooth=bool(more_smooth))
+  static = dict(var_config=model.config, vae_config=tc, more_smooth=bool(more_smooth),
+                guided=float(cfg) != 0.0)
   args = (placed.var_params, placed.vae_params, images, labels, keys, *scalars, masks)
   return Call(_encode_and_generate, _edit_jit, args, static, mesh, B)
 

@@ -7,6 +7,14 @@ through the tokenizer's `next_autoregressive_input`. All scales, all layers and 
 are one `jax.jit`; the KV cache is preallocated for the whole sequence and written scale by scale.
 `cfg`, `top_k` and `top_p` are traced, so changing them does not recompile.
 
+Without guidance (cfg=0) the loop runs B sequences, not 2B: half the transformer's work.
+
+Collaborative decoding (CoDe, Chen et al., CVPR 2025): with a `refiner` (a second VARModel on the
+same tokenizer, usually a smaller one), `model` drafts scales [0, draft_scales) and the refiner
+fills its KV cache with the drafted prefix in one teacher-forcing pass, then samples the remaining
+scales. Image i's random draws at scale si come from the same key whichever model runs the scale,
+so draft_scales = K is plain sampling with `model` and draft_scales = 0 with the refiner.
+
 `var_jax.inference.edit` runs the same loop with the kept tokens forced (zero-shot editing).
 """
 from __future__ import annotations
@@ -83,32 +91,54 @@ def _decode(vae, vae_params, f_hat):
   return images.swapaxes(0, 1).reshape((B,) + images.shape[2:])
 
 
-def generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tokens, edit_masks, *,
-              var_config: VARConfig, vae_config: VQVAEConfig, more_smooth: bool):
+def generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_tokens, edit_masks,
+             refiner_params=None, *, var_config: VARConfig, vae_config: VQVAEConfig,
+             more_smooth: bool, guided: bool = True, refiner_config: VARConfig | None = None,
+             draft_scales: int | None = None):
   """All scales, all layers and the decode. Returns (uint8 images, list of int32 token maps).
 
-  Guidance runs 2B sequences laid out image by image (row 2i conditional, row 2i + 1 the null
-  class), so the halves of an image's pair sit on the same device wherever the batch is split.
+  Guidance (`guided`) runs 2B sequences laid out image by image (row 2i conditional, row 2i + 1
+  the null class), so the halves of an image's pair sit on the same device wherever the batch is
+  split; without it B sequences. With `refiner_config`, scales [draft_scales, K) run on the
+  refiner (`refiner_params`), which first prefills its cache with scales [0, draft_scales).
   """
   vae = VQVAE(vae_config)
   codebook = vae.apply({"params": vae_params}, method=VQVAE.codebook)
   B = labels_B.shape[0]
   K, Cvae = var_config.num_scales, var_config.z_channels
   keys_B = image_keys(rng, B)
-  labels_2B = jnp.stack([labels_B, jnp.full_like(labels_B, var_config.num_classes)], axis=1).reshape(2 * B)
+  rows = 2 if guided else 1
+  labels_rB = labels_B
+  if guided:
+    labels_rB = jnp.stack([labels_B, jnp.full_like(labels_B, var_config.num_classes)],
+                          axis=1).reshape(2 * B)
+  first_refined = K if refiner_config is None else draft_scales
   latent = var_config.patch_nums[-1]
   f_hat = jnp.zeros((B, latent, latent, Cvae), jnp.float32)
-  cache = None
-  x_next = None
+  cache = None  # the KV cache of the model running the current scale
+  inputs_BlC = []  # the input of every scale after the first: (B, pn**2, Cvae) each
   tokens = []
   for si, pn in enumerate(var_config.patch_nums):
-    variables = {"params": var_params} if cache is None else {"params": var_params, "cache": cache}
-    logits_2BlV, mutated = VAR(var_config, decode_scale=si).apply(
-        variables, labels_2B, x_next, mutable=["cache"])
+    refining = si >= first_refined
+    config, params = (refiner_config, refiner_params) if refining else (var_config, var_params)
+    if refining and si == first_refined and si > 0:
+      # The refiner's first scale: one pass over the drafted prefix fills its cache.
+      x_rLC = jnp.repeat(jnp.concatenate(inputs_BlC, axis=1), rows, axis=0)
+      logits_rLV, mutated = VAR(config, decode_scale=si, prefill=True).apply(
+          {"params": params}, labels_rB, x_rLC, mutable=["cache"])
+      logits_rlV = logits_rLV[:, logits_rLV.shape[1] - pn * pn:]
+    else:
+      variables = {"params": params} if si == 0 else {"params": params, "cache": cache}
+      x_rlC = None if si == 0 else jnp.repeat(inputs_BlC[-1], rows, axis=0)
+      logits_rlV, mutated = VAR(config, decode_scale=si).apply(variables, labels_rB, x_rlC,
+                                                               mutable=["cache"])
     cache = mutated["cache"]
-    t = guidance_scale(cfg, si, K)
-    pairs = logits_2BlV.reshape((B, 2) + logits_2BlV.shape[1:])
-    logits_BlV = (1.0 + t) * pairs[:, 0] - t * pairs[:, 1]
+    if guided:
+      t = guidance_scale(cfg, si, K)
+      pairs = logits_rlV.reshape((B, 2) + logits_rlV.shape[1:])
+      logits_BlV = (1.0 + t) * pairs[:, 0] - t * pairs[:, 1]
+    else:
+      logits_BlV = logits_rlV
     scale_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, si)))(keys_B)
     key_idx, key_gumbel = scale_keys[:, 0], scale_keys[:, 1]
     logits_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p)
@@ -132,12 +162,13 @@ def generate(var_params, vae_params, labels_B, rng, cfg, top_k, top_p, edit_toke
     f_hat, nxt = vae.apply({"params": vae_params}, si, f_hat, h_BlC.reshape(B, pn, pn, Cvae),
                            method=VQVAE.next_autoregressive_input)
     if si < K - 1:
-      x_next = jnp.repeat(nxt.reshape(B, -1, Cvae), 2, axis=0)
+      inputs_BlC.append(nxt.reshape(B, -1, Cvae))
   images = _split_over_batch(to_uint8(_decode(vae, vae_params, f_hat)))
   return images, [_split_over_batch(t) for t in tokens]
 
 
-STATIC_ARGNAMES = ("var_config", "vae_config", "more_smooth")
+STATIC_ARGNAMES = ("var_config", "vae_config", "more_smooth", "guided", "refiner_config",
+                   "draft_scales")
 _generate_jit = jax.jit(generate, static_argnames=STATIC_ARGNAMES)
 
 
@@ -189,7 +220,8 @@ class Call:
     lowering under a different trace-time setting, e.g. `aot.scan_unroll`)."""
     # A new function object: jit's trace cache is keyed on the function, so jitting `self.fn`
     # itself again would hand back the program traced before.
-    jitted = jax.jit(functools.partial(self.fn), static_argnames=STATIC_ARGNAMES) if fresh else self.jitted
+    jitted = (jax.jit(functools.partial(self.fn), static_argnames=tuple(self.static)) if fresh
+              else self.jitted)
     with placement.batch_context(self.mesh):
       return jitted.lower(*self.args, **self.static)
 
@@ -232,23 +264,74 @@ def place_common(model, labels_B, rng, cfg, top_k, top_p, mesh):
   return mesh, placed, labels, keys, tuple(placement.put_replicated(v, mesh) for v in scalars)
 
 
+def same_tokenizer(a, b) -> bool:
+  """Whether two Tokenizers are the same: one object, or equal configs and equal params."""
+  if a is b or a.params is b.params:
+    return a.config == b.config
+  if a.config != b.config:
+    return False
+  leaves_a, leaves_b = jax.tree.leaves(a.params), jax.tree.leaves(b.params)
+  if jax.tree.structure(a.params) != jax.tree.structure(b.params):
+    return False
+  if placement.is_abstract(a) or placement.is_abstract(b):  # AOT: layouts only
+    return all(np.shape(x) == np.shape(y) for x, y in zip(leaves_a, leaves_b))
+  return all(np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(leaves_a, leaves_b))
+
+
+def check_refiner(model, refiner, draft_scales) -> int | None:
+  """The checked number of drafted scales for collaborative decoding (None: no refiner).
+
+  The refiner must be a VARModel on the same tokenizer (config and weights) with the same classes;
+  draft_scales defaults to all but the last two scales (CoDe's 8 + 2 split of VAR's 10).
+  """
+  K = model.config.num_scales
+  if refiner is None:
+    if draft_scales is not None:
+      raise InputError("draft_scales needs a refiner: pass refiner=<a second VARModel on the same "
+                       "tokenizer> (or leave draft_scales unset for plain sampling).")
+    return None
+  if not hasattr(refiner, "tokenizer") or not hasattr(refiner, "placements"):
+    raise InputError(f"refiner must be a var_jax.VARModel, got {type(refiner).__name__}.")
+  if not same_tokenizer(model.tokenizer, refiner.tokenizer):
+    raise InputError(
+        "the refiner does not share the drafter's tokenizer (config or weights differ): "
+        "collaborative decoding passes token maps between the models, so both must be built on "
+        "one tokenizer (e.g. load both with the same vae checkpoint).")
+  if refiner.config.num_classes != model.config.num_classes:
+    raise InputError(f"the refiner has {refiner.config.num_classes} classes and the drafter "
+                     f"{model.config.num_classes}: both must be trained on the same classes.")
+  if draft_scales is None:
+    draft_scales = max(K - 2, 0)
+  if isinstance(draft_scales, bool) or not isinstance(draft_scales, (int, np.integer)) \
+      or not 0 <= draft_scales <= K:
+    raise InputError(f"draft_scales must be an int in [0, {K}] (scales the drafter samples before "
+                     f"the refiner takes over), got {draft_scales!r}.")
+  return int(draft_scales)
+
+
 def build_sample_call(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
-                      mesh=None) -> Call:
+                      mesh=None, refiner=None, draft_scales=None) -> Call:
   """Checks the arguments and places everything for `sample` (and `aot.lower_sample`)."""
   check_sampling_options(model, cfg, top_k, top_p)
+  draft_scales = check_refiner(model, refiner, draft_scales)
   top_k = effective_top_k(model, top_k)
   labels_B = check_labels(model, labels)
   mesh, placed, labels, keys, scalars = place_common(model, labels_B, rng, cfg, top_k, top_p, mesh)
   static = dict(var_config=model.config, vae_config=model.tokenizer.config,
-                more_smooth=bool(more_smooth))
-  args = (placed.var_params, placed.vae_params, labels, keys, *scalars, None, None)
+                more_smooth=bool(more_smooth), guided=float(cfg) != 0.0)
+  refiner_params = None
+  if refiner is not None:
+    refiner_params = placement.place(refiner, mesh).var_params
+    static.update(refiner_config=refiner.config, draft_scales=draft_scales)
+  args = (placed.var_params, placed.vae_params, labels, keys, *scalars, None, None, refiner_params)
   return Call(generate, _generate_jit, args, static, mesh, labels_B.shape[0])
 
 
 # -- public API --------------------------------------------------------------------------------
 
 def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, return_tokens=False,
-           mesh=None):
+           mesh=None, refiner=None, draft_scales=None):
   """Generates class-conditional images with a VARModel.
 
   Args:
@@ -258,7 +341,8 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
     rng: a JAX PRNG key, or (B,) keys, one per image. Image i draws only from its own key
       (`fold_in(rng, i)` for a single key), so it depends only on (rng, i, labels[i]): the same
       key gives the same images whatever the batch split, the device count or the host count.
-    cfg: classifier-free guidance scale, ramped linearly from 0 at the first scale to cfg at the last.
+    cfg: classifier-free guidance scale, ramped linearly from 0 at the first scale to cfg at the
+      last. cfg=0 runs B sequences instead of 2B (for guidance-free models).
     top_k: keep the k largest logits per token; 0, or any k >= the vocabulary size (e.g. the
       default 900 on a smaller vocabulary), keeps every token.
     top_p: nucleus filtering on top of top-k (0 = off).
@@ -268,12 +352,18 @@ def sample(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, more_smooth=Fa
       "tensor"; e.g. `var_jax.sampling_mesh(tensor=4)`). None: every local device on "data".
       The batch is split over data x fsdp, the weights by their logical axes; they are placed
       once per mesh and stay on the devices for later calls.
+    refiner: collaborative decoding: a second VARModel on the same tokenizer (typically smaller)
+      that samples the last scales after `model` drafted the first ones; both run in one program
+      with their weights on the mesh.
+    draft_scales: how many scales `model` drafts before the refiner takes over (default: all but
+      the last two). draft_scales = num_scales is plain sampling with `model`, 0 with the refiner.
 
   Returns:
     uint8 images (B, H, W, 3), or (images, token maps) with return_tokens=True.
   """
   images, tokens = build_sample_call(model, labels, rng=rng, cfg=cfg, top_k=top_k, top_p=top_p,
-                                     more_smooth=more_smooth, mesh=mesh).run()
+                                     more_smooth=more_smooth, mesh=mesh, refiner=refiner,
+                                     draft_scales=draft_scales).run()
   return (images, tokens) if return_tokens else images
 
 

@@ -10,7 +10,11 @@ One module, two modes chosen by attributes:
     with `mutable=["cache"]`; scale 0 takes no input map, scale si > 0 takes the area-downsampled
     f_hat (2B, pn_si**2, Cvae). The cache is one key and one value array (depth, B, H, S, D) for
     all layers; each layer writes its scale's keys and values at the scale's static offset and
-    attends up to its end.
+    attends up to its end;
+  * KV-cached prefill of scales 0..si (`decode_scale=si, prefill=True`): one teacher-forcing pass
+    over a known prefix (x_BlCv as in teacher forcing with `prog_si=si`) that also writes the cache
+    rows [0, end of si), so decoding goes on at scale si + 1; returns the logits of all ed rows.
+    Collaborative decoding hands a drafted prefix to a second model this way.
 Both modes share one parameter tree; blocks are stacked with `nn.scan` (leading "layers" axis).
 The cache travels through the layer scan as part of the carry, not as a scanned variable: a
 carried buffer is updated in place, whereas scanned outputs are a fresh (depth, B, H, S, D) buffer
@@ -78,7 +82,8 @@ class SelfAttention(nn.Module):
     """Returns the attention output, and with `decode_range` also the updated (k, v) cache.
 
     kv_cache: decode mode only, (k, v) of shape (depth, B, H, S, D) for all layers; this layer
-      (traced int `layer`) writes its rows [begin, end) and attends to rows [0, end).
+      (traced int `layer`) writes its rows [begin, end) and attends to rows [0, end). With
+      `patch_nums` too (prefill, begin = 0) the rows attend block-causally among themselves.
     """
     cfg = self.config
     H, D = cfg.num_heads, cfg.head_dim
@@ -117,11 +122,17 @@ class SelfAttention(nn.Module):
               CACHE_AXES)
           for c, new in zip(kv_cache, (k_BHLD, v_BHLD)))
       kv_cache = (k_NBHSD, v_NBHSD)
-      # This layer's cache; XLA folds the XLA path's [:end] slice into this, copying only the prefix.
-      k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
-                        for c in kv_cache)
-      o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD.astype(dtype), v_BHSD.astype(dtype),
-                                              kv_len=end, impl=cfg.attention_impl)
+      if self.patch_nums is not None:  # prefill: the rows are the whole prefix [0, end)
+        o_BHLD = attention_ops.block_causal_attention(q_BHLD, k_BHLD, v_BHLD,
+                                                      patch_nums=self.patch_nums,
+                                                      impl=cfg.attention_impl)
+      else:
+        # This layer's cache; XLA folds the XLA path's [:end] slice into this, copying only the
+        # prefix.
+        k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+                          for c in kv_cache)
+        o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD.astype(dtype), v_BHSD.astype(dtype),
+                                                kv_len=end, impl=cfg.attention_impl)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))
@@ -228,6 +239,7 @@ class VAR(nn.Module):
   train: bool = False
   decode_scale: int | None = None
   prog_si: int | None = None  # teacher forcing on scales 0..prog_si only; None: all scales
+  prefill: bool = False  # with decode_scale=si: fill the cache with scales 0..si in one pass
 
   @nn.compact
   def __call__(self, labels_B: jax.Array, x_BlCv: jax.Array | None = None) -> jax.Array:
@@ -255,7 +267,19 @@ class VAR(nn.Module):
     sos_BlC = cond_BD[:, None, :] + pos_start
 
     attn_patch_nums = None
-    if self.decode_scale is None:
+    if self.prefill and self.decode_scale is None:
+      raise ValueError("prefill=True needs decode_scale (the last scale of the prefix).")
+    if self.prefill:
+      si = self.decode_scale
+      end = begin_ends[si][1]
+      if x_BlCv is None or x_BlCv.shape[1] != end - cfg.first_l:
+        raise ValueError(f"prefill of scales 0..{si} needs x_BlCv of shape (B, {end - cfg.first_l}, "
+                         f"{cfg.z_channels}), got {None if x_BlCv is None else x_BlCv.shape}.")
+      x_BLC = jnp.concatenate([sos_BlC, word_embed(x_BlCv.astype(jnp.float32))], axis=1)
+      x_BLC = x_BLC + lvl_pos_LC[:end]
+      decode_range = (0, end)
+      attn_patch_nums = cfg.patch_nums[:si + 1]
+    elif self.decode_scale is None:
       end = self._teacher_forcing_end()
       if x_BlCv is None or x_BlCv.shape[1] != end - cfg.first_l:
         raise ValueError(f"teacher forcing needs x_BlCv of shape (B, {end - cfg.first_l}, "
