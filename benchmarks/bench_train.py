@@ -139,6 +139,8 @@ def time_ours(config, global_batch: int, args) -> dict:
   state, state_shardings = sharding.init_sharded(task.init_state, init_rng, mesh, rules)
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen_shardings = jax.tree.map(lambda _: repl, task.frozen)
+  if callable(task.frozen_shardings):  # as in loop.run (e.g. CCA's reference, split as the params)
+    frozen_shardings = task.frozen_shardings(task.frozen, state_shardings)
   frozen = jax.device_put(task.frozen, frozen_shardings)
   batch = sharding.make_global_batch(batch_np, mesh)
 

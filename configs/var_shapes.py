@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.sample_cfg, c.sample_top_k, c.sample_top_p = 1.5, 900, 0.96
   c.label_smoothing = 0.0
   c.progressive = config_lib.progressive_config()  # off (pg=0)
+  config_lib.add_objective_fields(c)  # cross-entropy; objective=cca: guidance-free fine-tuning
   c.optim.tblr = 1e-3 * 256 / 32
   c.optim.schedule = "cos"
   c.optim.warmup_steps = min(100, args.steps // 10)

@@ -38,7 +38,7 @@ from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.inference.tokenizer import Tokenizer
-from var_jax.train import optim, train_var
+from var_jax.train import guidance_free, optim, train_var
 from var_jax.inference.var_model import VARModel
 
 
@@ -183,7 +183,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
   opt = optim.make_optimizer(config.optim, global_batch_size=global_batch,
                              total_steps=total_updates)
   init = train_var.make_init_state(var_cfg, opt.tx, config.optim.ema_decay > 0)
-  train_step = train_var.make_train_step(var_cfg, vae_cfg, opt.tx, config)
+  train_step = train_var.make_step_for(config, var_cfg, vae_cfg, opt.tx)
 
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   state, boxed_shardings = sharding.abstract_sharded_state(init, init_rng, mesh, rules)
@@ -192,6 +192,12 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
   vae_params = abstract_tokenizer_params(vae_cfg, mesh)
   batch = abstract_batch(config, var_cfg, global_batch, mesh)
   repl = replicated(mesh)
+  frozen = vae_params
+  model_flops = var_flops.flops_per_example(var_cfg) * global_batch
+  if guidance_free.check_config(config) == "cca":  # the reference: a frozen copy of the params
+    frozen = {"vae": vae_params, "reference": state.params}
+    model_flops *= 8 / 3  # as train_var.build_task: policy fwd + bwd and reference fwd on 2B
+  frozen_shardings = train_var.frozen_shardings_for(config)(frozen, state_shardings)
 
   def step_fn(state, batch, frozen, rng):  # as in loop.run
     return train_step(state, batch, frozen, jax.random.fold_in(rng, state.step))
@@ -199,11 +205,10 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(step_fn,
                      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                   jax.tree.map(lambda _: repl, vae_params), repl),
+                                   frozen_shardings, repl),
                      out_shardings=(state_shardings, repl), donate_argnums=0)
-    compiled, lower_s, compile_s = _lower_and_compile(jitted, state, batch, vae_params,
+    compiled, lower_s, compile_s = _lower_and_compile(jitted, state, batch, frozen,
                                                       abstract_key(mesh), unroll=unroll)
-  model_flops = var_flops.flops_per_example(var_cfg) * global_batch
   return CompiledProgram(compiled, mesh, var_cfg, global_batch, num_params, model_flops,
                          lower_s, compile_s)
 

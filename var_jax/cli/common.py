@@ -94,6 +94,24 @@ def load_model(name: str, dtype: str | None = None):
   return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
 
 
+def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str | None = None):
+  """(refiner VARModel or None, checked draft_scales) from --refiner / --draft-scales.
+
+  A refiner whose tokenizer equals the drafter's is rebuilt on the drafter's Tokenizer object,
+  so `var_jax.sample` does not compare the two tokenizers' weights on every call.
+  """
+  from var_jax.inference.sampler import check_refiner, same_tokenizer
+  from var_jax.inference.var_model import VARModel
+  refiner = None
+  if name:
+    refiner = load_model(name, dtype)
+    if same_tokenizer(model.tokenizer, refiner.tokenizer):
+      refiner = VARModel(refiner.config, refiner.params, model.tokenizer)
+  elif draft_scales is not None:
+    raise InputError("--draft-scales needs --refiner MODEL (the model that samples the last scales).")
+  return refiner, check_refiner(model, refiner, draft_scales)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, what: str) -> None:
   parser.add_argument("--config", required=True,
                       help=f"{what} config: a file (configs/var_d16.py), or a shipped config by name "

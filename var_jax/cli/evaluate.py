@@ -55,6 +55,11 @@ def build_parser():
   s.add_argument("--top-k", type=int, default=900, help="0, or any k >= the vocabulary: all")
   s.add_argument("--top-p", type=float, default=0.96, help="0 = off")
   s.add_argument("--more-smooth", action="store_true")
+  s.add_argument("--refiner", default=None, metavar="MODEL",
+                 help="collaborative decoding: a second model on the same tokenizer that samples "
+                 "the last scales (as var-jax sample --refiner)")
+  s.add_argument("--draft-scales", type=int, default=None, metavar="N",
+                 help="scales --model drafts before --refiner (default: all but the last two)")
   s.add_argument("--dtype", default=None, help="model compute dtype override, e.g. bfloat16")
   s.add_argument("--mesh", type=common.mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR")
   s.add_argument("--batch-size", type=int, default=0,
@@ -180,6 +185,7 @@ def _evaluate_model(args, network) -> dict | None:
     raise InputError(f"--num-samples must be > 3 for precision and recall, got {args.num_samples}.")
   model = common.load_model(name, args.dtype)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
+  refiner, draft_scales = common.load_refiner(args.refiner, args.draft_scales, model, args.dtype)
   is_shapes = model.config.num_classes == shapes.NUM_CLASSES and model.tokenizer.config.image_size == 64
   if network is None and not is_shapes:
     raise InputError("FID and the other ADM metrics need --ref REF.npz and --fid-inception W.pth "
@@ -187,7 +193,10 @@ def _evaluate_model(args, network) -> dict | None:
   settings = sf.SamplingSettings(
       model=common.shown(name) if os.path.exists(name) else name, num_samples=args.num_samples,
       seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-      more_smooth=args.more_smooth, batch=batch, inception_dtype=args.inception_dtype)
+      more_smooth=args.more_smooth, batch=batch, inception_dtype=args.inception_dtype,
+      refiner=(common.shown(args.refiner) if os.path.exists(args.refiner) else args.refiner)
+      if refiner is not None else "",
+      draft_scales=draft_scales if refiner is not None else -1)
   keep_images = is_shapes or bool(args.save_samples)
   share = sf.host_share(args.num_samples, jax.process_index(), jax.process_count())
   writer = None
@@ -200,7 +209,7 @@ def _evaluate_model(args, network) -> dict | None:
   bar = tqdm(total=len(share), unit="img", desc="sampling + features", disable=jax.process_index() > 0)
   chunks, t0 = [], time.perf_counter()
   for chunk in sf.sample_features(model, settings, extract, mesh=mesh, chunk_dir=features_dir,
-                                  keep_images=keep_images, progress=bar.update):
+                                  keep_images=keep_images, progress=bar.update, refiner=refiner):
     if writer is not None:
       writer.write(chunk["images"])
     chunks.append(chunk if is_shapes else {k: v for k, v in chunk.items() if k != "images"})

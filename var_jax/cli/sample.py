@@ -51,8 +51,7 @@ def cmd_sample(args) -> int:
   from var_jax.inference import images as image_io
   from var_jax.inference.placement import sampling_mesh
   from var_jax.inference.filters import check_sampling_options
-  from var_jax.inference.sampler import check_refiner, sample, same_tokenizer
-  from var_jax.inference.var_model import VARModel
+  from var_jax.inference.sampler import sample
 
   if args.per_class < 1 or args.batch_size < 0:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
@@ -61,14 +60,7 @@ def cmd_sample(args) -> int:
   from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)
-  refiner = None
-  if args.refiner:
-    refiner = common.load_model(args.refiner, args.dtype)
-    if same_tokenizer(model.tokenizer, refiner.tokenizer):  # one object: no comparison per call
-      refiner = VARModel(refiner.config, refiner.params, model.tokenizer)
-  elif args.draft_scales is not None:
-    raise InputError("--draft-scales needs --refiner MODEL (the model that samples the last scales).")
-  draft_scales = check_refiner(model, refiner, args.draft_scales)
+  refiner, draft_scales = common.load_refiner(args.refiner, args.draft_scales, model, args.dtype)
   classes = args.classes if args.classes is not None else list(range(model.config.num_classes))
   model.check_labels(np.asarray(classes), allow_null=False)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)

@@ -41,6 +41,8 @@ class SamplingSettings:
   more_smooth: bool
   batch: int
   inception_dtype: str = "float32"
+  refiner: str = ""  # collaborative decoding: the refiner model ("" = none) and its draft scales
+  draft_scales: int = -1
 
 
 def class_balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -76,7 +78,10 @@ def _check_settings(chunk_dir: pathlib.Path, settings: SamplingSettings) -> None
   path = chunk_dir / SETTINGS_FILE
   mine = dataclasses.asdict(settings)
   if path.is_file():
-    saved = json.loads(path.read_text())
+    # Settings files from before a field existed hold its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingSettings)
+                if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **json.loads(path.read_text())}
     if saved != mine:
       diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
       raise InputError(
@@ -97,9 +102,13 @@ def _agreed_resume_call(done_calls: int) -> int:
 
 def sample_features(model, settings: SamplingSettings, features: ADMFeatures | None, *, mesh,
                     chunk_dir: str | os.PathLike, keep_images: bool = False,
-                    progress: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                    progress: Callable[[int], None] | None = None,
+                    refiner=None) -> Iterator[dict[str, np.ndarray]]:
   """Samples this host's share and yields its chunks in order: {"pool", "spatial"[, "images"]}
   ({"images"} alone without `features`).
+
+  refiner: collaborative decoding's second model (`var_jax.sample`'s `refiner`), drafting
+  `settings.draft_scales` scales with `model`.
 
   Chunks already saved by an earlier run with the same settings are read back instead of sampled.
   `progress(n)` is called with the number of images of each chunk as it completes.
@@ -137,7 +146,9 @@ def sample_features(model, settings: SamplingSettings, features: ADMFeatures | N
       padded = np.concatenate([idx, np.full(settings.batch - len(idx), idx[-1])])
       image_keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(padded.astype(np.uint32))
       images = sample(model, labels[padded], rng=image_keys, cfg=settings.cfg, top_k=settings.top_k,
-                      top_p=settings.top_p, more_smooth=settings.more_smooth, mesh=mesh)
+                      top_p=settings.top_p, more_smooth=settings.more_smooth, mesh=mesh,
+                      refiner=refiner,
+                      draft_scales=settings.draft_scales if refiner is not None else None)
       n = len(call)
       chunk = {}
       if features is not None:

@@ -350,7 +350,9 @@ class Checkpointer:
       abstract_state: abstract sharded train state (what `init_fn` returns, as shapes).
       init_fn: () -> fresh sharded train state (e.g. `var_jax.parallel.sharding.init_sharded`).
       init_from: another run's workdir, its `checkpoints` directory or one step directory;
-        only `params` are taken from it (also copied into `ema_params` if the state has one).
+        only `params` are taken from it (also copied into `ema_params` if the state has one). Or
+        a function (abstract params) -> (description, params) giving them (host or device
+        arrays of the abstract params' shapes; they are put in its shardings).
 
     Raises:
       CheckpointError: as `restore` and `restore_params`.
@@ -361,14 +363,39 @@ class Checkpointer:
       logging.info("Resumed from %s step %d.", self.directory, step)
       return RestoreResult(state, meta, "resume", step)
     if init_from:
-      source_step, params = restore_params(init_from, abstract_state.params)
+      if callable(init_from):
+        source, params = init_from(abstract_state.params)
+        params = _put_params(params, abstract_state.params, source)
+        source_step = -1
+      else:
+        source_step, params = restore_params(init_from, abstract_state.params)
+        source = f"{init_from} step {source_step}"
       state = init_fn()
       updates = {"params": params}
       if getattr(state, "ema_params", None) is not None:
         updates["ema_params"] = params
-      logging.info("Initialised params from %s step %d.", init_from, source_step)
+      logging.info("Initialised params from %s.", source)
       return RestoreResult(state.replace(**updates), {}, "init_from", source_step)
     return RestoreResult(init_fn(), {}, "fresh", None)
+
+
+def _put_params(params: Any, abstract_params: Any, source: str) -> Any:
+  """`params` placed in the shardings (and dtypes) of `abstract_params`, after checking shapes."""
+  if jax.tree.structure(params) != jax.tree.structure(abstract_params):
+    raise CheckpointError(f"The params of {source} do not have this run's layout: set the model "
+                          "config to that model's architecture.")
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  for (path, want), got in zip(flat, jax.tree.leaves(params)):
+    if tuple(np.shape(got)) != tuple(want.shape):
+      raise CheckpointError(f"{source}: param {jax.tree_util.keystr(path)} has shape "
+                            f"{tuple(np.shape(got))}, this run's model {tuple(want.shape)}: set the "
+                            "model config to that model's architecture.")
+  def put(x, a):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x.astype(a.dtype), a.sharding)
+    host = np.asarray(x, a.dtype)  # every host holds the whole array: each places its own shards
+    return jax.make_array_from_callback(host.shape, a.sharding, lambda index: host[index])
+  return jax.tree.map(put, params, abstract_params)
 
 
 def _find_step_dir(path: epath.Path) -> epath.Path:

@@ -17,7 +17,7 @@ import ml_collections
 from var_jax.data.config import default_data_config
 from var_jax.errors import ConfigError
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
-from var_jax.train import fid_hook, optim, progressive
+from var_jax.train import fid_hook, guidance_free, optim, progressive
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -72,6 +72,17 @@ def progressive_config() -> ml_collections.ConfigDict:
   return progressive.default_config()
 
 
+def add_objective_fields(c: ml_collections.ConfigDict, cca_lambda: float = 50.0) -> None:
+  """`objective` ("cross_entropy", or "cca" for guidance-free fine-tuning) and its `cca` block
+  (var_jax/train/guidance_free.py), e.g. `--config.objective=cca --config.cca.reference=d16`."""
+  c.objective = "cross_entropy"
+  c.cca = guidance_free.default_config()
+  c.cca.lambda_ = cca_lambda
+
+
+# CCA's lambda per depth in the paper's VAR runs (thu-ml/CCA README; d36 was not run: d30's).
+CCA_LAMBDA = {16: 50.0, 20: 50.0, 24: 100.0, 30: 1000.0, 36: 1000.0}
+
 # depth: (global batch, epochs, tblr, init_adaln_gamma, wpe, twde)
 RECIPES = {
     16: (768, 200, 1e-4, 1e-3, 0.1, None),
@@ -108,6 +119,7 @@ def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool 
   c.fid_eval = fid_hook.default_fid_eval_config()
   c.label_smoothing = 0.0
   c.progressive = progressive_config()
+  add_objective_fields(c, CCA_LAMBDA[args.depth])
   c.data.image_size = 16 * c.patch_nums[-1]
   c.data.source = "pretokenized" if args.pretokenized else "tfds"
   c.mesh = [("data", -1), ("fsdp", 1 if args.depth < 24 else 8), ("tensor", 1)]

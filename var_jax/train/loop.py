@@ -69,7 +69,11 @@ class TrainTask:
     train_step: (state, batch, frozen, rng) -> (state, metrics dict of scalars); pure.
     frozen: arrays the step reads but never updates (e.g. the tokenizer's params), passed as a
       non-donated argument (closing over them would copy them into the executable).
-    frozen_shardings: shardings of `frozen` (None: replicated).
+    frozen_shardings: shardings of `frozen` (None: replicated), or a function (frozen, state
+      shardings) -> them (e.g. a frozen copy of the model split as the trained params are).
+    initial_params: a fresh run's starting params instead of `init_state`'s, as a function
+      (abstract sharded params) -> (description, params) (e.g. a released model to fine-tune);
+      config.init_from takes precedence, a resume always does.
     tokens_per_example: for tokens/s.
     flops_per_example: model FLOPs of one example's forward+backward (for MFU), or None.
     hooks: {name: (every_steps, fn(state, step, workdir))}, run on every host (the functions
@@ -86,6 +90,7 @@ class TrainTask:
   train_step: Callable[..., tuple[Any, Mapping[str, jax.Array]]]
   frozen: Any = None
   frozen_shardings: Any = None
+  initial_params: Callable[[Any], tuple[str, Any]] | None = None
   tokens_per_example: int = 1
   flops_per_example: float | None = None
   hooks: Mapping[str, tuple[int, Callable[[Any, int, epath.Path], Mapping[str, float] | None]]] = (
@@ -164,7 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
       workdir, save_interval_steps=config.checkpoint_every, max_to_keep=config.get("keep_checkpoints", 3),
       async_save=config.get("async_checkpointing", True),
       config_hash=checkpointing.config_hash(config))
-  restored = ckpt.restore_or_init(abstract, init_fn, init_from=config.get("init_from") or None)
+  restored = ckpt.restore_or_init(abstract, init_fn,
+                                  init_from=config.get("init_from") or task.initial_params or None)
   state = restored.state
   start_step = int(jax.device_get(state.step))
   logging.info("Train state: %s at step %d; %s", restored.source, start_step, report.summary())
@@ -187,6 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir, task: TrainTask) -> dict[str
   data.start_prefetch()
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen_shardings = task.frozen_shardings
+  if callable(frozen_shardings):
+    frozen_shardings = frozen_shardings(task.frozen, state_shardings)
   if frozen_shardings is None:
     frozen_shardings = jax.tree.map(lambda _: repl, task.frozen)
   frozen = jax.device_put(task.frozen, frozen_shardings)

@@ -9,6 +9,7 @@ prefix of scales, one compiled step per stage.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
-from var_jax.train import fid_hook, loop, optim, progressive
+from var_jax.train import fid_hook, guidance_free, loop, optim, progressive
 from var_jax.train.state import TrainState
 
 
@@ -55,6 +56,25 @@ def cross_entropy(logits_BLV, targets_BL, label_smoothing: float):
   if label_smoothing:
     nll = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
   return nll
+
+
+def teacher_forcing_inputs(vae: VQVAE, patch_nums, batch, vae_params):
+  """(x_BlCv, targets_BL) of a batch: its token maps (read from "tokens", or the tokenizer's
+  encoding of "image"), as the transformer's inputs and targets; no gradient flows into them."""
+  if "tokens" in batch:
+    flat = batch["tokens"].astype(jnp.int32)
+    maps, start = [], 0
+    for pn in patch_nums:
+      maps.append(flat[:, start:start + pn * pn].reshape(-1, pn, pn))
+      start += pn * pn
+  else:
+    images = scale_to_model_range(batch["image"])
+    maps = vae.apply({"params": vae_params}, images, method=VQVAE.encode)
+  maps = [jax.lax.stop_gradient(m) for m in maps]
+  x_BlCv = jax.lax.stop_gradient(
+      vae.apply({"params": vae_params}, maps, method=VQVAE.indices_to_var_input))
+  targets_BL = jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
+  return x_BlCv, targets_BL
 
 
 def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict,
@@ -86,21 +106,8 @@ def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_col
   ema_decay = float(config.optim.ema_decay)
   smoothing = float(config.get("label_smoothing", 0.0))
 
-  def token_maps(batch, vae_params):
-    if "tokens" in batch:
-      flat = batch["tokens"].astype(jnp.int32)
-      maps, start = [], 0
-      for pn in patch_nums:
-        maps.append(flat[:, start:start + pn * pn].reshape(-1, pn, pn))
-        start += pn * pn
-      return maps
-    images = scale_to_model_range(batch["image"])
-    return vae.apply({"params": vae_params}, images, method=VQVAE.encode)
-
   def step(state: TrainState, batch, vae_params, rng, stage_inputs=None):
-    maps = [jax.lax.stop_gradient(m) for m in token_maps(batch, vae_params)]
-    x_BlCv = jax.lax.stop_gradient(vae.apply({"params": vae_params}, maps, method=VQVAE.indices_to_var_input))
-    targets_BL = jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
+    x_BlCv, targets_BL = teacher_forcing_inputs(vae, patch_nums, batch, vae_params)
     if not full:  # later scales' inputs and targets go unused (XLA can prune their computation)
       x_BlCv, targets_BL = x_BlCv[:, :end - var_cfg.first_l], targets_BL[:, :end]
     labels = batch["label"].astype(jnp.int32)
@@ -136,6 +143,130 @@ def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_col
     return new_state, metrics
 
   return step
+
+
+def make_cca_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx,
+                        config: ml_collections.ConfigDict):
+  """(state, batch, frozen, rng) -> (state, metrics): one CCA step (`guidance_free`).
+
+  frozen: {"vae": tokenizer params, "reference": the frozen reference VAR's params}. The policy
+  and the reference run the same 2B sequences (B positive pairs, then B negative ones) with label
+  dropout off (uncond_ratio replaces it) and the policy's drop path (the paper's reference runs in
+  training mode too).
+  """
+  vae = VQVAE(vae_cfg)
+  model = VAR(dataclasses.replace(var_cfg, cond_drop_rate=0.0), train=True)
+  cca = config.cca
+  beta, lambda_, uncond_ratio = float(cca.beta), float(cca.lambda_), float(cca.uncond_ratio)
+  ema_decay = float(config.optim.ema_decay)
+  smoothing = float(config.get("label_smoothing", 0.0))
+  null = var_cfg.num_classes
+
+  def step(state: TrainState, batch, frozen, rng):
+    x_BlCv, targets_BL = teacher_forcing_inputs(vae, var_cfg.patch_nums, batch, frozen["vae"])
+    labels_B = batch["label"].astype(jnp.int32)
+    negatives_B = guidance_free.negative_labels(labels_B)
+    rng_null, rng_policy, rng_ref = jax.random.split(rng, 3)
+    unconditional_B = jnp.zeros(labels_B.shape, bool)
+    if uncond_ratio > 0:
+      unconditional_B = jax.random.uniform(rng_null, labels_B.shape) < uncond_ratio
+      labels_B = jnp.where(unconditional_B, null, labels_B)
+      negatives_B = jnp.where(unconditional_B, null, negatives_B)
+    negative_is_positive_B = unconditional_B | (negatives_B == labels_B)
+    B = labels_B.shape[0]
+    labels_2B = jnp.concatenate([labels_B, negatives_B])
+    x_2BlCv = jnp.concatenate([x_BlCv, x_BlCv])
+    targets_2BL = jnp.concatenate([targets_BL, targets_BL])
+    ref_logits = model.apply({"params": frozen["reference"]}, labels_2B, x_2BlCv,
+                             rngs={"dropout": rng_ref})
+    ref_logp_2B = jax.lax.stop_gradient(
+        guidance_free.sequence_log_likelihood(ref_logits, targets_2BL))
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, labels_2B, x_2BlCv, rngs={"dropout": rng_policy})
+      gap_2B = guidance_free.sequence_log_likelihood(logits, targets_2BL) - ref_logp_2B
+      loss = guidance_free.cca_loss(gap_2B[:B], gap_2B[B:], negative_is_positive_B, beta=beta,
+                                    lambda_=lambda_, uncond_ratio=uncond_ratio)
+      return loss, (logits[:B], gap_2B)
+
+    (loss, (logits_BLV, gap_2B)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = optim.ema_update(ema, params, ema_decay, optim.optimizer_updated(opt_state))
+    stats = optim.last_update_stats(opt_state)
+    gap_pos, gap_neg = gap_2B[:B], gap_2B[B:]
+    contrastive = ~negative_is_positive_B
+    n_contrastive = jnp.maximum(jnp.sum(contrastive), 1)
+    metrics = {
+        "loss": loss,
+        # The policy's cross-entropy and accuracy on the positive pairs (comparable to training).
+        "cross_entropy": jnp.mean(cross_entropy(logits_BLV, targets_BL, smoothing)),
+        "accuracy": jnp.mean((jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)),
+        # Log-likelihood gaps to the reference: positives rise, real negatives fall.
+        "gap_positive": jnp.mean(gap_pos),
+        "gap_negative": jnp.sum(jnp.where(contrastive, gap_neg, 0.0)) / n_contrastive,
+        "pair_accuracy": jnp.sum(jnp.where(contrastive, gap_pos > gap_neg, False)) / n_contrastive,
+        "learning_rate": stats["learning_rate"], "weight_decay": stats["weight_decay"],
+        "grad_norm": stats["grad_norm"],
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+  return step
+
+
+def make_step_for(config: ml_collections.ConfigDict, var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx):
+  """The run's train step: cross-entropy (`make_train_step`) or CCA (`make_cca_train_step`)."""
+  if guidance_free.check_config(config) == "cca":
+    return make_cca_train_step(var_cfg, vae_cfg, tx, config)
+  return make_train_step(var_cfg, vae_cfg, tx, config)
+
+
+def frozen_shardings_for(config: ml_collections.ConfigDict):
+  """The frozen inputs' shardings given the state's: the tokenizer replicated, and for CCA the
+  reference params split exactly as the policy's (`loop.TrainTask.frozen_shardings`)."""
+  def shardings(frozen, state_shardings):
+    mesh = jax.tree.leaves(state_shardings.params)[0].mesh
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if guidance_free.check_config(config) != "cca":
+      return jax.tree.map(lambda _: repl, frozen)
+    return {"vae": jax.tree.map(lambda _: repl, frozen["vae"]), "reference": state_shardings.params}
+  return shardings
+
+
+def reference_params(config: ml_collections.ConfigDict, reference, var_cfg: VARConfig,
+                     vae_cfg: VQVAEConfig, vae_params):
+  """The params of the CCA reference (a VARModel), checked against the run's model and tokenizer."""
+  from var_jax.inference.tokenizer import Tokenizer
+  spec = config.cca.reference
+  if reference.config.num_classes != var_cfg.num_classes or \
+      jax.tree.structure(reference.params) != jax.tree.structure(meta.unbox(_abstract_params(var_cfg))):
+    raise ConfigError(f"config.cca.reference {spec!r} is not this run's model: it has depth "
+                      f"{reference.config.depth}, width {reference.config.embed_dim}, "
+                      f"{reference.config.num_classes} classes; set config.model to match it.")
+  wanted = meta.unbox(_abstract_params(var_cfg))
+  bad = [jax.tree_util.keystr(p) for (p, x), y in zip(
+      jax.tree_util.tree_flatten_with_path(reference.params)[0], jax.tree.leaves(wanted))
+      if tuple(x.shape) != tuple(y.shape)]
+  if bad:
+    raise ConfigError(f"config.cca.reference {spec!r} does not have this run's model shapes "
+                      f"({', '.join(bad[:4])} differ): set config.model to the reference's "
+                      f"architecture (depth {reference.config.depth}, width "
+                      f"{reference.config.embed_dim}).")
+  from var_jax.inference.sampler import same_tokenizer
+  if not same_tokenizer(reference.tokenizer, Tokenizer(vae_cfg, vae_params)):
+    raise ConfigError(f"config.cca.reference {spec!r} was trained on another tokenizer than "
+                      f"config.tokenizer: point config.tokenizer at the reference's tokenizer.")
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), reference.params)
+
+
+def _abstract_params(var_cfg: VARConfig):
+  L = var_cfg.seq_len
+  return jax.eval_shape(lambda k: VAR(var_cfg).init(
+      k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"],
+      jax.random.key(0))
 
 
 def make_init_state(var_cfg: VARConfig, tx, ema: bool):
@@ -210,11 +341,20 @@ def progressive_schedule(config: ml_collections.ConfigDict,
 
 
 def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARConfig]:
-  vae_cfg, vae_params = load_tokenizer(config)
+  reference = None
+  if guidance_free.check_config(config) == "cca":
+    from var_jax.inference.pretrained import load_pretrained
+    reference = load_pretrained(config.cca.reference)
+  if reference is not None and not config.tokenizer.get("path"):
+    # CCA without a tokenizer named: the reference's own.
+    vae_cfg, vae_params = reference.tokenizer.config, reference.tokenizer.params
+  else:
+    vae_cfg, vae_params = load_tokenizer(config)
   if config.data.source != "pretokenized" and config.data.image_size != vae_cfg.image_size:
     raise ConfigError(f"data.image_size {config.data.image_size} must be the tokenizer's image size "
                       f"{vae_cfg.image_size} (16 x the last patch number for the official layout).")
   var_cfg = var_config_from(config, vae_cfg)
+  objective = guidance_free.check_config(config)
   schedule = progressive_schedule(config, var_cfg)
   optim_config = config.optim
   lr_schedule = progressive.effective_lr_schedule(config)
@@ -237,9 +377,22 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
     from var_jax.inference.tokenizer import Tokenizer
     hooks["fid"] = (fid_settings.every,
                     fid_hook.make_fid_hook(var_cfg, Tokenizer(vae_cfg, vae_params), fid_settings))
+  frozen, initial_params = vae_params, None
+  flops_per_example = flops.flops_per_example(var_cfg)
+  if objective == "cca":
+    reference = reference_params(config, reference, var_cfg, vae_cfg, vae_params)
+    frozen = {"vae": vae_params, "reference": reference}
+    initial_params = lambda abstract_params: (f"the CCA reference {config.cca.reference}", reference)
+    # The policy's forward + backward on 2B sequences and the reference's forward on them: 8/3 of
+    # a cross-entropy step's forward + backward on B.
+    flops_per_example = flops_per_example * 8 / 3
+    logging.info("CCA fine-tuning from %s (beta %g, lambda %g, uncond_ratio %g): sample it with "
+                 "cfg=0.", config.cca.reference, config.cca.beta, config.cca.lambda_,
+                 config.cca.uncond_ratio)
   task = loop.TrainTask(
-      init_state=init, train_step=make_train_step(var_cfg, vae_cfg, opt.tx, config), frozen=vae_params,
-      tokens_per_example=var_cfg.seq_len, flops_per_example=flops.flops_per_example(var_cfg),
+      init_state=init, train_step=make_step_for(config, var_cfg, vae_cfg, opt.tx), frozen=frozen,
+      frozen_shardings=frozen_shardings_for(config), initial_params=initial_params,
+      tokens_per_example=var_cfg.seq_len, flops_per_example=flops_per_example,
       hooks=hooks, data_kwargs={"patch_nums": var_cfg.patch_nums, "vocab_size": var_cfg.vocab_size},
       staging=(make_staging(var_cfg, vae_cfg, opt.tx, config, schedule)
                if schedule.enabled else None))
