@@ -79,6 +79,7 @@ def _cca_config(reference_dir, **updates):
   config.cca.reference = reference_dir
   config.optim.tblr = 3e-3
   config.optim.warmup_steps = 0
+  config.optim.ema_decay = 0.9  # the EMA starts as its own copy of the reference's weights
   config.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
   config.update(updates)
   return config

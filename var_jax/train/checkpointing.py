@@ -373,7 +373,8 @@ class Checkpointer:
       state = init_fn()
       updates = {"params": params}
       if getattr(state, "ema_params", None) is not None:
-        updates["ema_params"] = params
+        # Own buffers: the step donates the state, and one buffer cannot be donated twice.
+        updates["ema_params"] = jax.tree.map(lambda x: x.copy(), params)
       logging.info("Initialised params from %s.", source)
       return RestoreResult(state.replace(**updates), {}, "init_from", source_step)
     return RestoreResult(init_fn(), {}, "fresh", None)
