@@ -113,6 +113,7 @@ def _check_memory(text: str, record: dict, compiled):
               exact["temps"], exact["code"], total)
 
 
+@pytest.mark.slow  # ~4 min on 2 cores: the CLI's compiles and the direct ones (pytest -m slow)
 def test_train_step_figures_match_a_direct_compile(printed, direct):
   code, out, err = printed
   assert code == 0, err
@@ -138,6 +139,7 @@ def test_train_step_figures_match_a_direct_compile(printed, direct):
   assert f"({record['bound']}-bound); MFU ceiling {100 * record['mfu_ceiling']:.1f}%" in text
 
 
+@pytest.mark.slow  # ~4 min on 2 cores: the CLI's compiles and the direct ones (pytest -m slow)
 def test_sampler_figures_match_a_direct_compile(printed, direct):
   code, out, err = printed
   assert code == 0, err

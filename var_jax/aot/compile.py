@@ -132,8 +132,9 @@ class CompiledProgram:
 
 
 @contextlib.contextmanager
-def scan_unroll(unroll: int) -> Iterator[None]:
-  """While tracing, every `flax.linen.scan` without an explicit `unroll` unrolls by `unroll`.
+def scan_unroll(unroll: int, length: int | None = None) -> Iterator[None]:
+  """While tracing, every `flax.linen.scan` without an explicit `unroll` unrolls by `unroll`
+  (only scans of `length` steps when given: one model's blocks in a two-model program).
 
   VAR stacks its blocks with `nn.scan`; unroll=2 gives a loop of depth/2 trips over two blocks.
   Only `loop_corrected` needs this: it is how the per-block cost is told apart from the rest.
@@ -144,7 +145,8 @@ def scan_unroll(unroll: int) -> Iterator[None]:
   original = nn.scan
 
   def patched(*args, **kwargs):
-    kwargs.setdefault("unroll", unroll)
+    if length is None or kwargs.get("length") == length:
+      kwargs.setdefault("unroll", unroll)
     return original(*args, **kwargs)
 
   with mock.patch.object(nn, "scan", patched):
