@@ -89,6 +89,7 @@ def test_cca_run_starts_at_the_reference(reference_dir, tmp_path):
   """`var-jax train` with objective=cca on a 4 x 2 (data x fsdp) mesh from the converted official
   tiny model: the first step's policy is the reference (zero gaps, the loss of zero gaps)."""
   config = _cca_config(reference_dir, total_steps=2)
+  config.tokenizer.path = ""  # none named: the reference's
   train_var.train(config, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   first, last = rows[0], rows[-1]
@@ -99,6 +100,13 @@ def test_cca_run_starts_at_the_reference(reference_dir, tmp_path):
   lam = config.cca.lambda_
   assert math.log(2) * 2 / lam - 1e-6 <= first["loss"] <= math.log(2) * (1 + lam) / lam + 1e-6
   assert last["gap_positive"] != 0.0 and np.isfinite(last["loss"])
+  # The run loads as a model, on the reference's tokenizer.
+  from var_jax.inference.pretrained import load_pretrained
+  from var_jax.inference.sampler import same_tokenizer
+  tuned = load_pretrained(str(tmp_path))
+  assert same_tokenizer(tuned.tokenizer, helpers.tokenizer())
+  assert not np.array_equal(np.asarray(tuned.params["head"]["kernel"]),
+                            np.asarray(helpers.model("tiny").params["head"]["kernel"]))
 
 
 def test_cca_steps_on_one_batch_separate_positive_from_negative_pairs(reference_dir):

@@ -346,7 +346,8 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
     from var_jax.inference.pretrained import load_pretrained
     reference = load_pretrained(config.cca.reference)
   if reference is not None and not config.tokenizer.get("path"):
-    # CCA without a tokenizer named: the reference's own.
+    # CCA without a tokenizer named: the reference's own (`training_runs.run_tokenizer` finds it
+    # again when the run is loaded as a model).
     vae_cfg, vae_params = reference.tokenizer.config, reference.tokenizer.params
   else:
     vae_cfg, vae_params = load_tokenizer(config)
