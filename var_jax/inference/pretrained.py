@@ -145,6 +145,23 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
                    f"model ({', '.join(RELEASED)}) nor a directory.")
 
 
+def tokenizer_spec_of(name_or_path: str) -> dict:
+  """A VAR training config's `tokenizer` section for the tokenizer of the model `load_pretrained`
+  loads by this name (after it has loaded it once): the shipped or converted directory, or a
+  training run's own tokenizer section."""
+  name = str(name_or_path)
+  if name in SHIPPED:
+    return {"path": str(SHIPPED[name]), "overrides": {}}
+  if name in RELEASED:
+    return {"path": str(default_cache_dir() / "converted" / name), "overrides": {}}
+  path = _local_or_remote(name)
+  meta = _read_meta(path) if path.is_dir() else None
+  from var_jax.checkpoints import runs
+  if isinstance(meta, dict) and runs.run_kind(meta) == runs.VAR_RUN:
+    return dict(meta["tokenizer"])
+  return {"path": str(path), "overrides": {}}
+
+
 def _local_or_remote(name: str):
   """A path: gs:// and other URLs through etils (a training run on a bucket loads directly)."""
   if "://" in name:

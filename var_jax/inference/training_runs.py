@@ -109,17 +109,6 @@ def tokenizer_from_spec(spec: Mapping[str, Any], patch_nums) -> Tokenizer:
   return tokenizer_from_run(p, patch_nums=patch_nums)[0]
 
 
-def run_tokenizer(config: Mapping[str, Any]) -> Tokenizer:
-  """The tokenizer a VAR run trained on: its config's `tokenizer`, or for a CCA fine-tune that
-  named none, its reference model's (`var_jax.train.guidance_free`)."""
-  cca = config.get("cca") or {}
-  if (not config["tokenizer"].get("path") and config.get("objective") == "cca"
-      and cca.get("reference")):
-    from var_jax.inference.pretrained import load_pretrained
-    return load_pretrained(cca["reference"]).tokenizer
-  return tokenizer_from_spec(config["tokenizer"], config["patch_nums"])
-
-
 def model_from_run(workdir, *, step: int | None = None, use_ema: bool = True,
                    **runtime) -> VARModel:
   """The VARModel of a `var-jax train` run: its (EMA) weights at `step` (default: the latest)
@@ -142,7 +131,7 @@ def model_and_origin_from_run(workdir, *, step: int | None = None, use_ema: bool
   config = _require_kind(workdir, runs.VAR_RUN)
   step, path = runs.step_dir(workdir, step)   # before the tokenizer: a missing step fails fast
   try:
-    tokenizer = run_tokenizer(config)
+    tokenizer = tokenizer_from_spec(config["tokenizer"], config["patch_nums"])
   except CheckpointError as e:
     raise CheckpointError(f"The tokenizer of the run {workdir} cannot be loaded: {e}") from None
   model_cfg = dict(config["model"])

@@ -346,8 +346,13 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
     from var_jax.inference.pretrained import load_pretrained
     reference = load_pretrained(config.cca.reference)
   if reference is not None and not config.tokenizer.get("path"):
-    # CCA without a tokenizer named: the reference's own (`training_runs.run_tokenizer` finds it
-    # again when the run is loaded as a model).
+    # CCA without a tokenizer named: the reference's own, recorded in the run's config (saved
+    # next) so that the run loads as a model.
+    from var_jax.inference.pretrained import tokenizer_spec_of
+    spec = tokenizer_spec_of(config.cca.reference)
+    with config.unlocked():
+      config.tokenizer = ml_collections.ConfigDict(spec)
+    logging.info("CCA: the reference's tokenizer, %s", spec.get("path"))
     vae_cfg, vae_params = reference.tokenizer.config, reference.tokenizer.params
   else:
     vae_cfg, vae_params = load_tokenizer(config)
