@@ -103,6 +103,7 @@ def test_sample_images_do_not_depend_on_the_batch_size(model_dir, tmp_path):
   assert not np.array_equal(one[0], one[1])  # same class, different keys
 
 
+@pytest.mark.slow  # ~50 s: five CLI runs (tests/test_fast_sampling.py checks the API the same way)
 def test_sample_with_a_refiner_at_the_ends_equals_each_model(model_dir, refiner_dir, tmp_path):
   """--refiner with --draft-scales 4 (all of the fixture's scales) is --model alone; with 0 it is
   the refiner alone; in between it differs from both."""

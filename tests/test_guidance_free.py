@@ -190,6 +190,7 @@ def test_reference_of_another_architecture_is_refused(reference_dir):
     train_var.build_task(config)
 
 
+@pytest.mark.slow  # ~1 min on 2 cores: a TPU compile (run by hand: pytest -m slow)
 def test_cca_step_compiles_for_a_tpu_slice_with_the_reference_beside_the_policy(reference_dir):
   """The CCA train step, AOT for v5e:2x2 through aot.compile_train_step (the loop's program): it
   takes the frozen reference as an argument of the params' shapes, not donated (the state is),

@@ -238,6 +238,7 @@ def test_off_by_default_builds_no_stages():
 
 # -- a short progressive run through the loop ------------------------------------------------------
 
+@pytest.mark.slow  # ~1 min on 2 cores (run by hand: pytest -m slow)
 def test_progressive_run_changes_stages_and_compiles_once_per_stage(tmp_path, tiny_task):
   """Images through the tokenizer in the step; 8 steps over stages 1, 1, 2, 2, 3, 3, 3, 3."""
   config, task, _, _ = tiny_task

@@ -119,6 +119,7 @@ def _losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: four training processes (run by hand: pytest -m slow)
 def test_sigterm_then_rerun_resumes_exactly(tmp_path):
   arg = "steps=24,batch=8"
   full = tmp_path / "full"
