@@ -77,6 +77,17 @@ def teacher_forcing_inputs(vae: VQVAE, patch_nums, batch, vae_params):
   return x_BlCv, targets_BL
 
 
+def apply_gradients(state: TrainState, grads, tx, ema_decay: float):
+  """(params, opt_state, ema_params) after one optimizer update (the EMA follows real updates
+  only: gradient accumulation's intermediate steps leave it alone)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = optim.ema_update(ema, params, ema_decay, optim.optimizer_updated(opt_state))
+  return params, opt_state, ema
+
+
 def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_collections.ConfigDict,
                     prog_si: int | None = None):
   """(state, batch, vae_params, rng[, stage_inputs]) -> (state, metrics).
@@ -121,11 +132,7 @@ def make_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx, config: ml_col
       return progressive.stage_loss(nll_BL, patch_nums, stage, prog_wp), (logits, nll_BL)
 
     (loss, (logits, nll_BL)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      ema = optim.ema_update(ema, params, ema_decay, optim.optimizer_updated(opt_state))
+    params, opt_state, ema = apply_gradients(state, grads, tx, ema_decay)
     correct_BL = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32)
     stats = optim.last_update_stats(opt_state)
     metrics = {
@@ -190,11 +197,7 @@ def make_cca_train_step(var_cfg: VARConfig, vae_cfg: VQVAEConfig, tx,
       return loss, (logits[:B], gap_2B)
 
     (loss, (logits_BLV, gap_2B)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      ema = optim.ema_update(ema, params, ema_decay, optim.optimizer_updated(opt_state))
+    params, opt_state, ema = apply_gradients(state, grads, tx, ema_decay)
     stats = optim.last_update_stats(opt_state)
     gap_pos, gap_neg = gap_2B[:B], gap_2B[B:]
     contrastive = ~negative_is_positive_B
@@ -241,12 +244,12 @@ def reference_params(config: ml_collections.ConfigDict, reference, var_cfg: VARC
   """The params of the CCA reference (a VARModel), checked against the run's model and tokenizer."""
   from var_jax.inference.tokenizer import Tokenizer
   spec = config.cca.reference
+  wanted = meta.unbox(_abstract_params(var_cfg))
   if reference.config.num_classes != var_cfg.num_classes or \
-      jax.tree.structure(reference.params) != jax.tree.structure(meta.unbox(_abstract_params(var_cfg))):
+      jax.tree.structure(reference.params) != jax.tree.structure(wanted):
     raise ConfigError(f"config.cca.reference {spec!r} is not this run's model: it has depth "
                       f"{reference.config.depth}, width {reference.config.embed_dim}, "
                       f"{reference.config.num_classes} classes; set config.model to match it.")
-  wanted = meta.unbox(_abstract_params(var_cfg))
   bad = [jax.tree_util.keystr(p) for (p, x), y in zip(
       jax.tree_util.tree_flatten_with_path(reference.params)[0], jax.tree.leaves(wanted))
       if tuple(x.shape) != tuple(y.shape)]
