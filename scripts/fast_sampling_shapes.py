@@ -1,13 +1,14 @@
 """Quality of the fast sampling modes on the shapes models (CPU, no download): README's table.
 
   python scripts/fast_sampling_shapes.py --workdir /tmp/fast_shapes \
-      --ref shapes_ref.npz --fid-inception W.pth [--cca-steps 300 --refiner-steps 1000]
+      --ref shapes_ref.npz --fid-inception W.pth [--cca-steps 300 --refiner-steps 2000]
 
 1. guidance-free: CCA fine-tune of the shipped `shapes-tiny` (`--config.objective=cca`);
-2. a refiner: a smaller VAR (depth 2, width 128) trained on the shipped model's tokenizer;
-3. `var-jax evaluate` of each mode on the same 500 class-balanced samples (seed 0): exact
+2. a refiner: a smaller VAR (depth 3, width 128; shapes-tiny is depth 4, width 192) trained on the shipped model's tokenizer;
+3. `var-jax evaluate` of each mode on the same class-balanced samples (seed 0): exact
    (shapes-tiny, cfg 1.5), shapes-tiny without guidance, the CCA model without guidance, and
-   collaborative decoding (shapes-tiny drafts, the refiner samples the last two scales).
+   collaborative decoding (shapes-tiny drafts, the refiner samples the last two scales), with each
+   mode's sampler FLOPs per image (XLA cost analysis of the public call's program).
 The reference and Inception weights are the README's (Evaluation: the shapes-tiny table). Every
 stage resumes from its workdir. Prints one markdown table.
 """
@@ -33,6 +34,26 @@ def var_jax(*args: str) -> list[str]:
   return [sys.executable, "-m", "var_jax.cli", *args]
 
 
+def sampler_mflop_per_image(model_spec: str, kwargs: dict) -> float:
+  """FLOPs of one image's `var_jax.sample` call (the public call's placement, `aot.lower_sample`)
+  from XLA's cost analysis, every block unrolled so each is counted; batch 1, so the decoder runs
+  once, outside any loop."""
+  import jax
+  import numpy as np
+
+  import var_jax
+  from var_jax import aot
+
+  model = var_jax.load_pretrained(model_spec)
+  if "refiner" in kwargs:
+    kwargs = {**kwargs, "refiner": var_jax.load_pretrained(kwargs["refiner"])}
+  depth = max(model.config.depth, getattr(kwargs.get("refiner"), "config", model.config).depth)
+  mesh = var_jax.sampling_mesh(devices=jax.devices()[:1])
+  with aot.scan_unroll(depth):
+    lowered = aot.lower_sample(model, np.array([0], np.int32), mesh=mesh, **kwargs)
+  return lowered.compile().cost_analysis()["flops"] / 1e6
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,39 +62,50 @@ def main() -> int:
   parser.add_argument("--fid-inception", required=True)
   parser.add_argument("--cca-steps", type=int, default=300)
   parser.add_argument("--cca-tblr", type=float, default=8e-4)
-  parser.add_argument("--refiner-steps", type=int, default=1000)
-  parser.add_argument("--num-samples", type=int, default=500)
+  parser.add_argument("--cca-lambda", type=float, default=50.0)
+  parser.add_argument("--refiner-steps", type=int, default=2000)
+  parser.add_argument("--refiner-depth", type=int, default=3)
+  parser.add_argument("--refiner-width", type=int, default=128)
+  parser.add_argument("--num-samples", type=int, default=2000)
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args()
   work = pathlib.Path(args.workdir).absolute()
   cca, refiner = work / "cca", work / "refiner"
   run(var_jax("train", f"--config={SHAPES}:steps={args.cca_steps},batch={args.batch}",
               f"--workdir={cca}", "--config.objective=cca", "--config.cca.reference=shapes-tiny",
-              f"--config.optim.tblr={args.cca_tblr}", "--config.optim.warmup_steps=10",
+              f"--config.cca.lambda_={args.cca_lambda}", f"--config.optim.tblr={args.cca_tblr}", "--config.optim.warmup_steps=10",
               "--config.sample_cfg=0.0", "--config.checkpoint_every=100"))
   run(var_jax("train", f"--config={SHAPES}:steps={args.refiner_steps},batch={args.batch},"
-                       "depth=2,width=128",
+                       f"depth={args.refiner_depth},width={args.refiner_width}",
               f"--workdir={refiner}", f"--config.tokenizer.path={SHIPPED}"))
+  refiner_name = f"d{args.refiner_depth} w{args.refiner_width} refiner"
+  # (row, file key, `var-jax evaluate` flags, the same call as `var_jax.sample` arguments)
   modes = [
-      ("exact: shapes-tiny, cfg 1.5", ["--model=shapes-tiny", "--cfg=1.5"]),
-      ("shapes-tiny without guidance (cfg 0)", ["--model=shapes-tiny", "--cfg=0"]),
-      ("guidance-free: CCA fine-tune, cfg 0", [f"--model={cca}", "--cfg=0"]),
-      ("collaborative: shapes-tiny drafts 4 scales, d2 refiner 2, cfg 1.5",
-       ["--model=shapes-tiny", f"--refiner={refiner}", "--draft-scales=4", "--cfg=1.5"]),
-      ("refiner alone (d2), cfg 1.5", [f"--model={refiner}", "--cfg=1.5"]),
+      ("exact: shapes-tiny, cfg 1.5", "exact", ["--model=shapes-tiny", "--cfg=1.5"],
+       ("shapes-tiny", dict(cfg=1.5))),
+      ("shapes-tiny without guidance (cfg 0)", "free", ["--model=shapes-tiny", "--cfg=0"],
+       ("shapes-tiny", dict(cfg=0.0))),
+      ("guidance-free: CCA fine-tune, cfg 0", "cca", [f"--model={cca}", "--cfg=0"],
+       (str(cca), dict(cfg=0.0))),
+      (f"collaborative: shapes-tiny drafts 4 of 6 scales, the {refiner_name} samples 2, cfg 1.5",
+       "collab", ["--model=shapes-tiny", f"--refiner={refiner}", "--draft-scales=4", "--cfg=1.5"],
+       ("shapes-tiny", dict(cfg=1.5, refiner=str(refiner), draft_scales=4))),
+      (f"the {refiner_name} alone, cfg 1.5", "refiner", [f"--model={refiner}", "--cfg=1.5"],
+       (str(refiner), dict(cfg=1.5))),
   ]
   rows = []
-  for i, (name, flags) in enumerate(modes):
-    out = work / f"eval_{i}.json"
+  for name, key, flags, call in modes:
+    out = work / f"eval_{key}_{args.num_samples}.json"
     if not out.exists():
       run(var_jax("evaluate", *flags, f"--num-samples={args.num_samples}", f"--ref={args.ref}",
                   f"--fid-inception={args.fid_inception}", f"--out={out}", "--psnr-images=0"))
-    rows.append((name, json.loads(out.read_text())))
-  print(f"\n| {args.num_samples} samples | FID | sFID | precision | recall | class consistency |")
-  print("|---|---|---|---|---|---|")
-  for name, r in rows:
+    rows.append((name, json.loads(out.read_text()), sampler_mflop_per_image(*call)))
+  print(f"\n| {args.num_samples} samples | FID | sFID | precision | recall | class consistency "
+        "| sampler MFLOP/img |")
+  print("|---|---|---|---|---|---|---|")
+  for name, r, mflop in rows:
     print(f"| {name} | {r['fid']:.1f} | {r['sfid']:.1f} | {r['precision']:.3f} | "
-          f"{r['recall']:.3f} | {100 * r['class_consistency']:.1f}% |")
+          f"{r['recall']:.3f} | {100 * r['class_consistency']:.1f}% | {mflop:.0f} |")
   return 0
 
 
