@@ -78,6 +78,40 @@ def test_top_k_keeps_ties_at_threshold():
   assert np.isfinite(got).tolist() == [[[True, True, True, False]]]
 
 
+def test_filter_matches_official_semantics_at_full_vocabulary():
+  # The released models' setting (k 900 of 4096, p 0.96) and edge values, on logits with the
+  # spread the official sampler sees; also under jit with traced k and p.
+  rng = np.random.default_rng(1)
+  logits = (rng.standard_normal((3, 5, 4096)) * 3).astype(np.float32)
+  jitted = jax.jit(filters.filter_top_k_top_p)
+  for top_k, top_p in [(900, 0.96), (4096, 0.96), (1, 0.5), (900, 0.0), (0, 0.3), (2, 1.0)]:
+    want = np.isfinite(_official_filter(logits, top_k, top_p))
+    np.testing.assert_array_equal(np.isfinite(jitted(jnp.asarray(logits), top_k, top_p)), want)
+
+
+def test_filter_on_negative_infinities_and_signed_zeros():
+  logits = jnp.asarray([[[-np.inf, -0.0, 0.0, -1.0, -np.inf, 2.0]]], jnp.float32)
+  np.testing.assert_array_equal(  # k-th largest (3rd) is -0.0 == 0.0: both survive
+      np.isfinite(filters.filter_top_k_top_p(logits, 3, 0.0)),
+      [[[False, True, True, False, False, True]]])
+  np.testing.assert_array_equal(  # the 2nd largest is a zero too: -0.0 < 0.0 is false
+      np.isfinite(filters.filter_top_k_top_p(logits, 2, 0.0)),
+      [[[False, True, True, False, False, True]]])
+  np.testing.assert_array_equal(  # everything below the maximum carries < 0.5 of the mass
+      np.isfinite(filters.filter_top_k_top_p(logits, 0, 0.5)),
+      [[[False, False, False, False, False, True]]])
+
+
+def test_filter_keeps_the_dtype_and_does_not_sort():
+  logits = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 64)), jnp.bfloat16)
+  got = filters.filter_top_k_top_p(logits, 5, 0.9)
+  assert got.dtype == jnp.bfloat16
+  want = _official_filter(np.asarray(logits, np.float32), 5, 0.9)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(got, np.float32)), np.isfinite(want))
+  jaxpr = str(jax.make_jaxpr(filters.filter_top_k_top_p)(logits, 5, 0.9))
+  assert "sort" not in jaxpr  # the thresholds are radix selects, linear in V
+
+
 def test_guidance_ramp():
   assert filters.guidance_scale(1.5, 0, 10) == 0.0
   assert filters.guidance_scale(1.5, 9, 10) == 1.5

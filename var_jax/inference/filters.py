@@ -7,29 +7,59 @@ import numpy as np
 
 from var_jax.errors import InputError
 
+
+def _order_key(x: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 values (-inf < ... < 0 < ... < inf; -0 is +0)."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+  sign = jnp.uint32(0x80000000)
+  return jnp.where(bits >= sign, ~bits, bits | sign)
+
+
+def _radix_select(predicate, shape) -> jax.Array:
+  """The largest uint32 t (per row, keepdims) for which `predicate(t)` holds, where the predicate
+  holds for every t up to some bound and fails above it; found bit by bit from the top, 32 passes
+  over the rows. (0 when it holds nowhere: callers check.)"""
+  def step(i, t):
+    cand = t | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+    return jnp.where(predicate(cand), cand, t)
+
+  return jax.lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
+
+
 def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p) -> jax.Array:
   """The official `sample_with_top_k_top_p_` filter, as a function: removed logits become -inf.
 
   top-k (k > 0): drop logits strictly below the k-th largest (ties at the threshold survive).
-  top-p (p > 0), on the top-k-filtered logits: keep a token iff the probability mass of the tokens
-  ranked above it is < p; the largest token always survives. Both thresholds are found on one
-  ascending sort, so `top_k` and `top_p` may be traced values.
+  top-p (p > 0), on the top-k-filtered logits: drop a token iff the probability mass of it and of
+  every token below it is <= 1 - p; the largest token always survives.
+
+  No sort: each threshold is a radix select over the float's bit pattern (32 passes of a count or
+  a masked sum over the vocabulary), so `top_k` and `top_p` may be traced values and the cost is
+  linear in V. (A full sort of every row's 4096 logits was the sampler's costliest non-matmul op
+  on CPU; `lax.top_k` needs a static k, and `approx_max_k` is not exact.)
   """
-  V = logits_BlV.shape[-1]
   neg_inf = jnp.asarray(-jnp.inf, logits_BlV.dtype)
   top_k = jnp.asarray(top_k, jnp.int32)
   top_p = jnp.asarray(top_p, jnp.float32)
-  asc = jnp.sort(logits_BlV, axis=-1)
-  kth = jax.lax.dynamic_index_in_dim(asc, jnp.clip(V - top_k, 0, V - 1), axis=-1, keepdims=True)
-  k_on = top_k > 0
-  logits_BlV = jnp.where(k_on & (logits_BlV < kth), neg_inf, logits_BlV)
-  asc = jnp.where(k_on & (asc < kth), neg_inf, asc)  # the same filter on the sorted copy
-  cum = jnp.cumsum(jax.nn.softmax(asc.astype(jnp.float32), axis=-1), axis=-1)
-  removed = (cum <= 1.0 - top_p).at[..., -1].set(False)
-  n_removed = jnp.sum(removed, axis=-1, keepdims=True)
-  threshold = jnp.take_along_axis(asc, n_removed, axis=-1)
-  p_on = top_p > 0
-  return jnp.where(p_on & (logits_BlV < threshold), neg_inf, logits_BlV)
+  rows = logits_BlV.shape[:-1] + (1,)
+  key = _order_key(logits_BlV)
+
+  # top-k: the k-th largest key is the largest t with at least k keys >= t.
+  kth = _radix_select(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True, dtype=jnp.int32) >= top_k,
+                      rows)
+  logits_BlV = jnp.where((top_k > 0) & (key < kth), neg_inf, logits_BlV)
+
+  # top-p: the removed tokens are those at or below the largest key t whose mass (its own and that
+  # of every token below it) is <= 1 - p.
+  probs = jax.nn.softmax(logits_BlV.astype(jnp.float32), axis=-1)
+  key = _order_key(logits_BlV)
+  budget = 1.0 - top_p
+  mass_at_or_below = lambda t: jnp.sum(jnp.where(key <= t, probs, 0.0), axis=-1, keepdims=True)
+  cut = _radix_select(lambda t: mass_at_or_below(t) <= budget, rows)
+  removed = (key <= cut) & (mass_at_or_below(cut) <= budget)
+  is_max = logits_BlV >= jnp.max(logits_BlV, axis=-1, keepdims=True)
+  return jnp.where((top_p > 0) & removed & ~is_max, neg_inf, logits_BlV)
 
 
 def guidance_scale(cfg, si: int, num_scales: int):
