@@ -137,3 +137,19 @@ def test_parse_topology_rejects(name):
 def test_slice_device_counts():
   assert len(aot.topology_devices("v4-32")) == 16  # megacore: one device per chip
   assert len(aot.topology_devices("v5e:1x1")) == 1
+
+
+@pytest.mark.parametrize("depth", [16, 24, 30, 36])
+@pytest.mark.parametrize("topology", ["v5p-128", "v4-32", "v5e-256", "v6e-64", "v5p-16"])
+def test_recipe_meshes_lay_out_on_common_slices(depth, topology):
+  """`launch/tpu_train.sh` and `var-jax aot` build the mesh from the recipe: it must map onto
+  each slice's torus as is (no physical axis split), with the weights split over every chip from
+  d24 up."""
+  config = config_lib.var_imagenet_config(depth)
+  mesh = aot.topology_mesh(topology, config.mesh)
+  chips = len(aot.topology_devices(topology))
+  assert mesh.size == chips
+  if depth >= 24:
+    assert dict(mesh.shape) == {"data": 1, "fsdp": chips, "tensor": 1}
+  else:
+    assert dict(mesh.shape) == {"data": chips, "fsdp": 1, "tensor": 1}

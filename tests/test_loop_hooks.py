@@ -127,13 +127,16 @@ def test_bad_loop_fields_are_config_errors(field, value):
 
 
 def test_official_configs_pass_the_replicated_params_check():
-  """d16 and d20 train pure data-parallel as the official recipe does; d24 with fsdp=8."""
+  """d16 and d20 train pure data-parallel as the official recipe does; d24 (and up) with its
+  recipe's mesh, fsdp over every chip."""
   from var_jax.models.var import VAR
   from var_jax.models.var_config import VARConfig
   from var_jax.parallel import sharding
   import jax.numpy as jnp
   mesh_dp = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
-  mesh_fsdp = sharding.make_mesh([("data", -1), ("fsdp", 8), ("tensor", 1)])
+  from var_jax.train import config_lib
+  mesh_fsdp = sharding.make_mesh(config_lib.var_imagenet_config(24).mesh)
+  assert dict(mesh_fsdp.shape) == {"data": 1, "fsdp": 8, "tensor": 1}  # the 8 CPU devices
   rules = lambda mesh: sharding.logical_axis_rules(None, mesh)
 
   def abstract_params(depth, mesh):

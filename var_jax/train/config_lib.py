@@ -122,7 +122,12 @@ def var_imagenet_config(depth: int = 16, tiny: bool = False, pretokenized: bool 
   add_objective_fields(c, CCA_LAMBDA[args.depth])
   c.data.image_size = 16 * c.patch_nums[-1]
   c.data.source = "pretokenized" if args.pretokenized else "tfds"
-  c.mesh = [("data", -1), ("fsdp", 1 if args.depth < 24 else 8), ("tensor", 1)]
+  # d16/d20: pure data parallelism, as the official recipe. d24 and up shard their weights and
+  # optimizer state over the whole slice (fsdp = every chip): a product of all the physical torus
+  # axes, so the mesh lays out on any slice (a fixed fsdp=8 does not map onto v5p's 4x4x4 torus
+  # or v5e-256's 16x16 without splitting a physical axis).
+  c.mesh = ([("data", -1), ("fsdp", 1), ("tensor", 1)] if args.depth < 24
+            else [("data", 1), ("fsdp", -1), ("tensor", 1)])
   c.optim.tblr, c.optim.wpe = tblr, wpe
   c.optim.twde = twde
   c.optim.warmup_steps = round(epochs / 50 * steps_per_epoch)

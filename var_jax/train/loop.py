@@ -107,7 +107,7 @@ class TrainTask:
 
 # Defaults of the loop's optional config fields (config_lib.base_train_config sets them too).
 # max_replicated_param_gb: float32 VAR params are 1.24 GB for d16 and 2.4 GB for d20, which the
-# official configs train pure data-parallel; d24 (4.1 GB) and up get fsdp=8 there
+# official configs train pure data-parallel; d24 (4.1 GB) and up are fsdp over the whole slice
 # (config_lib.var_imagenet_config). Adam's two moments, the gradients and an EMA copy follow each
 # parameter's sharding, so the train state replicates ~4-5x this figure per chip.
 DEFAULT_MAX_REPLICATED_PARAM_GB = 3.0
