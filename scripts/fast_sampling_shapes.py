@@ -104,8 +104,8 @@ def main() -> int:
         "| sampler MFLOP/img |")
   print("|---|---|---|---|---|---|---|")
   for name, r, mflop in rows:
-    print(f"| {name} | {r['fid']:.1f} | {r['sfid']:.1f} | {r['precision']:.3f} | "
-          f"{r['recall']:.3f} | {100 * r['class_consistency']:.1f}% | {mflop:.0f} |")
+    print(f"| {name} | {r['fid']:.2f} | {r['sfid']:.1f} | {r['precision']:.3f} | "
+          f"{r['recall']:.3f} | {100 * r['class_consistency']:.2f}% | {mflop:.0f} |")
   return 0
 
 

@@ -173,8 +173,8 @@ def sampler_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int,
 
   The VAR weights once per scale (they do not fit in on-chip memory), every key and value
   written once and each layer's visible cache prefix read once per scale, and the float32
-  logits written once and read once. Activations, the filter's sort and the decode are left out
-  (the decode is charged separately), so this is a lower bound.
+  logits written once and read once. Activations, the top-k/top-p filter's passes and the decode
+  are left out (the decode is charged separately), so this is a lower bound.
   """
   seqs = (2 if guidance else 1) * batch
   C, depth = var_cfg.embed_dim, var_cfg.depth
