@@ -1,10 +1,11 @@
 """Quality of the fast sampling modes on the shapes models (CPU, no download): README's table.
 
   python scripts/fast_sampling_shapes.py --workdir /tmp/fast_shapes \
-      --ref shapes_ref.npz --fid-inception W.pth [--cca-steps 300 --refiner-steps 2000]
+      --ref shapes_ref.npz --fid-inception W.pth [--cca-steps 600 --refiner-steps 2000]
 
 1. guidance-free: CCA fine-tune of the shipped `shapes-tiny` (`--config.objective=cca`);
-2. a refiner: a smaller VAR (depth 3, width 128; shapes-tiny is depth 4, width 192) trained on the shipped model's tokenizer;
+2. a refiner: a smaller VAR (depth 3, width 128; shapes-tiny is depth 4, width 192) trained on
+   the shipped model's tokenizer;
 3. `var-jax evaluate` of each mode on the same class-balanced samples (seed 0): exact
    (shapes-tiny, cfg 1.5), shapes-tiny without guidance, the CCA model without guidance, and
    collaborative decoding (shapes-tiny drafts, the refiner samples the last two scales), with each
@@ -60,7 +61,7 @@ def main() -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--ref", required=True, help="shapes reference batch (var-jax fid-stats)")
   parser.add_argument("--fid-inception", required=True)
-  parser.add_argument("--cca-steps", type=int, default=300)
+  parser.add_argument("--cca-steps", type=int, default=600)
   parser.add_argument("--cca-tblr", type=float, default=8e-4)
   parser.add_argument("--cca-lambda", type=float, default=50.0)
   parser.add_argument("--refiner-steps", type=int, default=2000)
@@ -70,10 +71,14 @@ def main() -> int:
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args()
   work = pathlib.Path(args.workdir).absolute()
-  cca, refiner = work / "cca", work / "refiner"
+  # Runs are named by what makes them differ, so a second call with other flags trains anew
+  # instead of resuming (or reusing the evaluation of) a different run.
+  cca = work / f"cca_l{args.cca_lambda:g}_{args.cca_steps}steps"
+  refiner = work / f"refiner_d{args.refiner_depth}_w{args.refiner_width}_{args.refiner_steps}steps"
   run(var_jax("train", f"--config={SHAPES}:steps={args.cca_steps},batch={args.batch}",
               f"--workdir={cca}", "--config.objective=cca", "--config.cca.reference=shapes-tiny",
-              f"--config.cca.lambda_={args.cca_lambda}", f"--config.optim.tblr={args.cca_tblr}", "--config.optim.warmup_steps=10",
+              f"--config.cca.lambda_={args.cca_lambda}", f"--config.optim.tblr={args.cca_tblr}",
+              "--config.optim.warmup_steps=10",
               "--config.sample_cfg=0.0", "--config.checkpoint_every=100"))
   run(var_jax("train", f"--config={SHAPES}:steps={args.refiner_steps},batch={args.batch},"
                        f"depth={args.refiner_depth},width={args.refiner_width}",
@@ -85,12 +90,14 @@ def main() -> int:
        ("shapes-tiny", dict(cfg=1.5))),
       ("shapes-tiny without guidance (cfg 0)", "free", ["--model=shapes-tiny", "--cfg=0"],
        ("shapes-tiny", dict(cfg=0.0))),
-      ("guidance-free: CCA fine-tune, cfg 0", "cca", [f"--model={cca}", "--cfg=0"],
+      (f"guidance-free: CCA fine-tune ({args.cca_steps} steps), cfg 0", cca.name,
+       [f"--model={cca}", "--cfg=0"],
        (str(cca), dict(cfg=0.0))),
       (f"collaborative: shapes-tiny drafts 4 of 6 scales, the {refiner_name} samples 2, cfg 1.5",
-       "collab", ["--model=shapes-tiny", f"--refiner={refiner}", "--draft-scales=4", "--cfg=1.5"],
+       f"collab_{refiner.name}",
+       ["--model=shapes-tiny", f"--refiner={refiner}", "--draft-scales=4", "--cfg=1.5"],
        ("shapes-tiny", dict(cfg=1.5, refiner=str(refiner), draft_scales=4))),
-      (f"the {refiner_name} alone, cfg 1.5", "refiner", [f"--model={refiner}", "--cfg=1.5"],
+      (f"the {refiner_name} alone, cfg 1.5", refiner.name, [f"--model={refiner}", "--cfg=1.5"],
        (str(refiner), dict(cfg=1.5))),
   ]
   rows = []

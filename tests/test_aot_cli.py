@@ -197,3 +197,15 @@ def test_unknown_flag_exits_2(capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["aot", "--config", CONFIG, "--topology", TOPOLOGY, "--bogus"])
   assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_no_mfu_ceiling_without_the_loop_correction(capsys):
+  """Without the unroll-2 compile XLA counts one block per scan: the roofline time is too short,
+  and an MFU ceiling from it would read far above 100%."""
+  code, out, err = _run(capsys, "--config", CONFIG, "--topology", TOPOLOGY, *OVERRIDES,
+                        "--no-loop-correction", "--json")
+  assert code == 0, err
+  text, record = _section(out, "train step"), _records(out)["train step"]
+  assert not record["loop_corrected"] and record["mfu_ceiling"] is None
+  assert "MFU ceiling" not in text.replace("no MFU ceiling without the loop correction", "")
+  assert "no MFU ceiling without the loop correction" in text

@@ -94,8 +94,13 @@ class ProgramReport:
 
   @property
   def mfu_ceiling(self) -> float | None:
+    """Model FLOPs / (roofline time x peak); None without model FLOPs or without the loop
+    correction (XLA then counts one block per scan, the roofline time is too short and the
+    ceiling comes out far above 100%)."""
     flops = self.program.model_flops
-    return None if flops is None else analysis.mfu_ceiling(flops, self.chips, self.cost)
+    if flops is None or not self.loop_corrected:
+      return None
+    return analysis.mfu_ceiling(flops, self.chips, self.cost)
 
   def lines(self) -> list[str]:
     """The figures as printed by `var-jax aot`, one string per line."""
@@ -129,6 +134,8 @@ class ProgramReport:
                 f"({c.bound}-bound)")
     if self.mfu_ceiling is not None:
       roofline += f"; MFU ceiling {100 * self.mfu_ceiling:.1f}%"
+    elif p.model_flops is not None:
+      roofline += "; no MFU ceiling without the loop correction"
     out.append(roofline + f"; <= {p.batch / c.roofline_s:,.0f} images/s")
     kernels = ", ".join(f"{name} x{count}" for name, count in a.kernels) or "none"
     out.append(f"  Mosaic kernels: {kernels}")
