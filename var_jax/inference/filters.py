@@ -19,12 +19,14 @@ def _order_key(x: jax.Array) -> jax.Array:
 def _radix_select(predicate, shape) -> jax.Array:
   """The largest uint32 t (per row, keepdims) for which `predicate(t)` holds, where the predicate
   holds for every t up to some bound and fails above it; found bit by bit from the top, 32 passes
-  over the rows. (0 when it holds nowhere: callers check.)"""
-  def step(i, t):
-    cand = t | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-    return jnp.where(predicate(cand), cand, t)
-
-  return jax.lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
+  over the rows. (0 when it holds nowhere: callers check.) Unrolled, not a `fori_loop`: the
+  sampler then has no while loop but the layer scans, and XLA's cost analysis (which charges a
+  loop body once) counts all 32 passes."""
+  t = jnp.zeros(shape, jnp.uint32)
+  for bit in range(31, -1, -1):
+    cand = t | jnp.uint32(1 << bit)
+    t = jnp.where(predicate(cand), cand, t)
+  return t
 
 
 def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p) -> jax.Array:
