@@ -337,16 +337,22 @@ def random_tokenizer(seed: int, **overrides):
   return var_jax.Tokenizer(cfg, init(jax.random.key(seed)))
 
 
+def var_config_for(depth: int, tokenizer_config, **overrides):
+  """The VARConfig of a VAR-d{depth} over a tokenizer with `tokenizer_config`; `overrides` are
+  further VARConfig fields (num_classes, dtype, attention_impl, ...)."""
+  from var_jax.models.var_config import VARConfig
+  tc = tokenizer_config
+  return VARConfig(depth=depth, vocab_size=tc.vocab_size, z_channels=tc.z_channels,
+                   patch_nums=tc.patch_nums, **overrides)
+
+
 def random_var_model(depth: int, tokenizer, seed: int, **overrides):
   """A VAR-d{depth} with random (official-init) weights for `tokenizer` (no torch); `overrides`
-  are further VARConfig fields (num_classes, dtype, attention_impl, ...)."""
+  as in `var_config_for`."""
   import flax
   import var_jax
   from var_jax.models.var import VAR
-  from var_jax.models.var_config import VARConfig
-  tc = tokenizer.config
-  cfg = VARConfig(depth=depth, vocab_size=tc.vocab_size, z_channels=tc.z_channels, patch_nums=tc.patch_nums,
-                  **overrides)
+  cfg = var_config_for(depth, tokenizer.config, **overrides)
   x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.z_channels))
   init = jax.jit(lambda key: VAR(cfg).init(key, jnp.zeros((1,), jnp.int32), x)["params"])
   params = flax.core.meta.unbox(init(jax.random.key(seed + 1)))

@@ -28,7 +28,6 @@ import _common
 import var_jax
 from var_jax import aot
 from var_jax.aot import analysis
-from var_jax.models.var_config import VARConfig
 
 MODES = ("exact", "guidance-free", "collaborative", "collab + free")
 
@@ -119,8 +118,8 @@ def aot_rows(large, small, args) -> list[dict]:
         exact_s = per_image if mode == "exact" else exact_s
         if exact_s is None:  # exact sampling did not fit: no speed-up to report
           exact_s = float("nan")
-        rows.append({"bench": "fast", "where": topology, "mesh": dict(mesh.shape), "mode": mode, "batch": batch,
-                     "estimated_s_per_image": per_image, "speedup": exact_s / per_image,
+        rows.append({"bench": "fast", "where": topology, "mesh": dict(mesh.shape), "mode": mode,
+                     "batch": batch, "estimated_s_per_image": per_image, "speedup": exact_s / per_image,
                      "fits": looped.fits, "peak_gib_per_chip": looped.peak_bytes / 2**30,
                      "bound": cost.bound, "tflops_per_image": cost.flops * mesh.size / batch / 1e12})
         print(f"  {topology} batch {batch} {mode}: {per_image * 1e3:.2f} ms/img estimated "
@@ -135,9 +134,7 @@ def main(argv=None) -> None:
   _common.print_environment(env)
   tok = _common.random_tokenizer(args.seed)
   if args.no_cpu:  # AOT only: abstract weights (shapes and dtypes), nothing allocated
-    large, small = (aot.abstract_model(VARConfig(depth=depth, vocab_size=tok.config.vocab_size,
-                                                 z_channels=tok.config.z_channels,
-                                                 patch_nums=tok.config.patch_nums, dtype=args.dtype),
+    large, small = (aot.abstract_model(_common.var_config_for(depth, tok.config, dtype=args.dtype),
                                        tok.config)
                     for depth in (args.large, args.small))
   else:

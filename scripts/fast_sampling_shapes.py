@@ -48,11 +48,20 @@ def sampler_mflop_per_image(model_spec: str, kwargs: dict) -> float:
   model = var_jax.load_pretrained(model_spec)
   if "refiner" in kwargs:
     kwargs = {**kwargs, "refiner": var_jax.load_pretrained(kwargs["refiner"])}
-  depth = max(model.config.depth, getattr(kwargs.get("refiner"), "config", model.config).depth)
+  depth = max(m.config.depth for m in (model, kwargs.get("refiner", model)))
   mesh = var_jax.sampling_mesh(devices=jax.devices()[:1])
   with aot.scan_unroll(depth):
     lowered = aot.lower_sample(model, np.array([0], np.int32), mesh=mesh, **kwargs)
   return lowered.compile().cost_analysis()["flops"] / 1e6
+
+
+def evaluate_flags(model_spec: str, kwargs: dict) -> list[str]:
+  """The `var-jax evaluate` flags that sample as `var_jax.sample(model, ..., **kwargs)` does."""
+  names = {"cfg": "--cfg", "refiner": "--refiner", "draft_scales": "--draft-scales"}
+  unknown = set(kwargs) - set(names)
+  if unknown:
+    raise ValueError(f"no `var-jax evaluate` flag for {sorted(unknown)}")
+  return [f"--model={model_spec}"] + [f"{names[k]}={v}" for k, v in kwargs.items()]
 
 
 def main() -> int:
@@ -84,29 +93,25 @@ def main() -> int:
                        f"depth={args.refiner_depth},width={args.refiner_width}",
               f"--workdir={refiner}", f"--config.tokenizer.path={SHIPPED}"))
   refiner_name = f"d{args.refiner_depth} w{args.refiner_width} refiner"
-  # (row, file key, `var-jax evaluate` flags, the same call as `var_jax.sample` arguments)
+  # (row, file key, the model and its `var_jax.sample` arguments); the `var-jax evaluate` flags
+  # are derived from the same call, so the evaluated and the FLOP-counted programs are one.
   modes = [
-      ("exact: shapes-tiny, cfg 1.5", "exact", ["--model=shapes-tiny", "--cfg=1.5"],
-       ("shapes-tiny", dict(cfg=1.5))),
-      ("shapes-tiny without guidance (cfg 0)", "free", ["--model=shapes-tiny", "--cfg=0"],
-       ("shapes-tiny", dict(cfg=0.0))),
-      (f"guidance-free: CCA fine-tune ({args.cca_steps} steps), cfg 0", cca.name,
-       [f"--model={cca}", "--cfg=0"],
-       (str(cca), dict(cfg=0.0))),
+      ("exact: shapes-tiny, cfg 1.5", "exact", "shapes-tiny", dict(cfg=1.5)),
+      ("shapes-tiny without guidance (cfg 0)", "free", "shapes-tiny", dict(cfg=0.0)),
+      (f"guidance-free: CCA fine-tune ({args.cca_steps} steps), cfg 0", cca.name, str(cca),
+       dict(cfg=0.0)),
       (f"collaborative: shapes-tiny drafts 4 of 6 scales, the {refiner_name} samples 2, cfg 1.5",
-       f"collab_{refiner.name}",
-       ["--model=shapes-tiny", f"--refiner={refiner}", "--draft-scales=4", "--cfg=1.5"],
-       ("shapes-tiny", dict(cfg=1.5, refiner=str(refiner), draft_scales=4))),
-      (f"the {refiner_name} alone, cfg 1.5", refiner.name, [f"--model={refiner}", "--cfg=1.5"],
-       (str(refiner), dict(cfg=1.5))),
+       f"collab_{refiner.name}", "shapes-tiny",
+       dict(cfg=1.5, refiner=str(refiner), draft_scales=4)),
+      (f"the {refiner_name} alone, cfg 1.5", refiner.name, str(refiner), dict(cfg=1.5)),
   ]
   rows = []
-  for name, key, flags, call in modes:
+  for name, key, model, kwargs in modes:
     out = work / f"eval_{key}_{args.num_samples}.json"
     if not out.exists():
-      run(var_jax("evaluate", *flags, f"--num-samples={args.num_samples}", f"--ref={args.ref}",
-                  f"--fid-inception={args.fid_inception}", f"--out={out}", "--psnr-images=0"))
-    rows.append((name, json.loads(out.read_text()), sampler_mflop_per_image(*call)))
+      run(var_jax("evaluate", *evaluate_flags(model, kwargs), f"--num-samples={args.num_samples}",
+                  f"--ref={args.ref}", f"--fid-inception={args.fid_inception}", f"--out={out}", "--psnr-images=0"))
+    rows.append((name, json.loads(out.read_text()), sampler_mflop_per_image(model, kwargs)))
   print(f"\n| {args.num_samples} samples | FID | sFID | precision | recall | class consistency "
         "| sampler MFLOP/img |")
   print("|---|---|---|---|---|---|---|")

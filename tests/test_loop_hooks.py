@@ -134,7 +134,6 @@ def test_official_configs_pass_the_replicated_params_check():
   from var_jax.parallel import sharding
   import jax.numpy as jnp
   mesh_dp = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
-  from var_jax.train import config_lib
   mesh_fsdp = sharding.make_mesh(config_lib.var_imagenet_config(24).mesh)
   assert dict(mesh_fsdp.shape) == {"data": 1, "fsdp": 8, "tensor": 1}  # the 8 CPU devices
   rules = lambda mesh: sharding.logical_axis_rules(None, mesh)

@@ -54,12 +54,14 @@ def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p) -> jax.Array:
 
   # top-p: the removed tokens are those at or below the largest key t whose mass (its own and that
   # of every token below it) is <= 1 - p.
+  # The keys of the unfiltered logits serve: a token top-k removed has zero probability, so it
+  # moves no mass and its key decides nothing. No key t >= 1 is all-removing with mass 0 unless
+  # the row is empty; t = 0 (the start) is a NaN pattern's key only, so `key <= cut` is the set.
   probs = jax.nn.softmax(logits_BlV.astype(jnp.float32), axis=-1)
-  key = _order_key(logits_BlV)
   budget = 1.0 - top_p
   mass_at_or_below = lambda t: jnp.sum(jnp.where(key <= t, probs, 0.0), axis=-1, keepdims=True)
   cut = _radix_select(lambda t: mass_at_or_below(t) <= budget, rows)
-  removed = (key <= cut) & (mass_at_or_below(cut) <= budget)
+  removed = key <= cut
   is_max = logits_BlV >= jnp.max(logits_BlV, axis=-1, keepdims=True)
   return jnp.where((top_p > 0) & removed & ~is_max, neg_inf, logits_BlV)
 
