@@ -150,13 +150,24 @@ def aot_compile(jitted, *args, **kwargs):
   return compiled, t1 - t0, t2 - t1
 
 
-def matmul_flops_per_s(n: int = 2048, iters: int = 5) -> float:
-  """Achieved float32 FLOP/s of one (n, n) @ (n, n) matmul on the default backend (best of iters)."""
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-  mm = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+def matmul_flops_per_s(n: int = 2048, iters: int = 5, dtype: str = "float32") -> float:
+  """Achieved FLOP/s of one (n, n) @ (n, n) matmul on the default backend (best of iters), the
+  operands in `dtype`, accumulated in float32 (as the models' matmuls)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
+  mm = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32))
   t = time_calls(lambda: mm(a, b), iters)
   return 2.0 * n ** 3 / t.min_s
+
+
+def stream_bytes_per_s(gib: float = 1.0, iters: int = 5) -> float:
+  """Achieved memory read bandwidth of the default backend: a jitted sum over a `gib` GiB float32
+  array, far larger than any cache (best of iters)."""
+  x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  t = time_calls(lambda: total(x), iters)
+  return x.size * 4 / t.min_s
 
 
 def torch_matmul_flops_per_s(torch, n: int = 2048, iters: int = 5) -> float:

@@ -23,8 +23,8 @@ splash's q/k/v/o traffic stays missing from the bytes); the roofline against `ao
 (v5e 197 TFLOP/s & 819 GB/s, v4 275 & 1200, v5p 459 & 2765, v6e 918 & 1640) and the MFU ceiling of
 the model FLOPs (`var_jax.models.flops.flops_per_example` x batch, what the trainer logs its MFU
 with). This benchmark adds the model FLOPs by part and compiled / model for training, the
-sampler's ideal roofline (analytic transformer FLOPs, the least bytes, the decode compiled alone)
-and the TPU cost model's estimate, and the kernel-vs-XLA comparison of the d16 case.
+sampler's true bound (`var_jax.inference.bound`: analytic FLOPs, the least bytes) and the TPU
+cost model's estimate, and the kernel-vs-XLA comparison of the d16 case.
 A JSON line per compiled program follows the table (lines starting with `{`).
 """
 from __future__ import annotations
@@ -36,8 +36,6 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU backend
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import jax.numpy as jnp  # noqa: E402
 
 from var_jax import aot  # noqa: E402
 from var_jax.models import flops as var_flops  # noqa: E402
@@ -166,12 +164,13 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                               loop_correction=not args.no_loop_correction, log=_log)
   _print_report(report)
   cost = report.cost
-  ideal = ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch, report.program.num_params,
-                                 param_dtype)
-  print(f"  ideal per chip: transformer {ideal['transformer_flops'] / 1e12:.3f} TFLOP (analytic) + "
-        f"decode {ideal['decode_flops'] / 1e12:.3f} TFLOP (compiled alone); "
-        f"{ideal['min_bytes'] / 1e9:.2f} GB (weights once per scale, cache and logits once, "
-        f"decode as compiled) -> {_ms(ideal['roofline_s'])}; compiled roofline / ideal = "
+  bound = aot.sampler_bound(aot.abstract_model(var_cfg, vae_cfg), mesh, chip, batch)
+  ideal = dict(transformer_flops=bound.flops["transformer"], decode_flops=bound.flops["decoder"],
+               min_bytes=bound.total_bytes, roofline_s=bound.seconds)
+  print(f"  true bound per chip: transformer {ideal['transformer_flops'] / 1e12:.3f} TFLOP + "
+        f"decode {ideal['decode_flops'] / 1e12:.3f} TFLOP (analytic); "
+        f"{ideal['min_bytes'] / 1e9:.2f} GB (weights once per scale, cache, logits and "
+        f"activations once) -> {_ms(ideal['roofline_s'])}; compiled roofline / bound = "
         f"{cost.roofline_s / ideal['roofline_s']:.2f}")
   if cost.optimal_s > 0:
     print(f"  XLA TPU cost model estimate {_ms(cost.optimal_s)} per call = "
@@ -183,25 +182,6 @@ def run_sample(args, depth: int, topology: str, impl: str, batch: int) -> dict:
                 ideal_bytes=ideal["min_bytes"])
   print(json.dumps(record), flush=True)
   return record
-
-
-def ideal_sampler_roofline(var_cfg, vae_cfg, mesh, chip, batch: int, num_params: int,
-                           param_dtype: str) -> dict:
-  """The sampler's roofline per chip if it did only the necessary work.
-
-  FLOPs: the analytic transformer matmuls (`flops.sampler_flops_per_image`) plus the decode as
-  compiled on its own; bytes: the lower bound of `aot.sampler_min_bytes` plus the decode's. Batch
-  and weights per chip as the sampler runs them (batch split over the data axes, weights
-  replicated).
-  """
-  per_chip = -(-batch // (mesh.shape["data"] * mesh.shape["fsdp"]))  # padded to the shards
-  transformer = var_flops.sampler_flops_per_image(var_cfg)["total"] * per_chip
-  decode = aot.analyze(aot.compile_decoder(vae_cfg, mesh, batch).compiled, chip)
-  param_bytes = num_params * jnp.dtype(param_dtype).itemsize
-  min_bytes = aot.sampler_min_bytes(var_cfg, per_chip, param_bytes) + decode.bytes_accessed
-  roofline_s = max((transformer + decode.flops) / chip.peak_flops, min_bytes / chip.hbm_bandwidth)
-  return dict(transformer_flops=transformer, decode_flops=decode.flops, min_bytes=min_bytes,
-              roofline_s=roofline_s)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ memory-planned for them. A small model keeps the compiles near a minute on 2 cor
 bfloat16 compute, pre-tokenized batches, and a small tokenizer for the decoder compile.
 """
 import dataclasses
+import math
 
 import jax
 import pytest
@@ -94,16 +95,6 @@ def test_decoder_compiles_alone(compiled):
   assert decoder.compiled.out_info.shape == (4, 192, 192, 3)
 
 
-def test_sampler_min_bytes_of_d16_match_the_hand_count():
-  config = config_lib.var_imagenet_config(16)
-  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
-  # Bytes: weights once per scale, keys/values written once and read per scale, logits twice.
-  C, L, V = 1024, 680, 4096  # sum of visible prefixes: 1710
-  min_bytes = aot.sampler_min_bytes(var_cfg, batch=1, param_bytes=1000)
-  kv_row = 2 * 16 * C * 2  # bfloat16 cache
-  assert min_bytes == 10 * 1000 + 2 * kv_row * (L + 1710) + 2 * 2 * L * V * 4
-
-
 def test_loop_correction_adds_the_uncounted_trips():
   base = aot.Analysis(argument_bytes=1, output_bytes=1, alias_bytes=0, temp_bytes=1, code_bytes=1,
                       hbm_bytes=10, flops=10.0, bytes_accessed=100.0, transcendentals=1.0,
@@ -153,3 +144,27 @@ def test_recipe_meshes_lay_out_on_common_slices(depth, topology):
     assert dict(mesh.shape) == {"data": 1, "fsdp": chips, "tensor": 1}
   else:
     assert dict(mesh.shape) == {"data": chips, "fsdp": 1, "tensor": 1}
+
+
+def test_sampler_bound_per_chip_follows_the_mesh():
+  """aot.sampler_bound: the batch padded and split over data x fsdp, the weights in the compute
+  dtype, a tensor axis sharing each chip's work (8 CPU devices stand in for the chips)."""
+  from var_jax.inference.bound import SamplerBound
+  from var_jax.parallel import sharding
+  config = config_lib.var_imagenet_config(16)
+  vae_cfg = aot.tokenizer_config(config)
+  var_cfg = train_var.var_config_from(config, vae_cfg)
+  model = aot.abstract_model(var_cfg, vae_cfg)
+  mesh = sharding.make_mesh([("data", 4), ("fsdp", 1), ("tensor", 2)])
+  chip = aot.chip_spec("v5e:2x4")
+  got = aot.sampler_bound(model, mesh, chip, batch=10)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.params))
+  decoder = sum(math.prod(x.shape) for name in ("decoder", "post_quant_conv")
+                for x in jax.tree.leaves(model.tokenizer.params[name]))
+  want = SamplerBound.of(var_cfg, vae_cfg, 3,  # 10 images padded to 12, over data 4
+                         var_param_bytes=2 * num_params,  # the recipe samples in bfloat16
+                         vae_param_bytes=4 * decoder,  # the tokenizer in float32
+                         peak_flops=2 * chip.peak_flops, bandwidth=2 * chip.hbm_bandwidth)
+  assert got == want
+  assert got.seconds == pytest.approx(max(want.total_flops / chip.peak_flops,
+                                          want.total_bytes / chip.hbm_bandwidth) / 2)

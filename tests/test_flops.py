@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
+from jax.extend import core as jax_core
 
 from var_jax import aot, scales
 from var_jax.models import flops
@@ -176,3 +177,84 @@ def test_trainer_logs_these_flops():
   n_all = sum(math.prod(x.shape) for x in jax.tree.leaves(
       meta.unbox(jax.eval_shape(task.init_state, jax.random.key(0)).params)))
   assert task.flops_per_example < 0.9 * 6 * n_all * var_cfg.seq_len  # not 6 x all params per token
+
+
+def _jaxpr_matmul_counts(jaxpr) -> tuple[float, int]:
+  """(FLOPs, output elements) of every convolution and dot in a jaxpr, from the op shapes alone
+  (sub-jaxprs included): 2 x output elements x the contracted size."""
+  flops, elements = 0.0, 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+      contracted = rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
+      flops += 2.0 * math.prod(out.shape) * contracted
+      elements += math.prod(out.shape)
+    elif name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval
+      flops += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+      elements += math.prod(out.shape)
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      f, e = _jaxpr_matmul_counts(sub)
+      flops, elements = flops + f, elements + e
+  return flops, elements
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # the released 256 px tokenizer
+    dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, using_sa=False,
+         patch_nums=(1, 2, 4), quant_conv_ks=1),
+])
+def test_decoder_flops_match_the_traced_decoder(overrides):
+  """flops.decoder_flops_per_image / decoder_output_elements against the convolutions and dots
+  of the traced `VQVAE.decode_fhat` (shapes only, nothing compiled or run)."""
+  from var_jax.models.vqvae import VQVAE
+  from var_jax.models.vqvae_config import VQVAEConfig
+  vae_cfg = VQVAEConfig(**overrides)
+  size = vae_cfg.image_size
+  module = VQVAE(vae_cfg)
+  params = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              jnp.zeros((1, size, size, 3)))["params"])
+  f_hat = jax.ShapeDtypeStruct((1, vae_cfg.latent_size, vae_cfg.latent_size, vae_cfg.z_channels),
+                               jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p, f: module.apply({"params": p}, f, method=VQVAE.decode_fhat))(
+      params, f_hat)
+  traced_flops, traced_elements = _jaxpr_matmul_counts(jaxpr.jaxpr)
+  assert flops.decoder_flops_per_image(vae_cfg)["total"] == traced_flops
+  assert flops.decoder_output_elements(vae_cfg) == traced_elements
+  if not overrides:  # the released decoder: ~0.39 TFLOP per image (VAR_SPEC's 256 px tokenizer)
+    assert 0.39e12 < traced_flops < 0.40e12
+
+
+def test_sampler_bound_by_hand():
+  """SamplerBound: FLOPs, bytes and the roofline of d16 sampling, batch 2, against a hand count."""
+  from var_jax.inference.bound import SamplerBound
+  from var_jax.models.vqvae_config import VQVAEConfig
+  config = config_lib.var_imagenet_config(16)
+  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
+  vae_cfg = VQVAEConfig()
+  kw = dict(var_param_bytes=1000, vae_param_bytes=500, peak_flops=1e12, bandwidth=1e9)
+  bound = SamplerBound.of(var_cfg, vae_cfg, 2, **kw)
+  C, L, V, depth = 1024, 680, 4096, 16
+  item = 2  # the recipe samples in bfloat16
+  seqs = 4  # guidance: two sequences per image
+  assert bound.bytes["weights"] == 10 * 1000
+  assert bound.bytes["cache"] == seqs * 2 * depth * C * item * (L + 1710)  # visible prefixes 1710
+  assert bound.bytes["logits"] == 2 * seqs * L * V * 4
+  assert bound.bytes["activations"] == seqs * L * C * depth * item
+  assert bound.bytes["decoder_weights"] == 500
+  assert bound.total_flops == pytest.approx(
+      2 * flops.sampler_flops_per_image(var_cfg)["total"]
+      + 2 * flops.decoder_flops_per_image(vae_cfg)["total"])
+  assert bound.seconds == max(bound.total_flops / 1e12, bound.total_bytes / 1e9)
+  assert bound.bound == ("compute" if bound.total_flops / 1e12 > bound.total_bytes / 1e9
+                         else "memory")
+  on_chip = SamplerBound.of(var_cfg, vae_cfg, 2, weights_on_chip=True, **kw)
+  assert bound.total_bytes - on_chip.total_bytes == 9 * 1000
+  free = SamplerBound.of(var_cfg, vae_cfg, 2, guidance=False, **kw)
+  assert free.bytes["logits"] == bound.bytes["logits"] / 2
+  with pytest.raises(ValueError, match="positive"):
+    SamplerBound.of(var_cfg, vae_cfg, 0, **kw)

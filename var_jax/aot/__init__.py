@@ -18,14 +18,14 @@ FLOPs counted analytically (the MFU numerator, the splash kernel's attention, th
 matmuls) come from `var_jax.models.flops`.
 """
 from var_jax.aot.analysis import (MOSAIC_CALL, Analysis, analyze, loop_corrected, mfu_ceiling,
-                                  mosaic_kernels, sampler_min_bytes, uses_kernel, while_loops)
+                                  mosaic_kernels, uses_kernel, while_loops)
 from var_jax.aot.compile import (CompiledProgram, abstract_batch, abstract_key, abstract_model,
                                  abstract_tokenizer_params, compile_decoder, compile_sampler,
                                  compile_train_step, lower_edit, lower_sample, replicated,
                                  scan_unroll, tokenizer_config)
 from var_jax.aot.topologies import (CHIPS, GIB, ChipSpec, chip_spec, libtpu_available,
                                     mesh_config, parse_topology, topology_devices, topology_mesh)
-from var_jax.aot.report import (DoesNotFitError, ProgramReport, sampler_report,
+from var_jax.aot.report import (DoesNotFitError, ProgramReport, sampler_bound, sampler_report,
                                 train_step_report)
 
 __all__ = [
@@ -34,6 +34,6 @@ __all__ = [
     "abstract_tokenizer_params", "analyze", "chip_spec", "compile_decoder", "compile_sampler",
     "compile_train_step", "libtpu_available", "loop_corrected", "lower_edit", "lower_sample",
     "mesh_config", "mfu_ceiling", "mosaic_kernels", "parse_topology", "replicated",
-    "sampler_min_bytes", "sampler_report", "scan_unroll", "tokenizer_config", "topology_devices",
+    "sampler_bound", "sampler_report", "scan_unroll", "tokenizer_config", "topology_devices",
     "topology_mesh", "train_step_report", "uses_kernel", "while_loops",
 ]

@@ -5,7 +5,8 @@ program. XLA's TPU cost analysis charges a while loop's body once, so the scanne
 counted once rather than depth times; `loop_corrected` fixes that from a second compile with the
 block scan unrolled by 2 (`compile.scan_unroll`). The roofline is max(FLOPs / peak FLOP/s,
 bytes / HBM bandwidth) against the chip's figures (`topologies.CHIPS`). Analytic FLOPs (model,
-attention kernel, sampler) are `var_jax.models.flops`'s; the sampler's least HBM traffic is here.
+attention kernel, sampler) are `var_jax.models.flops`'s; the sampler's least work is
+`var_jax.inference.bound`'s.
 """
 from __future__ import annotations
 
@@ -13,12 +14,8 @@ import dataclasses
 import re
 from typing import Any
 
-import jax.numpy as jnp
-
-from var_jax import scales
 from var_jax.aot.topologies import ChipSpec
 from var_jax.errors import ConfigError
-from var_jax.models.var_config import VARConfig
 
 MOSAIC_CALL = "tpu_custom_call"  # the HLO custom-call target of a Pallas TPU (Mosaic) kernel
 
@@ -163,25 +160,3 @@ def while_loops(compiled: Any) -> int:
 def mfu_ceiling(model_flops: float, num_chips: int, analysis: Analysis) -> float:
   """Model FLOPs per chip / (roofline time x peak FLOP/s): the best MFU the program allows."""
   return model_flops / num_chips / (analysis.roofline_s * analysis.peak_flops)
-
-
-# -- analytic bytes ------------------------------------------------------------------------------
-
-def sampler_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int,
-                      guidance: bool = True) -> float:
-  """HBM bytes a KV-cached sampling call of `batch` images must move, at the least.
-
-  The VAR weights once per scale (they do not fit in on-chip memory), every key and value
-  written once and each layer's visible cache prefix read once per scale, and the float32
-  logits written once and read once. Activations, the top-k/top-p filter's passes and the decode
-  are left out (the decode is charged separately), so this is a lower bound.
-  """
-  seqs = (2 if guidance else 1) * batch
-  C, depth = var_cfg.embed_dim, var_cfg.depth
-  item = jnp.dtype(var_cfg.dtype).itemsize
-  kv_row = 2 * depth * C * item  # keys and values of one token, all layers
-  visible = sum(end for _, end in scales.begin_ends(var_cfg.patch_nums))
-  cache = seqs * kv_row * (var_cfg.seq_len + visible)
-  logits = 2 * seqs * var_cfg.seq_len * var_cfg.vocab_size * 4
-  return float(var_cfg.num_scales * param_bytes + cache + logits)
-

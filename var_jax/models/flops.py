@@ -39,6 +39,7 @@ from typing import Sequence
 from var_jax import scales
 from var_jax.errors import ConfigError
 from var_jax.models.var_config import VARConfig
+from var_jax.models.vqvae_config import VQVAEConfig
 
 # FLOPs per visible (query, key) pair, per layer and per channel.
 ATTENTION_FORWARD_PER_PAIR = 4     # QK^T, PV
@@ -134,3 +135,63 @@ def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[s
   parts = {name: seqs * value for name, value in forward.items()}
   parts["total"] = sum(parts.values())
   return parts
+
+
+# -- the tokenizer's decoder -------------------------------------------------------------------
+
+def _decoder_layers(vae_cfg: VQVAEConfig):
+  """(part, FLOPs, output elements) of each matmul layer decoding one f_hat: post_quant_conv, the
+  decoder's convolutions (3x3 and 1x1 shortcuts) and its attention (qkv, QK^T, PV, proj), in order.
+  A k x k convolution is 2 k^2 Cin Cout FLOPs per output position."""
+  r, z = vae_cfg.latent_size, vae_cfg.z_channels
+
+  def conv(cin, cout, k, r):
+    return ("convs", 2.0 * k * k * cin * cout * r * r, r * r * cout)
+
+  def res_block(cin, cout, r):
+    yield conv(cin, cout, 3, r)
+    yield conv(cout, cout, 3, r)
+    if cin != cout:
+      yield conv(cin, cout, 1, r)
+
+  def attn_block(c, r):
+    n = r * r
+    yield conv(c, 3 * c, 1, r)
+    yield ("attention", 2.0 * n * n * c, n * n)  # QK^T
+    yield ("attention", 2.0 * n * n * c, n * c)  # PV
+    yield conv(c, c, 1, r)
+
+  yield conv(z, z, vae_cfg.quant_conv_ks, r)  # post_quant_conv
+  c = vae_cfg.ch * vae_cfg.ch_mult[-1]
+  yield conv(z, c, 3, r)  # conv_in
+  yield from res_block(c, c, r)
+  if vae_cfg.using_mid_sa:
+    yield from attn_block(c, r)
+  yield from res_block(c, c, r)
+  n = len(vae_cfg.ch_mult)
+  for i in reversed(range(n)):
+    cout = vae_cfg.ch * vae_cfg.ch_mult[i]
+    for _ in range(vae_cfg.num_res_blocks + 1):
+      yield from res_block(c, cout, r)
+      c = cout
+      if i == n - 1 and vae_cfg.using_sa:
+        yield from attn_block(c, r)
+    if i:
+      r *= 2
+      yield conv(c, c, 3, r)  # upsample: nearest x2, then a 3x3 conv
+  yield conv(c, vae_cfg.in_channels, 3, r)  # conv_out
+
+
+def decoder_flops_per_image(vae_cfg: VQVAEConfig) -> dict[str, float]:
+  """Matmul FLOPs of decoding one image's f_hat (post_quant_conv + decoder): "convs",
+  "attention" (the decoder's QK^T and PV) and "total". Norms and activations are not counted."""
+  parts = {"convs": 0.0, "attention": 0.0}
+  for part, layer_flops, _ in _decoder_layers(vae_cfg):
+    parts[part] += layer_flops
+  parts["total"] = parts["convs"] + parts["attention"]
+  return parts
+
+
+def decoder_output_elements(vae_cfg: VQVAEConfig) -> int:
+  """Elements the decoder's matmul layers write for one image (each layer's output once)."""
+  return int(sum(out for _, _, out in _decoder_layers(vae_cfg)))

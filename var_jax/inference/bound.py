@@ -1,0 +1,119 @@
+"""The least time one `var_jax.sample` call can take on a backend: the roofline of the necessary work.
+
+A sampling call must at least do its matmuls and move its unavoidable bytes; whichever takes
+longer at the backend's peak FLOP/s and memory bandwidth bounds the call from below:
+
+* FLOPs: the transformer's (`flops.sampler_flops_per_image`: linears, head, word embedding,
+  AdaLN per scale, attention over the visible (query, key) pairs only) and the decoder's
+  convolutions and attention (`flops.decoder_flops_per_image`), per image.
+* bytes: the VAR weights once per scale (once per call when they fit in on-chip memory); every
+  key and value written once and each layer's visible cache prefix read once per scale; the
+  float32 logits written and read once; every block's output written once (activations once);
+  the decoder's weights once per call and each of its layers' outputs written once.
+
+Nothing else is charged: the top-k/top-p filter, norms, softmax and elementwise work are free
+here, so no program can beat the bound. `SamplerBound.of(...)` is the per-device bound for a batch
+(callers pass what runs on one device: the batch per chip on a sharded slice).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from var_jax import scales
+from var_jax.models import flops as var_flops
+from var_jax.models.var_config import VARConfig
+from var_jax.models.vqvae_config import VQVAEConfig
+
+
+def transformer_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int, *,
+                          guidance: bool = True, weights_on_chip: bool = False) -> dict[str, float]:
+  """Bytes the transformer part of sampling `batch` images must move, by part.
+
+  "weights": `param_bytes` per scale (once if `weights_on_chip`); "cache": keys and values of
+  every token written once, each layer's visible prefix read once per scale; "logits": float32,
+  written and read once; "activations": each block's output rows written once.
+  """
+  seqs = (2 if guidance else 1) * batch
+  C, depth, L = var_cfg.embed_dim, var_cfg.depth, var_cfg.seq_len
+  item = jnp.dtype(var_cfg.dtype).itemsize
+  kv_row = 2 * depth * C * item  # keys and values of one token, all layers
+  visible = sum(end for _, end in scales.begin_ends(var_cfg.patch_nums))
+  return {
+      "weights": float((1 if weights_on_chip else var_cfg.num_scales) * param_bytes),
+      "cache": float(seqs * kv_row * (L + visible)),
+      "logits": float(2 * seqs * L * var_cfg.vocab_size * 4),
+      "activations": float(seqs * L * C * depth * item),
+  }
+
+
+def decoder_min_bytes(vae_cfg: VQVAEConfig, batch: int, param_bytes: int) -> dict[str, float]:
+  """Bytes decoding `batch` images must move: the weights once, every layer's output once."""
+  item = jnp.dtype(vae_cfg.dtype).itemsize
+  return {"decoder_weights": float(param_bytes),
+          "decoder_activations": float(batch * var_flops.decoder_output_elements(vae_cfg) * item)}
+
+
+def decoder_param_bytes(vae_params, dtype) -> int:
+  """Bytes of the weights decoding reads (post_quant_conv and the decoder; the encoder and the
+  quantizer's Phi convolutions are not used by the decode) stored in `dtype`."""
+  item = jnp.dtype(dtype).itemsize
+  return sum(math.prod(x.shape) * item for name in ("post_quant_conv", "decoder")
+             for x in jax.tree.leaves(vae_params[name]))
+
+
+def var_param_bytes(var_params, dtype) -> int:
+  """Bytes of the VAR weights stored in `dtype` (the placement stores them in the compute dtype)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(var_params)) * jnp.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerBound:
+  """FLOPs and bytes of one sampling call on one device, and its roofline at given peaks."""
+  flops: dict[str, float]
+  bytes: dict[str, float]
+  peak_flops: float
+  bandwidth: float
+
+  @property
+  def total_flops(self) -> float:
+    return sum(self.flops.values())
+
+  @property
+  def total_bytes(self) -> float:
+    return sum(self.bytes.values())
+
+  @property
+  def compute_s(self) -> float:
+    return self.total_flops / self.peak_flops
+
+  @property
+  def memory_s(self) -> float:
+    return self.total_bytes / self.bandwidth
+
+  @property
+  def seconds(self) -> float:
+    """max(FLOPs / peak FLOP/s, bytes / bandwidth): no call can be faster."""
+    return max(self.compute_s, self.memory_s)
+
+  @property
+  def bound(self) -> str:
+    return "compute" if self.compute_s >= self.memory_s else "memory"
+
+  @classmethod
+  def of(cls, var_cfg: VARConfig, vae_cfg: VQVAEConfig, batch: int, *, var_param_bytes: int,
+         vae_param_bytes: int, peak_flops: float, bandwidth: float, guidance: bool = True,
+         weights_on_chip: bool = False) -> "SamplerBound":
+    """The bound of sampling `batch` images (on one device) with these weights and peaks."""
+    if batch < 1 or peak_flops <= 0 or bandwidth <= 0:
+      raise ValueError(f"batch, peak_flops and bandwidth must be positive, got {batch}, "
+                       f"{peak_flops}, {bandwidth}.")
+    flops = {"transformer": batch * var_flops.sampler_flops_per_image(var_cfg, guidance)["total"],
+             "decoder": batch * var_flops.decoder_flops_per_image(vae_cfg)["total"]}
+    moved = {**transformer_min_bytes(var_cfg, batch, var_param_bytes, guidance=guidance,
+                                     weights_on_chip=weights_on_chip),
+             **decoder_min_bytes(vae_cfg, batch, vae_param_bytes)}
+    return cls(flops, moved, float(peak_flops), float(bandwidth))
