@@ -67,12 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="skip the bound (the peak matmul rate and bandwidth measurements)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="sampling dtype of ours (and torch.autocast of the official for bf16)")
+  parser.add_argument("--tokenizer-dtype", choices=("float32", "bfloat16"), default=None,
+                      help="the decoder's dtype (default: --dtype; on XLA's CPU backend bf16 "
+                           "convolutions are no faster than float32)")
   parser.add_argument("--greedy-batch", type=int, default=8,
                       help="with --dtype bfloat16: labels of the greedy float32-vs-bf16 token "
                            "check (0: skip)")
   parser.add_argument("--tpu", type=lambda t: [x for x in t.split(",") if x], default=[],
                       help="comma-separated TPU slices to compile the sampler for ahead of time "
                            "(e.g. v5e:2x2,v5p:2x2x1; needs libtpu)")
+  parser.add_argument("--no-cpu", action="store_true",
+                      help="only the --tpu ahead-of-time rows (no timing on this host)")
   parser.add_argument("--tpu-batch-sizes", type=_common.int_list, default=[8, 64],
                       help="global batch sizes of the TPU compiles (default 8,64)")
   return parser.parse_args(argv)
@@ -243,6 +248,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
   row = {
       "bench": "sample", "depth": cfg.depth, "batch": batch, "iters": args.iters, "cfg": args.cfg,
       "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
+      "tokenizer_dtype": args.tokenizer_dtype,
       "ours_images_per_s": batch / t.median_s, "ours_steady_s": t.median_s, "ours_steady_min_s": t.min_s,
       "ours_first_call_s": t.first_s, "ours_compile_s": t.first_minus_steady_s,
       "ours_peak_rss_bytes": ours["peak_rss"], "ours_device_peak_bytes": ours["device_peak"],
@@ -341,20 +347,26 @@ def main(argv=None) -> None:
   official, why, tok, model32 = _common.models(args, depth=args.depth, need_var=True)
   print(f"official comparison: {'on' if official is not None else 'off'} ({why})")
   model = model32
-  if args.dtype != "float32":  # the same weights, sampled in bf16 (tokenizer included)
-    tok16 = var_jax.Tokenizer(dataclasses.replace(tok.config, dtype=args.dtype), tok.params)
+  args.tokenizer_dtype = args.tokenizer_dtype or args.dtype
+  if args.dtype != "float32" or args.tokenizer_dtype != "float32":  # the same weights
+    tok16 = var_jax.Tokenizer(dataclasses.replace(tok.config, dtype=args.tokenizer_dtype),
+                              tok.params)
     model = var_jax.VARModel(dataclasses.replace(model32.config, dtype=args.dtype), model32.params,
                              tok16)
   cfg = model.config
-  print(f"VAR-d{cfg.depth}: {model.num_params() / 1e6:.1f} M params, {args.dtype}; cfg={args.cfg}, "
+  print(f"VAR-d{cfg.depth}: {model.num_params() / 1e6:.1f} M params, {args.dtype} (tokenizer "
+        f"{args.tokenizer_dtype}); cfg={args.cfg}, "
         f"top_k={args.top_k}, top_p={args.top_p}")
-  peaks = None if args.no_flops else measure_peaks(args, official)
+  if args.no_cpu:
+    args.batch_sizes, args.greedy_batch, official = [], 0, None
+  peaks = None if args.no_flops or args.no_cpu else measure_peaks(args, official)
   rows = []
   for batch in args.batch_sizes:
     rows.append(measure_batch(args, official, model, batch, peaks))
     _common.emit({**rows[-1], **env})
-  print_tables(rows, cfg.depth, args.iters, env)
-  report_goals(rows)
+  if rows:
+    print_tables(rows, cfg.depth, args.iters, env)
+    report_goals(rows)
   if args.dtype != "float32" and args.greedy_batch > 0:
     labels = np.arange(args.greedy_batch, dtype=np.int32) * 97 % cfg.num_classes
     shares = greedy_token_shares(official, model32, model, labels, args)

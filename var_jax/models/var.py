@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import scales
+from var_jax.models import precision
 from var_jax.models.var_config import VARConfig
 from var_jax.ops import attention as attention_ops
 
@@ -45,6 +46,11 @@ def _normal(std: float, names, multiplier=None):
     w = jax.random.normal(key, shape, dtype) * std
     return w if multiplier is None else w * multiplier(shape).astype(dtype)
   return nn.with_logical_partitioning(init, names)
+
+
+def _dense(*args, **kwargs) -> nn.Dense:
+  """nn.Dense with float32 accumulation (`precision.dot_general`)."""
+  return nn.Dense(*args, dot_general=precision.dot_general, **kwargs)
 
 
 def _zeros(names):
@@ -92,7 +98,7 @@ class SelfAttention(nn.Module):
     # Hand-rolled rather than nn.DenseGeneral: DenseGeneral initialises a flattened 2-D kernel and
     # reshapes it, which breaks 4-D logical partitioning under a mesh.
     w_qkv = self.param("mat_qkv", _normal(sigma, ("embed", None, "heads", "kv")), (cfg.embed_dim, 3, H, D))
-    qkv = jnp.einsum("blc,cjhd->bljhd", x_BLC.astype(dtype), w_qkv.astype(dtype))
+    qkv = precision.einsum("blc,cjhd->bljhd", x_BLC.astype(dtype), w_qkv.astype(dtype))
     q_bias = self.param("q_bias", _zeros(("heads", "kv")), (H, D))
     v_bias = self.param("v_bias", _zeros(("heads", "kv")), (H, D))
     q = (qkv[:, :, 0] + q_bias.astype(dtype)).astype(jnp.float32)
@@ -137,7 +143,7 @@ class SelfAttention(nn.Module):
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))
     b_proj = self.param("proj_bias", _zeros(("embed",)), (cfg.embed_dim,))
-    out = jnp.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
+    out = precision.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
     return out if self.decode_range is None else (out, kv_cache)
 
 
@@ -149,10 +155,10 @@ class FFN(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     sigma = cfg.init_sigma
-    h = nn.Dense(cfg.mlp_dim, dtype=dtype, name="fc1", kernel_init=_normal(sigma, ("embed", "mlp")),
+    h = _dense(cfg.mlp_dim, dtype=dtype, name="fc1", kernel_init=_normal(sigma, ("embed", "mlp")),
                  bias_init=_zeros(("mlp",)))(x)
     h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
-    return nn.Dense(cfg.embed_dim, dtype=dtype, name="fc2",
+    return _dense(cfg.embed_dim, dtype=dtype, name="fc2",
                     kernel_init=_normal(sigma / math.sqrt(2 * cfg.depth), ("mlp", "embed")),
                     bias_init=_zeros(("embed",)))(h)
 
@@ -182,7 +188,7 @@ class AdaLNBlock(nn.Module):
                              _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=0)), (6, C))
       ada_B6C = ada_gss[None].astype(jnp.float32) + cond.astype(jnp.float32)
     else:
-      ada = nn.Dense(6 * C, dtype=dtype, name="ada_lin",
+      ada = _dense(6 * C, dtype=dtype, name="ada_lin",
                      kernel_init=_normal(cfg.init_sigma, ("embed", "mlp"),
                                          _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=1)),
                      bias_init=_zeros(("mlp",)))(nn.silu(cond))
@@ -222,7 +228,7 @@ class AdaLNBeforeHead(nn.Module):
   def __call__(self, x_BLC, cond_BD):
     cfg = self.config
     C = cfg.embed_dim
-    ada = nn.Dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
+    ada = _dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
                    kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
                    bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
     # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
@@ -254,7 +260,7 @@ class VAR(nn.Module):
     lvl_embed = nn.Embed(cfg.num_scales, C, name="lvl_embed", embedding_init=_normal(sigma, ("scales", "embed")))
     pos_start = self.param("pos_start", _normal(sigma, (None, None, "embed")), (1, cfg.first_l, C))
     pos_1LC = self.param("pos_1LC", _normal(sigma, (None, "length", "embed")), (1, L, C))
-    word_embed = nn.Dense(C, name="word_embed", kernel_init=_normal(sigma, (None, "embed")),
+    word_embed = _dense(C, name="word_embed", kernel_init=_normal(sigma, (None, "embed")),
                           bias_init=_zeros(("embed",)))
     lvl_pos_LC = lvl_embed(jnp.asarray(scales.scale_ids(cfg.patch_nums))) + pos_1LC[0]
 
@@ -299,7 +305,7 @@ class VAR(nn.Module):
       decode_range = (begin, end)
 
     if cfg.shared_aln:
-      shared = nn.Dense(6 * C, name="shared_ada_lin", dtype=dtype,
+      shared = _dense(6 * C, name="shared_ada_lin", dtype=dtype,
                         kernel_init=_normal(sigma, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
       block_cond = shared(nn.silu(cond_BD)).reshape(B, 6, C)
     else:
@@ -328,7 +334,7 @@ class VAR(nn.Module):
           (x_BLC, (cached_k.value, cached_v.value)), block_cond, drop_rates, layers)
 
     h = AdaLNBeforeHead(cfg, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD)
-    logits = nn.Dense(cfg.vocab_size, name="head", dtype=dtype,
+    logits = _dense(cfg.vocab_size, name="head", dtype=dtype,
                       kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
                       bias_init=_zeros(("vocab",)))(h.astype(dtype))
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from var_jax.models import precision
 from var_jax.models.quant import MultiScaleQuantizer
 from var_jax.models.vqvae_config import VQVAEConfig
 
@@ -19,7 +20,8 @@ _PAD1 = ((1, 1), (1, 1))
 
 def _conv(features: int, name: str, dtype, kernel: int = 3) -> nn.Conv:
   pad = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), padding=pad, name=name, dtype=dtype)
+  return nn.Conv(features, (kernel, kernel), padding=pad, name=name, dtype=dtype,
+                 conv_general_dilated=precision.conv_general_dilated)
 
 
 def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
@@ -53,9 +55,9 @@ class AttnBlock(nn.Module):
     qkv = _conv(3 * C, "qkv", self.dtype, kernel=1)(_norm(self.cfg, "norm")(x_BHWC))
     qkv = qkv.reshape(B, H * W, 3, C)  # channel order is [q | k | v]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (C ** -0.5)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (C ** -0.5)
     w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
+    h = precision.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
     return x_BHWC + _conv(C, "proj_out", self.dtype, kernel=1)(h)
 
 
@@ -66,7 +68,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name="conv",
-                   dtype=self.dtype)(x)
+                   dtype=self.dtype, conv_general_dilated=precision.conv_general_dilated)(x)
 
 
 class Upsample(nn.Module):
