@@ -44,7 +44,7 @@ import numpy as np
 import _common
 import var_jax
 from var_jax.inference import sampler
-from var_jax.inference.bound import SamplerBound, decoder_param_bytes, var_param_bytes
+from var_jax.inference.bound import SamplerBound
 
 COMPILE_GOAL_S = 60.0
 
@@ -87,10 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclasses.dataclass(frozen=True)
 class Peaks:
-  """This backend's measured peaks: the matmul rate in the sampling dtype, the read bandwidth."""
+  """This backend's measured peaks: the matmul rate in the sampling dtype, the read bandwidth
+  (torch's float32 matmul rate is printed beside them, for reference)."""
   flops: float
   bandwidth: float
-  torch_flops: float | None
 
 
 def measure_peaks(args, official) -> Peaks:
@@ -101,17 +101,14 @@ def measure_peaks(args, official) -> Peaks:
   print(f"peaks of this backend: {args.dtype} 4096^3 matmul {jax_mm / 1e9:.1f} GFLOP/s (JAX)"
         + (f", float32 {torch_mm / 1e9:.1f} GFLOP/s (torch)" if torch_mm else "")
         + f"; memory read {bandwidth / 1e9:.1f} GB/s")
-  return Peaks(jax_mm, bandwidth, torch_mm)
+  return Peaks(jax_mm, bandwidth)
 
 
 def bound_of(model, batch: int, peaks: Peaks, guidance: bool) -> SamplerBound:
   """The bound of one call on this host (one device: the whole batch). Weights once per scale:
   a VAR's weights are far larger than a CPU's caches."""
-  return SamplerBound.of(
-      model.config, model.tokenizer.config, batch,
-      var_param_bytes=var_param_bytes(model.params, model.config.dtype),
-      vae_param_bytes=decoder_param_bytes(model.tokenizer.params, model.tokenizer.config.dtype),
-      peak_flops=peaks.flops, bandwidth=peaks.bandwidth, guidance=guidance)
+  return SamplerBound.for_model(model, batch, peak_flops=peaks.flops, bandwidth=peaks.bandwidth,
+                                guidance=guidance)
 
 
 # -- timing ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from var_jax.aot.compile import CompiledProgram
 from var_jax.aot.topologies import ChipSpec
 from var_jax.errors import ConfigError
 from var_jax.inference import placement
-from var_jax.inference.bound import SamplerBound, decoder_param_bytes, var_param_bytes
+from var_jax.inference.bound import SamplerBound
 from var_jax.inference.var_model import VARModel
 from var_jax.models import flops as var_flops
 from var_jax.models.var_config import VARConfig
@@ -273,13 +273,8 @@ def sampler_bound(model: VARModel, mesh: Mesh, chip: ChipSpec, batch: int, *,
   stored in the compute dtypes and replicated; a "tensor" axis shares each chip's work, so the
   bound is divided by its size (still a lower bound)."""
   per_chip = placement.padded_size(batch, mesh) // placement.batch_shards(mesh)
-  var_cfg, vae_cfg = model.config, model.tokenizer.config
-  bound = SamplerBound.of(var_cfg, vae_cfg, per_chip,
-                          var_param_bytes=var_param_bytes(model.params, var_cfg.dtype),
-                          vae_param_bytes=decoder_param_bytes(model.tokenizer.params,
-                                                              vae_cfg.dtype),
-                          peak_flops=chip.peak_flops, bandwidth=chip.hbm_bandwidth,
-                          guidance=guidance)
+  bound = SamplerBound.for_model(model, per_chip, peak_flops=chip.peak_flops,
+                                 bandwidth=chip.hbm_bandwidth, guidance=guidance)
   tensor = mesh.shape.get("tensor", 1)
   return dataclasses.replace(bound, peak_flops=bound.peak_flops * tensor,
                              bandwidth=bound.bandwidth * tensor)

@@ -117,3 +117,14 @@ class SamplerBound:
                                      weights_on_chip=weights_on_chip),
              **decoder_min_bytes(vae_cfg, batch, vae_param_bytes)}
     return cls(flops, moved, float(peak_flops), float(bandwidth))
+
+  @classmethod
+  def for_model(cls, model, batch: int, *, peak_flops: float, bandwidth: float,
+                guidance: bool = True, weights_on_chip: bool = False) -> "SamplerBound":
+    """`of` for a VARModel: its weights counted in the dtypes the placement stores them in."""
+    return cls.of(model.config, model.tokenizer.config, batch,
+                  var_param_bytes=var_param_bytes(model.params, model.config.dtype),
+                  vae_param_bytes=decoder_param_bytes(model.tokenizer.params,
+                                                      model.tokenizer.config.dtype),
+                  peak_flops=peak_flops, bandwidth=bandwidth, guidance=guidance,
+                  weights_on_chip=weights_on_chip)
