@@ -101,7 +101,7 @@ def aot_rows(large, small, args) -> list[dict]:
           depths.add(small.config.depth)
 
         def compile_with(unroll=1, length=None):
-          with aot.scan_unroll(unroll, length=length):
+          with aot.scan_unroll(unroll, length=length, slice_each_step=True):
             lowered = aot.lower_sample(large, labels, mesh=mesh, **kwargs)
           return analysis.analyze(lowered.compile(), chip)
 

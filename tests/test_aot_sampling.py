@@ -129,6 +129,35 @@ def test_lower_sample_traces_anew_under_scan_unroll():
   assert unrolled != once and lower() == once
 
 
+def test_step_sliced_unroll_samples_the_same_tokens():
+  """The loop correction's program (`scan_unroll(2, slice_each_step=True)`, each step's weights
+  and cache indexed from the whole stack) computes what the sampler computes: same tokens."""
+  m = model("tiny")
+  call = sampler.build_sample_call(m, np.arange(3), rng=jax.random.key(4), top_k=5,
+                                   mesh=placement.default_mesh())
+  with aot.scan_unroll(2, slice_each_step=True):
+    lowered = call.lower(fresh=True)
+  assert lowered.as_text() != call.lower().as_text()
+  with placement.batch_context(call.mesh):
+    _, tokens = lowered.compile()(*call.args)
+  _, expected = call.run()
+  for got, want in zip(tokens, expected):
+    np.testing.assert_array_equal(np.asarray(got)[:3], np.asarray(want))
+
+
+def test_step_sliced_unroll_keeps_scan_semantics():
+  """Under `scan_unroll(.., slice_each_step=True)` lax.scan still returns lax.scan's carry and ys,
+  forward and reversed, for unrolls that divide the length; others fall back to lax.scan."""
+  xs = (jnp.arange(24.0).reshape(6, 4), jnp.arange(6.0))
+  step = lambda c, x: (c * 1.5 + x[0].sum() - x[1], (c, 2 * x[1]))
+  for reverse in (False, True):
+    want = jax.lax.scan(step, 1.0, xs, reverse=reverse)
+    for unroll in (2, 3, 4):
+      with aot.scan_unroll(unroll, slice_each_step=True):
+        got = jax.lax.scan(step, 1.0, xs, reverse=reverse, unroll=unroll)
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes", [(2, 1, 2), (1, 4, 1)], ids=["tensor2", "fsdp4"])
 def test_d30_samples_on_16gb_chips_with_sharded_weights(mesh_sizes):

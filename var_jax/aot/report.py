@@ -217,6 +217,8 @@ def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipS
       unroll_s = time.perf_counter() - t0
       cost, corrected = analysis.loop_corrected(raw, unrolled, depth), True
       note = "XLA cost analysis, loop-corrected"
+      if kind == SAMPLER:
+        note += " (each unrolled step's weights sliced from the whole stack)"
   added = kernel_flops(raw, program)
   cost = dataclasses.replace(cost, flops=cost.flops + added)
   return ProgramReport(kind, program, chip, raw, cost, added, corrected, note, unroll_s)
