@@ -8,9 +8,12 @@ memory-planned for them. A small model keeps the compiles near a minute on 2 cor
 bfloat16 compute, pre-tokenized batches, and a small tokenizer for the decoder compile.
 """
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from var_jax import aot, scales
@@ -110,11 +113,8 @@ def test_loop_correction_adds_the_uncounted_trips():
     aot.loop_corrected(base, unrolled, trips=3)
 
 
-def _stacked_mlp(unroll=None):
+def _stacked_mlp():
   """A scan of 8 two-matmul layers over stacked bfloat16 weights (a scanned transformer's shape)."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-
   class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -122,9 +122,7 @@ def _stacked_mlp(unroll=None):
       return nn.Dense(256, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(
           jax.nn.gelu(h)), None
 
-  kwargs = {} if unroll is None else {"unroll": unroll}
-  return nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=8,
-                 **kwargs)()
+  return nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=8)()
 
 
 def test_step_sliced_unroll_counts_the_blocks_as_run():
@@ -132,8 +130,6 @@ def test_step_sliced_unroll_counts_the_blocks_as_run():
   layer's weights once (the matmuls' inputs; the activations of 4 rows per chip are ~1% on top)
   and every layer's FLOPs; lax.scan's own unroll=2 copies a 2-layer block of the stacked weights
   per trip and so overcounts the bytes (the failure this guards against)."""
-  import functools
-  import jax.numpy as jnp
   chip = aot.chip_spec("v5e:2x2")
   mesh = aot.topology_mesh("v5e:2x2", aot.mesh_config(4, 1, 1))
   split = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
