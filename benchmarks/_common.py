@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The official models of the brief: build_vae_var(...) with these arguments (plus depth).
+# The official models of the brief: build_vae_var(...) with these arguments (plus depth and the
+# device, `official_device`).
 OFFICIAL_BUILD_KWARGS = dict(
-    V=4096, Cvae=32, ch=160, share_quant_resi=4, device="cpu",
+    V=4096, Cvae=32, ch=160, share_quant_resi=4,
     patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=1000, shared_aln=False,
     attn_l2_norm=True, flash_if_available=False, fused_if_available=False)
 
@@ -56,6 +57,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, batch_sizes: str, iters
                       help="skip the official PyTorch comparison even when VAR_REF is set")
   parser.add_argument("--torch-warmup", type=int, default=1,
                       help="untimed official calls before its timed ones (default 1; 0: none)")
+  parser.add_argument("--official-device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the official models run (default auto: cuda when torch sees a "
+                           "GPU, else cpu)")
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -122,21 +126,24 @@ def time_calls(fn: Callable[[], Any], iters: int) -> Timing:
   return Timing(first, steady)
 
 
-def time_torch(fn: Callable[[], Any], iters: int, warmup: int) -> Timing:
-  """PyTorch on CPU (synchronous): `warmup` untimed calls, then `iters` timed ones.
+def time_torch(fn: Callable[[], Any], iters: int, warmup: int,
+               synchronize: Callable[[], None] = lambda: None) -> Timing:
+  """PyTorch: `warmup` untimed calls, then `iters` timed ones, each followed by `synchronize`
+  (`Official.synchronize`: waits for the GPU's queue; nothing on CPU, where torch is synchronous).
 
   `first_s` is the first call's time, whether it was a warm-up call or the first timed one.
   """
+  def call() -> float:
+    t0 = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - t0
+
   first = None
   for _ in range(warmup):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0 if first is None else first
-  steady = []
-  for _ in range(max(iters, 1)):
-    t0 = time.perf_counter()
-    fn()
-    steady.append(time.perf_counter() - t0)
+    elapsed = call()
+    first = elapsed if first is None else first
+  steady = [call() for _ in range(max(iters, 1))]
   return Timing(steady[0] if first is None else first, steady)
 
 
@@ -170,12 +177,13 @@ def stream_bytes_per_s(gib: float = 1.0, iters: int = 5) -> float:
   return x.size * 4 / t.min_s
 
 
-def torch_matmul_flops_per_s(torch, n: int = 2048, iters: int = 5) -> float:
-  """Achieved float32 FLOP/s of torch's (n, n) @ (n, n) matmul on CPU (best of iters)."""
-  g = torch.Generator().manual_seed(0)
-  a = torch.randn(n, n, generator=g)
-  b = torch.randn(n, n, generator=g)
-  t = time_torch(lambda: a @ b, iters, warmup=1)
+def torch_matmul_flops_per_s(official: "Official", n: int = 2048, iters: int = 5) -> float:
+  """Achieved float32 FLOP/s of torch's (n, n) @ (n, n) matmul on the official models' device
+  (best of iters)."""
+  g = official.torch.Generator().manual_seed(0)
+  a = official.tensor(official.torch.randn(n, n, generator=g).numpy())
+  b = official.tensor(official.torch.randn(n, n, generator=g).numpy())
+  t = time_torch(lambda: a @ b, iters, warmup=1, synchronize=official.synchronize)
   return 2.0 * n ** 3 / t.min_s
 
 
@@ -276,10 +284,40 @@ def speedup(ours_s: float | None, official_s: float | None) -> float | None:
 
 @dataclasses.dataclass
 class Official:
-  """The official PyTorch models (random weights), for side-by-side timing."""
+  """The official PyTorch models (random weights) on `device`, for side-by-side timing."""
   torch: Any
   vae: Any
   var: Any
+  device: str = "cpu"
+
+  def tensor(self, array, dtype=None):
+    """A numpy array (or array-like) as a torch tensor on the models' device."""
+    array = np.ascontiguousarray(array if dtype is None else np.asarray(array, dtype))
+    return self.torch.from_numpy(array.copy() if not array.flags.writeable else array).to(self.device)
+
+  def synchronize(self) -> None:
+    """Waits for the device's queued work (a timing boundary); nothing on CPU."""
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def autocast(self, dtype: str):
+    """torch.autocast to `dtype` on the models' device; nothing for float32."""
+    if dtype == "float32":
+      return contextlib.nullcontext()
+    return self.torch.autocast(self.device, dtype=getattr(self.torch, dtype))
+
+
+def official_device(args, torch) -> str:
+  """--official-device, with auto = cuda when torch sees a GPU. (The official VAR draws its
+  sampling generator on cuda whenever one is visible, so on a GPU machine its models must be
+  there too.)"""
+  choice = getattr(args, "official_device", "auto")
+  if choice == "auto":
+    return "cuda" if torch.cuda.is_available() else "cpu"
+  if choice == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--official-device cuda: torch sees no GPU here (torch.cuda.is_available() "
+                     "is False); use cpu or auto.")
+  return choice
 
 
 def import_official(args) -> tuple[Any | None, str]:
@@ -312,15 +350,16 @@ def load_official(args, depth: int) -> tuple[Official | None, str]:
     return None, why
   from models import build_vae_var  # The official checkout's package, found through VAR_REF.
   warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
+  device = official_device(args, torch)
   torch.manual_seed(args.seed)
   with contextlib.redirect_stdout(io.StringIO()):
-    vae, var = build_vae_var(depth=depth, **OFFICIAL_BUILD_KWARGS)
+    vae, var = build_vae_var(depth=depth, device=device, **OFFICIAL_BUILD_KWARGS)
   with torch.no_grad():
     for p in vae.parameters():  # The official VQVAE leaves its weights uninitialised.
       torch.nn.init.normal_(p, std=0.02)
   vae.eval()
   var.eval()
-  return Official(torch, vae, var), why
+  return Official(torch, vae, var, device), f"{why}, on {device}"
 
 
 def _numpy_state_dict(module) -> dict[str, np.ndarray]:

@@ -81,9 +81,9 @@ def time_official(official: _common.Official, mode: str, inputs, iters: int, war
   torch = official.torch
   var = official.var
   labels_B, x_BlCv, targets_BL = inputs
-  label = torch.from_numpy(labels_B.astype(np.int64))
-  x = torch.from_numpy(np.array(x_BlCv, np.float32))  # a writable copy
-  targets = torch.from_numpy(targets_BL.astype(np.int64)).reshape(-1)
+  label = official.tensor(labels_B, np.int64)
+  x = official.tensor(x_BlCv, np.float32)
+  targets = official.tensor(targets_BL, np.int64).reshape(-1)
   V = var.V
   var.train()
 
@@ -98,7 +98,7 @@ def time_official(official: _common.Official, mode: str, inputs, iters: int, war
     return loss
 
   _common.reset_peak_rss()
-  timing = _common.time_torch(fwd if mode == "fwd" else fwd_bwd, iters, warmup)
+  timing = _common.time_torch(fwd if mode == "fwd" else fwd_bwd, iters, warmup, official.synchronize)
   peak = _common.peak_rss_since_reset()
   var.zero_grad(set_to_none=True)
   var.eval()

@@ -21,7 +21,7 @@ official, and measured / bound.
 
 --dtype bfloat16 samples with bf16 weights and activations (float32 accumulation, softmax,
 norms and logits), tokenizer included, against the official under
-`torch.autocast("cpu", dtype=torch.bfloat16)`; both also sample greedily (top_k=1) in float32
+`torch.autocast(device, dtype=torch.bfloat16)`; both also sample greedily (top_k=1) in float32
 and in bfloat16 on the same labels, and the share of bf16 greedy tokens equal to the float32 ones
 is printed for each (the same run).
 
@@ -33,7 +33,6 @@ loop-corrected) at --tpu-batch-sizes and prints the compiled roofline against th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import time
 
@@ -94,12 +93,15 @@ class Peaks:
 
 
 def measure_peaks(args, official) -> Peaks:
-  jax_mm = _common.matmul_flops_per_s(4096, dtype=args.dtype)
-  bandwidth = _common.stream_bytes_per_s()
-  torch_mm = (_common.torch_matmul_flops_per_s(official.torch, 4096) if official is not None
+  # A GPU runs a 4096^3 bf16 matmul or a 1 GiB read in well under a millisecond, where the call's
+  # own overhead would show: there, 8192^3 and 4 GiB.
+  n, gib = (8192, 4.0) if jax.default_backend() == "gpu" else (4096, 1.0)
+  jax_mm = _common.matmul_flops_per_s(n, dtype=args.dtype)
+  bandwidth = _common.stream_bytes_per_s(gib)
+  torch_mm = (_common.torch_matmul_flops_per_s(official, n) if official is not None
               else None)
-  print(f"peaks of this backend: {args.dtype} 4096^3 matmul {jax_mm / 1e9:.1f} GFLOP/s (JAX)"
-        + (f", float32 {torch_mm / 1e9:.1f} GFLOP/s (torch)" if torch_mm else "")
+  print(f"peaks of this backend: {args.dtype} {n}^3 matmul {jax_mm / 1e9:.1f} GFLOP/s (JAX)"
+        + (f", float32 {torch_mm / 1e9:.1f} GFLOP/s (torch, {official.device})" if torch_mm else "")
         + f"; memory read {bandwidth / 1e9:.1f} GB/s")
   return Peaks(jax_mm, bandwidth)
 
@@ -142,13 +144,6 @@ def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
           "memory": _common.memory_analysis(compiled)}
 
 
-def official_precision(official: _common.Official, dtype: str):
-  """torch.autocast to bfloat16 on CPU for --dtype bfloat16; nothing for float32."""
-  if dtype == "float32":
-    return contextlib.nullcontext()
-  return official.torch.autocast("cpu", dtype=official.torch.bfloat16)
-
-
 def greedy_token_shares(official, model32, model16, labels: np.ndarray, args) -> dict:
   """Share of bf16 greedy tokens (top_k=1, cfg as timed) equal to the float32 ones: ours, and the
   official's under autocast against its own float32, on the same labels."""
@@ -160,11 +155,10 @@ def greedy_token_shares(official, model32, model16, labels: np.ndarray, args) ->
   out = {"ours_bf16_greedy_equal": float((ours32 == ours16).mean()),
          "ours_f32_vs_official_f32_greedy_equal": None, "official_bf16_greedy_equal": None}
   if official is not None:
-    torch = official.torch
-    label_B = torch.from_numpy(labels.astype(np.int64))
+    label_B = official.tensor(labels, np.int64)
 
     def official_tokens(dtype):
-      with torch.inference_mode(), official_precision(official, dtype):
+      with official.torch.inference_mode(), official.autocast(dtype):
         return _official_greedy_tokens(official, label_B, args)
 
     theirs32, theirs16 = official_tokens("float32"), official_tokens("bfloat16")
@@ -175,8 +169,7 @@ def greedy_token_shares(official, model32, model16, labels: np.ndarray, args) ->
 
 def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
   """The official autoregressive_infer_cfg on the same weights and labels."""
-  torch = official.torch
-  label_B = torch.from_numpy(labels.astype(np.int64))
+  label_B = official.tensor(labels, np.int64)
   B = labels.shape[0]
 
   def run():
@@ -184,8 +177,8 @@ def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
                                                  top_k=args.top_k, top_p=args.top_p)
 
   _common.reset_peak_rss()
-  with torch.inference_mode(), official_precision(official, args.dtype):
-    timing = _common.time_torch(run, args.iters, args.torch_warmup)
+  with official.torch.inference_mode(), official.autocast(args.dtype):
+    timing = _common.time_torch(run, args.iters, args.torch_warmup, official.synchronize)
   return {"timing": timing, "peak_rss": _common.peak_rss_since_reset()}
 
 

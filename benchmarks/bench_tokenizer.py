@@ -44,11 +44,13 @@ def time_official(official: _common.Official, images: np.ndarray, idx_maps, iter
   """The official img_to_idxBl and idxBl_to_img(same_shape=True, last_one=True), same inputs."""
   torch = official.torch
   vae = official.vae
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-  idx_Bl = [torch.from_numpy(np.asarray(m).reshape(m.shape[0], -1).astype(np.int64)) for m in idx_maps]
+  x = official.tensor(images.transpose(0, 3, 1, 2))
+  idx_Bl = [official.tensor(np.asarray(m).reshape(m.shape[0], -1), np.int64) for m in idx_maps]
+  sync = official.synchronize
   with torch.inference_mode():
-    enc = _common.time_torch(lambda: vae.img_to_idxBl(x), iters, warmup)
-    dec = _common.time_torch(lambda: vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True), iters, warmup)
+    enc = _common.time_torch(lambda: vae.img_to_idxBl(x), iters, warmup, sync)
+    dec = _common.time_torch(lambda: vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True), iters,
+                             warmup, sync)
   return {"encode": enc, "decode": dec}
 
 

@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import _common
-import bench_train
 import var_jax
 from var_jax import scales
 from var_jax.models import flops
@@ -273,6 +272,9 @@ def time_sampler(args, rows: list[dict]) -> None:
 # -- 3. train step -------------------------------------------------------------------------------
 
 def time_train(args, rows: list[dict], peak: float | None) -> None:
+  # Imported here: the trainer's input stack (grain, clu, TensorFlow) is needed by this section
+  # alone, and a GPU image may lack it while the other sections run.
+  import bench_train  # pylint: disable=import-outside-toplevel
   bench_args = argparse.Namespace(seed=args.seed, dtype=args.dtype, input="tokens", warmup=1,
                                   steps=args.iters)
   for impl in IMPLS:

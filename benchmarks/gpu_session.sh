@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One GPU lease's worth of sampler figures, in order of priority, each step under its own limit:
+#
+#   OUT=/tmp/gpu VAR_REF=/path/to/VAR bash benchmarks/gpu_session.sh            # every step
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh d16bf16 d30bf16                 # some steps
+#   SMOKE=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu bash benchmarks/gpu_session.sh      # tiny, on a CPU
+#
+# Steps (default: all, in this order; one H200 lease of 15 minutes holds about two of them: each
+# batch size is its own XLA compile, 67-122 s on an H200 for VAR-d16, and a command may run 10 min):
+#   d16bf16  bench_sample.py, VAR-d16 in bfloat16 (tokenizer too) against the official under
+#            torch.autocast on the same GPU, batch 1 and 64
+#   d16f32   the same in float32, both sides at true float32 (no TF32 in cuBLAS/cuDNN)
+#   d30bf16  VAR-d30 in bfloat16, batch 1 and 64
+#   d16max   VAR-d16 bf16 alone at batch 512 (the largest batch: the official at 64 is in d16bf16)
+#   check    gpu_check.py's attention numerics (xla and the Pallas Triton kernel, at d16 sizes)
+#   paths    gpu_check.py's var_jax.sample per attention path (bf16, batch 64)
+#
+# Each step's output goes to $OUT/<step>.log; every JSON line of all steps to $OUT/rows.jsonl.
+# A step that runs past its limit is killed (the rows it printed stay) and the next one starts.
+# JAX does not preallocate the GPU here, so the official models (torch, same process) find room
+# beside ours.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/var_jax_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+PY=${PYTHON:-python3}
+STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths}
+if [ "${SMOKE:-0}" = 1 ]; then
+  # Tiny sizes, to try the script itself where there is no GPU: timings mean nothing.
+  CHECK=(--allow-cpu --tiny) D16=(--depth 2) D30=(--depth 3) B16="1,2" B30="1" BMAX="3"
+  PATHS_BATCH=2 ITERS=1
+else
+  CHECK=() D16=(--depth 16) D30=(--depth 30) B16="1,64" B30="1,64" BMAX="512" PATHS_BATCH=64
+  ITERS=3
+fi
+SAMPLE=(benchmarks/bench_sample.py --no-aot --greedy-batch 0 --iters "$ITERS")
+
+step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, its output to a log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  timeout --signal=KILL "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v '^{' "$OUT/$name.log" | grep -v -E '^(WARNING|I0000|W0000|E0000)' | tail -n 40
+  echo "=== $name: rc=$rc, $((SECONDS - t0)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv 2>/dev/null
+"$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+for s in $STEPS; do
+  case $s in
+    d16bf16) step d16bf16 280 "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --batch-sizes "$B16" ;;
+    d16f32) NVIDIA_TF32_OVERRIDE=0 JAX_DEFAULT_MATMUL_PRECISION=highest step d16f32 280 "$PY" \
+              "${SAMPLE[@]}" "${D16[@]}" --dtype float32 --batch-sizes "$B16" ;;
+    d30bf16) step d30bf16 330 "$PY" "${SAMPLE[@]}" "${D30[@]}" --dtype bfloat16 --batch-sizes "$B30" ;;
+    d16max) step d16max 240 "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --no-official \
+              --batch-sizes "$BMAX" ;;
+    check) step check 240 "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip sampler,train \
+              --out "$OUT/gpu_check.json" ;;
+    paths) step paths 280 "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip numerics,train \
+              --sample-batch-sizes "$PATHS_BATCH" --iters "$ITERS" --out "$OUT/gpu_check_paths.json" ;;
+    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths)"; exit 2 ;;
+  esac
+done
+grep -h '^{' "$OUT"/*.log >"$OUT/rows.jsonl" 2>/dev/null
+echo "rows: $(wc -l <"$OUT/rows.jsonl") JSON lines in $OUT/rows.jsonl"
