@@ -6,6 +6,9 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The var-jax commands the tests run (in process and in subprocesses) keep no compilation cache
+# in the user's home; tests/test_cli.py turns it on in a temporary directory where it tests it.
+os.environ.setdefault("VAR_JAX_COMPILATION_CACHE", "off")
 
 import pathlib  # noqa: E402
 

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from var_jax import compile_cache
 from var_jax.errors import VarJaxError
 
 # name -> (module, one-line help); `var-jax NAME --help` has the details.
@@ -21,6 +22,12 @@ COMMANDS = {
     "aot": ("var_jax.cli.aot", "will a training config fit a TPU slice: compile it ahead of time"),
 }
 
+# Commands whose programs JAX's persistent compilation cache keeps between runs
+# (`var_jax.compile_cache`; VAR_JAX_COMPILATION_CACHE=off turns it off). Not `aot`: it compiles for
+# TPU slices this host does not have, nothing a later run here could load.
+CACHED_COMMANDS = ("sample", "edit", "evaluate", "fid-stats", "train", "train-tokenizer",
+                   "pretokenize")
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="var-jax", description=__doc__)
@@ -35,6 +42,8 @@ def main(argv=None) -> int:
   if not argv or argv[0] not in COMMANDS:
     build_parser().parse_args(argv[:1])  # prints help, or the usage and the error (exit 2)
   command, rest = argv[0], argv[1:]
+  if command in CACHED_COMMANDS and not {"-h", "--help"} & set(rest):
+    compile_cache.enable(compile_cache.directory_from_env())
   try:
     module = importlib.import_module(COMMANDS[command][0])
     run = module.main_tokenizer if command == "train-tokenizer" else module.main
