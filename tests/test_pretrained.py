@@ -149,6 +149,14 @@ def test_released_name_found_in_the_hub_cache_and_converted_once(tmp_path, monke
   again = load_pretrained("d16", cache_dir=tmp_path, patch_nums=PATCH_NUMS, allow_download=False)
   _assert_same_model(model, again)
   assert load_pretrained("d16", cache_dir=tmp_path, dtype="bfloat16").config.dtype == "bfloat16"
+  # Overrides the cached copy cannot honour are errors, not silently dropped.
+  with pytest.raises(InputError, match=r"patch_nums=\(1, 2, 4\) differs from the cached converted copy"):
+    load_pretrained("d16", cache_dir=tmp_path, patch_nums=(1, 2, 4))
+  with pytest.raises(InputError, match="unknown override dtpye='bfloat16'"):
+    load_pretrained("d16", cache_dir=tmp_path, dtpye="bfloat16")
+  with pytest.raises(InputError, match="unknown override vae_chanels=8"):
+    load_pretrained("d16", cache_dir=tmp_path, vae_chanels=8)
+  assert (converted / "config.json").is_file()  # the cached copy is kept
 
 
 def test_released_name_found_in_the_torch_folder(tmp_path, monkeypatch):

@@ -110,7 +110,10 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
   if name in RELEASED:
     converted = cache / "converted" / name
     if (converted / "config.json").is_file():
-      return load_converted(converted, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
+      model = load_converted(converted, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
+      _check_conversion_overrides(model, converted, {k: v for k, v in overrides.items()
+                                                     if k not in _RUNTIME_FIELDS})
+      return model
     vae = _hub_file(VAE_FILE, cache, allow_download)
     var = _hub_file(RELEASED[name], cache, allow_download)
     if vae is None or var is None:
@@ -168,6 +171,27 @@ def _local_or_remote(name: str):
     from etils import epath
     return epath.Path(name)
   return pathlib.Path(name)
+
+
+def _check_conversion_overrides(model: VARModel, converted: pathlib.Path, overrides: dict) -> None:
+  """The conversion overrides of a released name (patch_nums, vae_FIELD, VARConfig fields) against
+  the cached converted copy, which was converted once with them: equal values pass; an unknown
+  field or a different value raises, rather than being dropped unseen."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  for key, value in sorted(overrides.items()):
+    config, field = ((model.tokenizer.config, key[len("vae_"):]) if key.startswith("vae_")
+                     else (model.config, key))
+    fields = {f.name for f in dataclasses.fields(config)}
+    if field not in fields:
+      raise InputError(f"unknown override {key}={value!r} for a released model: not a field of "
+                       f"{type(config).__name__} ({', '.join(sorted(fields))}).")
+    cached = getattr(config, field)
+    same = (tuple(cached) == tuple(value) if isinstance(cached, (list, tuple))
+            and isinstance(value, (list, tuple)) else cached == value)
+    if not same:
+      raise InputError(f"{key}={value!r} differs from the cached converted copy at {converted} "
+                       f"({key}={cached!r}), converted earlier; delete that directory to convert "
+                       "the released files again with the new value.")
 
 
 def _check_overrides(overrides, allowed, what: str) -> None:
