@@ -7,6 +7,7 @@ from PIL import Image
 import helpers
 import var_jax
 from var_jax import cli
+from var_jax.cli import common as cli_common
 from var_jax.cli import sample as cli_sample
 from var_jax.inference.pretrained import convert_files, save_converted
 
@@ -193,6 +194,33 @@ def test_edit_writes_what_var_jax_edit_gives(model_dir, image_and_mask, tmp_path
   np.testing.assert_array_equal(_grid(inverted), np.asarray(expected_inv)[0])
   not_inverted = var_jax.edit(m, pixels, white, [10], rng=jax.random.key(0))
   assert not np.array_equal(np.asarray(not_inverted), np.asarray(expected_inv))  # the flag matters
+
+
+def test_edit_on_a_pod_joins_before_loading_and_only_process_0_writes(model_dir, image_and_mask,
+                                                                     tmp_path, monkeypatch):
+  """On a pod every host runs the command: each joins jax.distributed first (before the model
+  loads), and a host other than process 0 writes no image file. (`var-jax sample` does the same
+  through the same two lines; its own share logic is tested above.)"""
+  from var_jax.parallel import distributed
+  events = []
+  monkeypatch.setattr(distributed, "maybe_initialize_distributed",
+                      lambda mode="auto", **kw: events.append(("init", mode)) or False)
+  real_load = cli_common.load_model
+
+  def load_as_process_1_of_2(*args):
+    events.append(("load",))
+    model = real_load(*args)  # read as the single process this test is; then play host 1 of 2
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    return model
+
+  monkeypatch.setattr(cli_common, "load_model", load_as_process_1_of_2)
+  image, mask = image_and_mask
+  out = tmp_path / "out.png"
+  argv = ["edit", "--model", model_dir, "--out", str(out), "--image", str(image), "--mask", str(mask)]
+  assert cli.main(argv) == 0
+  assert events == [("init", "auto"), ("load",)]
+  assert not out.exists()
 
 
 def test_edit_bad_files_exit_2_before_compiling(model_dir, image_and_mask, tmp_path, capsys):

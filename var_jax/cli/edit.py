@@ -19,6 +19,8 @@ def cmd_edit(args) -> int:
   from var_jax.inference.filters import check_sampling_options
 
   common.check_output_file(args.out, "--out")
+  from var_jax.parallel.distributed import maybe_initialize_distributed
+  maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)
   size = model.tokenizer.config.image_size
   image = image_io.load_image(args.image, size)
@@ -30,8 +32,10 @@ def cmd_edit(args) -> int:
   out = edit(model, image[None], keep.astype(np.float32), [label], rng=jax.random.key(args.seed),
              cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
              mesh=sampling_mesh(*args.mesh))
-  path = image_io.save_png(np.asarray(out)[0], args.out)
-  print(f"wrote the edited image to {common.shown(path)}")
+  edited = np.asarray(out)[0]
+  if jax.process_index() == 0:  # on a pod every host computes the same image; one writes it
+    path = image_io.save_png(edited, args.out)
+    print(f"wrote the edited image to {common.shown(path)}")
   return 0
 
 
