@@ -77,6 +77,24 @@ def test_convert_out_that_is_a_file_fails_before_reading(tmp_path, capsys):
   assert f"--out {f} is a file; give a directory." in _error(capsys)
 
 
+@pytest.mark.parametrize("argv", [
+    ["convert", "--vae", "no.pth", "--var", "no.pth", "--out", "gs://bucket/d16"],
+    ["export", "--workdir", "no_run", "--out", "gs://bucket/d16"],
+    ["sample", "--out", "gs://bucket/grid.png"],
+    ["sample", "--out", "", "--out-dir", "gs://bucket/samples"],
+    ["edit", "--image", "a.png", "--mask", "m.png", "--out", "gs://bucket/edited.png"],
+])
+def test_local_only_outputs_refuse_a_url_before_any_work(argv, tmp_path, monkeypatch,
+                                                         no_model_loading, capsys):
+  """These commands write with local file APIs: a gs:// output is an error naming the way round,
+  not a local folder named 'gs:'."""
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(argv) == 2
+  err = _error(capsys)
+  assert "gs://bucket/" in err and "writes to local disk only" in err and "gsutil" in err, err
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_train_workdir_that_is_a_file_fails_before_training(tmp_path, capsys):
   f = tmp_path / "workdir"
   f.write_text("")

@@ -63,9 +63,21 @@ def shown(path) -> str:
   return text if "://" in text else os.path.normpath(os.path.abspath(text))
 
 
-def check_output_file(path, flag: str) -> None:
-  """Raises InputError, before any work, if `path` cannot be written as a file."""
-  if not path or "://" in os.fspath(path):
+def _check_remote(path, flag: str, remote_ok: bool) -> bool:
+  """Whether `path` is a URL (gs://...); raises InputError for one where the command writes local
+  files only (pathlib would make a local folder named 'gs:' of it)."""
+  if "://" not in os.fspath(path):
+    return False
+  if not remote_ok:
+    raise InputError(f"{flag} {path}: this command writes to local disk only; write to a local "
+                     f"path, then copy it there (e.g. gsutil -m cp -r LOCAL_PATH {path}).")
+  return True
+
+
+def check_output_file(path, flag: str, *, remote_ok: bool = True) -> None:
+  """Raises InputError, before any work, if `path` cannot be written as a file (or is a URL
+  where `remote_ok` is False)."""
+  if not path or _check_remote(path, flag, remote_ok):
     return
   p = pathlib.Path(path)
   if p.is_dir():
@@ -75,9 +87,10 @@ def check_output_file(path, flag: str) -> None:
     raise InputError(f"{flag} {shown(p)}: {shown(parent)} is a file, not a directory.")
 
 
-def check_output_dir(path, flag: str) -> None:
-  """Raises InputError, before any work, if `path` exists and is not a directory."""
-  if not path or "://" in os.fspath(path):
+def check_output_dir(path, flag: str, *, remote_ok: bool = True) -> None:
+  """Raises InputError, before any work, if `path` exists and is not a directory (or is a URL
+  where `remote_ok` is False)."""
+  if not path or _check_remote(path, flag, remote_ok):
     return
   p = pathlib.Path(path)
   for a in [p, *p.parents]:

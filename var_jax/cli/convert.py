@@ -11,7 +11,7 @@ PROG = "var-jax convert"
 
 def cmd_convert(args) -> int:
   from var_jax.inference.pretrained import convert_files, save_converted
-  common.check_output_dir(args.out, "--out")
+  common.check_output_dir(args.out, "--out", remote_ok=False)
   model = convert_files(args.vae, args.var, patch_nums=args.patch_nums)
   out = save_converted(model, args.out)
   print(f"converted depth-{model.config.depth} VAR ({model.num_params():,} params) and its tokenizer "

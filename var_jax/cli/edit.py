@@ -18,7 +18,7 @@ def cmd_edit(args) -> int:
   from var_jax.inference.edit import edit
   from var_jax.inference.filters import check_sampling_options
 
-  common.check_output_file(args.out, "--out")
+  common.check_output_file(args.out, "--out", remote_ok=False)
   from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
   import pathlib
   argv = list(sys.argv if argv is None else argv)
   args = build_parser().parse_args(argv[1:])
-  common.check_output_dir(args.out, "--out")
+  common.check_output_dir(args.out, "--out", remote_ok=False)
   out = pathlib.Path(args.out)
   if (out / "config.json").exists() or (out / "params").exists():
     raise InputError(f"--out {common.shown(out)} already holds a model; nothing was written. "

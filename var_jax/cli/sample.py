@@ -55,8 +55,8 @@ def cmd_sample(args) -> int:
 
   if args.per_class < 1 or args.batch_size < 0:
     raise InputError(f"--per-class must be >= 1 and --batch-size >= 0, got {args.per_class} and {args.batch_size}.")
-  common.check_output_file(args.out, "--out")
-  common.check_output_dir(args.out_dir, "--out-dir")
+  common.check_output_file(args.out, "--out", remote_ok=False)
+  common.check_output_dir(args.out_dir, "--out-dir", remote_ok=False)
   from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
   model = common.load_model(args.model, args.dtype)
