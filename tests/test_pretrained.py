@@ -217,3 +217,12 @@ def test_bad_names_and_paths_are_clear_errors(tmp_path):
   with pytest.raises(InputError, match=r"\(vae.pth, var.pth\)"):
     load_pretrained((VAE, VAR, VAR))
   _assert_same_model(load_pretrained((VAE, VAR), patch_nums=PATCH_NUMS), helpers.model("tiny"))
+
+
+def test_model_directory_paths_keep_urls_and_make_local_ones_absolute(tmp_path, monkeypatch):
+  """gs:// model directories reach Orbax as URLs (pathlib would give a local 'gs:/bucket/...')."""
+  from var_jax.inference import model_dirs
+  remote = model_dirs.as_path("gs://bucket/models/d16")
+  assert str(remote) == "gs://bucket/models/d16" and str(remote / "params") == "gs://bucket/models/d16/params"
+  monkeypatch.chdir(tmp_path)
+  assert model_dirs.as_path("models/d16") == tmp_path / "models" / "d16"

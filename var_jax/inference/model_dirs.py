@@ -24,13 +24,23 @@ FORMAT_VERSION = 1
 RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy")
 
 
+def as_path(path):
+  """A model directory's path: gs:// and other URLs through etils (Orbax and the config reads
+  take either), local paths absolute. (pathlib alone would turn gs://b/m into a local 'gs:/b/m'.)"""
+  text = str(path)
+  if "://" in text:
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    return epath.Path(text)
+  return pathlib.Path(path).absolute()
+
+
 def save_converted(model: VARModel, out_dir, *, storage_dtype: str = "float32") -> pathlib.Path:
   """Writes `config.json` and an Orbax checkpoint of both param trees to `out_dir`.
 
   storage_dtype="bfloat16" halves the files (the shipped model); loading casts back to float32.
   """
   import orbax.checkpoint as ocp
-  out = pathlib.Path(out_dir).absolute()
+  out = as_path(out_dir)
   if (out / "params").exists():
     raise CheckpointError(f"{out} already holds a converted model; choose another --out or delete it.")
   out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +65,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir, *, storage_dtype: str = "float
   training config (and `load_tokenizer_dir`) reads.
   """
   import orbax.checkpoint as ocp
-  out = pathlib.Path(out_dir).absolute()
+  out = as_path(out_dir)
   if (out / "params").exists() or (out / "config.json").exists():
     raise CheckpointError(f"{out} already holds a model; choose another --out or delete it.")
   out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +97,7 @@ def _abstract_vae_params(vae_cfg: VQVAEConfig):
 def load_tokenizer_dir(directory) -> Tokenizer:
   """Reads a directory written by `save_tokenizer` (or the tokenizer of a converted model)."""
   import orbax.checkpoint as ocp
-  d = pathlib.Path(directory).absolute()
+  d = as_path(directory)
   meta = read_meta(d)
   if meta is None or meta.get("format") not in (TOKENIZER_FORMAT, FORMAT) or not (d / "params").is_dir():
     raise CheckpointError(f"{d} is not an exported var-jax tokenizer (needs config.json of format "
@@ -107,7 +117,7 @@ def load_tokenizer_dir(directory) -> Tokenizer:
 def load_converted(directory, **overrides) -> VARModel:
   """Reads a directory written by `save_converted` (or `var-jax convert`)."""
   import orbax.checkpoint as ocp
-  d = pathlib.Path(directory).absolute()
+  d = as_path(directory)
   cfg_path = d / "config.json"
   if not cfg_path.is_file() or not (d / "params").is_dir():
     raise CheckpointError(f"{d} is not a converted var-jax model (needs config.json and params/); "

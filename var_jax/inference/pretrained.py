@@ -22,8 +22,8 @@ from var_jax.inference.tokenizer import Tokenizer
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 from var_jax.inference.var_model import VARModel
 from var_jax.inference.model_dirs import (FORMAT, FORMAT_VERSION, RUNTIME_FIELDS as _RUNTIME_FIELDS,
-                                          TOKENIZER_FORMAT, load_converted, read_meta as _read_meta,
-                                          save_converted)
+                                          TOKENIZER_FORMAT, as_path, load_converted,
+                                          read_meta as _read_meta, save_converted)
 
 # save_converted / load_converted / FORMAT live in `model_dirs`; they are part of this module's
 # face too (`var-jax convert` writes what load_pretrained reads).
@@ -125,7 +125,7 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
     model = convert_files(vae, var, **overrides)
     save_converted(model, converted)
     return model
-  path = _local_or_remote(name)
+  path = as_path(name)
   if path.is_dir():
     meta = _read_meta(path)
     if isinstance(meta, dict) and meta.get("format") == TOKENIZER_FORMAT:
@@ -157,20 +157,12 @@ def tokenizer_spec_of(name_or_path: str) -> dict:
     return {"path": str(SHIPPED[name]), "overrides": {}}
   if name in RELEASED:
     return {"path": str(default_cache_dir() / "converted" / name), "overrides": {}}
-  path = _local_or_remote(name)
+  path = as_path(name)
   meta = _read_meta(path) if path.is_dir() else None
   from var_jax.checkpoints import runs
   if isinstance(meta, dict) and runs.run_kind(meta) == runs.VAR_RUN:
     return dict(meta["tokenizer"])
   return {"path": str(path), "overrides": {}}
-
-
-def _local_or_remote(name: str):
-  """A path: gs:// and other URLs through etils (a training run on a bucket loads directly)."""
-  if "://" in name:
-    from etils import epath
-    return epath.Path(name)
-  return pathlib.Path(name)
 
 
 def _check_conversion_overrides(model: VARModel, converted: pathlib.Path, overrides: dict) -> None:
