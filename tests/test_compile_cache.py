@@ -19,7 +19,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("environ, expected", [
-    ({}, compile_cache.DEFAULT_DIR),
+    ({}, "~/.cache/var_jax/jax_compilation_cache"),
+    ({"VAR_JAX_CACHE": "/big/disk/var_jax"}, "/big/disk/var_jax/jax_compilation_cache"),
+    ({"VAR_JAX_CACHE": "/big", "JAX_COMPILATION_CACHE_DIR": "/jax/own"}, "/jax/own"),
     ({"JAX_COMPILATION_CACHE_DIR": "/jax/own"}, "/jax/own"),
     ({"VAR_JAX_COMPILATION_CACHE": "/ours", "JAX_COMPILATION_CACHE_DIR": "/jax/own"}, "/ours"),
     ({"VAR_JAX_COMPILATION_CACHE": "gs://bucket/cache"}, "gs://bucket/cache"),

@@ -16,18 +16,22 @@ from typing import Mapping
 from absl import logging
 
 ENV_VAR = "VAR_JAX_COMPILATION_CACHE"
-DEFAULT_DIR = "~/.cache/var_jax/jax_compilation_cache"
+SUBDIR = "jax_compilation_cache"  # inside var-jax's cache folder ($VAR_JAX_CACHE, ~/.cache/var_jax)
 OFF = ("off", "none", "0", "false")
 
 
 def directory_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
   """Where the commands cache compiled programs: $VAR_JAX_COMPILATION_CACHE ("off": nowhere),
-  else JAX's own $JAX_COMPILATION_CACHE_DIR, else DEFAULT_DIR."""
+  else JAX's own $JAX_COMPILATION_CACHE_DIR, else SUBDIR of var-jax's cache folder (where the
+  released models go too: $VAR_JAX_CACHE, default ~/.cache/var_jax)."""
   chosen = environ.get(ENV_VAR)
   if chosen is not None:
     chosen = chosen.strip()
     return None if not chosen or chosen.lower() in OFF else chosen
-  return environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_DIR
+  if environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return environ["JAX_COMPILATION_CACHE_DIR"]
+  root = environ.get("VAR_JAX_CACHE") or os.path.join("~", ".cache", "var_jax")
+  return os.path.join(root, SUBDIR)
 
 
 def enable(directory: str | os.PathLike | None) -> str | None:

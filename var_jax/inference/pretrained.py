@@ -17,7 +17,8 @@ import numpy as np
 
 from var_jax import scales
 from var_jax.errors import CheckpointError, InputError
-from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
+from var_jax.models.var_config import VARConfig
+from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 from var_jax.inference.var_model import VARModel
@@ -110,10 +111,9 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
   if name in RELEASED:
     converted = cache / "converted" / name
     if (converted / "config.json").is_file():
-      model = load_converted(converted, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
-      _check_conversion_overrides(model, converted, {k: v for k, v in overrides.items()
-                                                     if k not in _RUNTIME_FIELDS})
-      return model
+      _check_conversion_overrides(converted, {k: v for k, v in overrides.items()
+                                              if k not in _RUNTIME_FIELDS})
+      return load_converted(converted, **{k: v for k, v in overrides.items() if k in _RUNTIME_FIELDS})
     vae = _hub_file(VAE_FILE, cache, allow_download)
     var = _hub_file(RELEASED[name], cache, allow_download)
     if vae is None or var is None:
@@ -165,14 +165,19 @@ def tokenizer_spec_of(name_or_path: str) -> dict:
   return {"path": str(path), "overrides": {}}
 
 
-def _check_conversion_overrides(model: VARModel, converted: pathlib.Path, overrides: dict) -> None:
+def _check_conversion_overrides(converted: pathlib.Path, overrides: dict) -> None:
   """The conversion overrides of a released name (patch_nums, vae_FIELD, VARConfig fields) against
-  the cached converted copy, which was converted once with them: equal values pass; an unknown
-  field or a different value raises, rather than being dropped unseen."""
+  the configs of the cached converted copy, which was converted once with them (before its
+  weights are read): equal values pass; an unknown field or a different value raises, rather than
+  being dropped unseen."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+  if not overrides:
+    return
+  meta = _read_meta(converted) or {}
+  var_config = VARConfig.from_mapping(meta.get("var", {}))
+  vae_config = VQVAEConfig.from_mapping(meta.get("vae", {}))
   for key, value in sorted(overrides.items()):
-    config, field = ((model.tokenizer.config, key[len("vae_"):]) if key.startswith("vae_")
-                     else (model.config, key))
+    config, field = ((vae_config, key[len("vae_"):]) if key.startswith("vae_") else (var_config, key))
     fields = {f.name for f in dataclasses.fields(config)}
     if field not in fields:
       raise InputError(f"unknown override {key}={value!r} for a released model: not a field of "
