@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("environ, expected", [
-    ({}, "~/.cache/var_jax/jax_compilation_cache"),
+    ({}, str(pathlib.Path.home() / ".cache" / "var_jax" / "jax_compilation_cache")),
     ({"VAR_JAX_CACHE": "/big/disk/var_jax"}, "/big/disk/var_jax/jax_compilation_cache"),
     ({"VAR_JAX_CACHE": "/big", "JAX_COMPILATION_CACHE_DIR": "/jax/own"}, "/jax/own"),
     ({"JAX_COMPILATION_CACHE_DIR": "/jax/own"}, "/jax/own"),

@@ -1,4 +1,7 @@
-"""JAX's persistent compilation cache for the var-jax commands.
+"""var-jax's cache folder, and JAX's persistent compilation cache for the var-jax commands in it.
+
+The folder (`cache_root`: $VAR_JAX_CACHE, default ~/.cache/var_jax) holds the released models
+(`load_pretrained`: hub/, torch/, converted/) and the compiled programs (SUBDIR).
 
 A command's first sampling call compiles the whole sampler: ~17 s for the shipped model on a
 2-core CPU, 67-122 s per batch size for VAR-d16 on an H200. With the cache on, a later process
@@ -16,22 +19,26 @@ from typing import Mapping
 from absl import logging
 
 ENV_VAR = "VAR_JAX_COMPILATION_CACHE"
-SUBDIR = "jax_compilation_cache"  # inside var-jax's cache folder ($VAR_JAX_CACHE, ~/.cache/var_jax)
+SUBDIR = "jax_compilation_cache"  # inside `cache_root`
 OFF = ("off", "none", "0", "false")
+
+
+def cache_root(environ: Mapping[str, str] = os.environ) -> pathlib.Path:
+  """var-jax's cache folder: $VAR_JAX_CACHE, else ~/.cache/var_jax."""
+  return pathlib.Path(environ.get("VAR_JAX_CACHE", pathlib.Path.home() / ".cache" / "var_jax"))
 
 
 def directory_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
   """Where the commands cache compiled programs: $VAR_JAX_COMPILATION_CACHE ("off": nowhere),
-  else JAX's own $JAX_COMPILATION_CACHE_DIR, else SUBDIR of var-jax's cache folder (where the
-  released models go too: $VAR_JAX_CACHE, default ~/.cache/var_jax)."""
+  else JAX's own $JAX_COMPILATION_CACHE_DIR, else SUBDIR of `cache_root` (where the released
+  models go too)."""
   chosen = environ.get(ENV_VAR)
   if chosen is not None:
     chosen = chosen.strip()
     return None if not chosen or chosen.lower() in OFF else chosen
   if environ.get("JAX_COMPILATION_CACHE_DIR"):
     return environ["JAX_COMPILATION_CACHE_DIR"]
-  root = environ.get("VAR_JAX_CACHE") or os.path.join("~", ".cache", "var_jax")
-  return os.path.join(root, SUBDIR)
+  return str(cache_root(environ) / SUBDIR)
 
 
 def enable(directory: str | os.PathLike | None) -> str | None:

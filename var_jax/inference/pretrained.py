@@ -9,13 +9,14 @@ checkpoint of {"vae": ..., "var": ...}); loading it needs neither torch nor the 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Sequence
 
 import numpy as np
 
-from var_jax import scales
+from var_jax import compile_cache, scales
 from var_jax.errors import CheckpointError, InputError
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
@@ -43,7 +44,8 @@ _RUN_FIELDS = ("step", "use_ema")
 
 
 def default_cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("VAR_JAX_CACHE", pathlib.Path.home() / ".cache" / "var_jax"))
+  """var-jax's cache folder (`compile_cache.cache_root`: $VAR_JAX_CACHE, ~/.cache/var_jax)."""
+  return compile_cache.cache_root()
 
 
 def convert_files(vae_path, var_path, **overrides) -> VARModel:
@@ -170,7 +172,6 @@ def _check_conversion_overrides(converted: pathlib.Path, overrides: dict) -> Non
   the configs of the cached converted copy, which was converted once with them (before its
   weights are read): equal values pass; an unknown field or a different value raises, rather than
   being dropped unseen."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   if not overrides:
     return
   meta = _read_meta(converted) or {}
