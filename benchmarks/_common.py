@@ -72,6 +72,9 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+TIMING_ENV_VARS = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "NVIDIA_TF32_OVERRIDE")
+
+
 def environment() -> dict[str, Any]:
   """Backend, device and versions: printed once and attached to every JSON line."""
   dev = jax.devices()[0]
@@ -81,6 +84,8 @@ def environment() -> dict[str, Any]:
       "num_devices": jax.device_count(),
       "cpu_cores": cpu_count(),
       "jax": jax.__version__,
+      # Settings that change what is measured (XLA's autotuning, float32 matmul precision, TF32).
+      **{name.lower(): os.environ[name] for name in TIMING_ENV_VARS if os.environ.get(name)},
   }
 
 

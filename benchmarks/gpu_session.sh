@@ -6,7 +6,9 @@
 #   SMOKE=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu bash benchmarks/gpu_session.sh      # tiny, on a CPU
 #
 # Steps (default: all, in this order; one H200 lease of 15 minutes holds about two of them: each
-# batch size is its own XLA compile, 67-122 s on an H200 for VAR-d16, and a command may run 10 min):
+# batch size is its own XLA compile, on an H200 for VAR-d16 67-122 s in bf16 and 129 s in float32
+# at batch 1, and past the step's limit for float32 at batch 64 (285 s, the official included) and
+# bf16 at batch 512 (160 s); a command may run 10 min):
 #   d16bf16  bench_sample.py, VAR-d16 in bfloat16 (tokenizer too) against the official under
 #            torch.autocast on the same GPU, batch 1 and 64
 #   d16f32   the same in float32, both sides at true float32 (no TF32 in cuBLAS/cuDNN)
@@ -14,7 +16,9 @@
 #   d16max   VAR-d16 bf16 alone at batch 512 (the largest batch: the official at 64 is in d16bf16)
 #   check    gpu_check.py's attention numerics (xla and the Pallas Triton kernel, at d16 sizes)
 #   paths    gpu_check.py's var_jax.sample per attention path (bf16, batch 64)
+#   train    gpu_check.py's train step of configs/var_d16.py per attention path (bf16, batch 32)
 #
+# A step's limit (seconds) can be set as LIMIT_<STEP>, e.g. LIMIT_CHECK=150.
 # Each step's output goes to $OUT/<step>.log; every JSON line of all steps to $OUT/rows.jsonl.
 # A step that runs past its limit is killed (the rows it printed stay) and the next one starts.
 # JAX does not preallocate the GPU here, so the official models (torch, same process) find room
@@ -26,7 +30,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 PY=${PYTHON:-python3}
-STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths}
+STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths train}
 if [ "${SMOKE:-0}" = 1 ]; then
   # Tiny sizes, to try the script itself where there is no GPU: timings mean nothing.
   CHECK=(--allow-cpu --tiny) D16=(--depth 2) D30=(--depth 3) B16="1,2" B30="1" BMAX="3"
@@ -52,17 +56,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 for s in $STEPS; do
   case $s in
-    d16bf16) step d16bf16 280 "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --batch-sizes "$B16" ;;
-    d16f32) NVIDIA_TF32_OVERRIDE=0 JAX_DEFAULT_MATMUL_PRECISION=highest step d16f32 280 "$PY" \
+    d16bf16) step d16bf16 ${LIMIT_D16BF16:-280} "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --batch-sizes "$B16" ;;
+    d16f32) NVIDIA_TF32_OVERRIDE=0 JAX_DEFAULT_MATMUL_PRECISION=highest step d16f32 ${LIMIT_D16F32:-280} "$PY" \
               "${SAMPLE[@]}" "${D16[@]}" --dtype float32 --batch-sizes "$B16" ;;
-    d30bf16) step d30bf16 330 "$PY" "${SAMPLE[@]}" "${D30[@]}" --dtype bfloat16 --batch-sizes "$B30" ;;
-    d16max) step d16max 240 "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --no-official \
+    d30bf16) step d30bf16 ${LIMIT_D30BF16:-330} "$PY" "${SAMPLE[@]}" "${D30[@]}" --dtype bfloat16 --batch-sizes "$B30" ;;
+    d16max) step d16max ${LIMIT_D16MAX:-330} "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --no-official \
               --batch-sizes "$BMAX" ;;
-    check) step check 240 "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip sampler,train \
+    check) step check ${LIMIT_CHECK:-240} "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip sampler,train \
               --out "$OUT/gpu_check.json" ;;
-    paths) step paths 280 "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip numerics,train \
+    paths) step paths ${LIMIT_PATHS:-280} "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip numerics,train \
               --sample-batch-sizes "$PATHS_BATCH" --iters "$ITERS" --out "$OUT/gpu_check_paths.json" ;;
-    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths)"; exit 2 ;;
+    train) step train ${LIMIT_TRAIN:-280} "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip numerics,sampler \
+              --iters "$ITERS" --out "$OUT/gpu_check_train.json" ;;
+    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths train)"; exit 2 ;;
   esac
 done
 grep -h '^{' "$OUT"/*.log >"$OUT/rows.jsonl" 2>/dev/null

@@ -298,10 +298,34 @@ def _gpu_checks_passed() -> list[str]:
 
 def test_gpu_auto_stays_xla_until_a_gpu_check_is_committed():
   """GPU_AUTO_IMPL may become "pallas_gpu" only with a passing benchmarks/gpu_check.py run from a
-  real GPU committed under benchmarks/results/ (none has been: no GPU was available so far)."""
+  real GPU committed under benchmarks/results/ (the H200's numerics pass; its throughput sections
+have not run, so "auto" is still XLA there)."""
   assert attention.GPU_AUTO_IMPL in ("xla", "pallas_gpu")
   if attention.GPU_AUTO_IMPL == "pallas_gpu":
     assert _gpu_checks_passed(), "no passing gpu_check_*.json from a GPU in benchmarks/results/"
+
+
+def test_committed_gpu_checks_hold_every_path_within_tolerance():
+  """The committed GPU evidence itself: every pallas_gpu path of both dtypes (training out and
+  its three gradients, the prefix of each of the 10 scales) within tolerance of XLA, XLA within
+  tolerance of float64, read from the rows' errors rather than the script's verdict."""
+  import json
+  import pathlib
+  results = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+  records = [json.loads(p.read_text()) for p in sorted(results.glob("gpu_check_*.json"))]
+  records = [r for r in records if r["environment"]["backend"] == "gpu" and not r["tiny"]]
+  if not records:
+    pytest.skip("no gpu_check run from a GPU committed")
+  tolerance = {"float32": 1e-5, "bfloat16": 4 * 2.0**-8}
+  for record in records:
+    checks = [r for r in record["rows"] if r["section"] == "numerics" and "tolerance" in r]
+    for dtype in ("float32", "bfloat16"):
+      kernel = [r for r in checks if r["impl"] == "pallas_gpu" and r["dtype"] == dtype]
+      assert len(kernel) == 4 + 10, (dtype, [r["path"] for r in kernel])
+      assert len([r for r in checks if r["impl"] == "xla" and r["dtype"] == dtype]) == 1 + 10
+    for r in checks:
+      assert r["tolerance"] == tolerance[r["dtype"]]
+      assert 0 <= r["error"] <= tolerance[r["dtype"]], r
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu():
