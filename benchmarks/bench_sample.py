@@ -14,10 +14,11 @@ and labels and the speed ratio ours/official is printed (> 1: ours faster).
 The bound (`var_jax.inference.bound`): the least time one call can take on this machine, the
 larger of its FLOPs (the transformer's analytic matmuls, attention over the visible pairs only,
 and the decoder's convolutions and attention) at the measured peak matmul rate of the sampling
-dtype (a 4096^3 matmul, float32 accumulation) and its least bytes (the weights once per scale,
-KV cache, logits and activations once) at the measured memory bandwidth (a 1 GiB sum). Printed
-per batch: achieved FLOP/s (bound FLOPs / measured time) and its share of the peak, ours and the
-official, and measured / bound.
+dtype (a 4096^3 matmul, float32 accumulation; the decoder's at the rate of --tokenizer-dtype when
+that differs) and its least bytes (the weights once per scale, KV cache, logits and activations
+once) at the measured memory bandwidth (a 1 GiB sum). Printed per batch: achieved FLOP/s (bound
+FLOPs / measured time) and its share of the peak (the FLOPs' time at their peaks / measured
+time), ours and the official, and measured / bound.
 
 --dtype bfloat16 samples with bf16 weights and activations (float32 accumulation, softmax,
 norms and logits), tokenizer included, against the official under
@@ -86,10 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclasses.dataclass(frozen=True)
 class Peaks:
-  """This backend's measured peaks: the matmul rate in the sampling dtype, the read bandwidth
-  (torch's float32 matmul rate is printed beside them, for reference)."""
+  """This backend's measured peaks: the matmul rate in the sampling dtype, the read bandwidth, and
+  the matmul rate in the tokenizer's dtype when it decodes in another (torch's float32 matmul rate
+  is printed beside them, for reference)."""
   flops: float
   bandwidth: float
+  decoder_flops: float | None = None
 
 
 def measure_peaks(args, official) -> Peaks:
@@ -97,20 +100,24 @@ def measure_peaks(args, official) -> Peaks:
   # own overhead would show: there, 8192^3 and 4 GiB.
   n, gib = (8192, 4.0) if jax.default_backend() == "gpu" else (4096, 1.0)
   jax_mm = _common.matmul_flops_per_s(n, dtype=args.dtype)
+  decoder_mm = (_common.matmul_flops_per_s(n, dtype=args.tokenizer_dtype)
+                if args.tokenizer_dtype != args.dtype else None)
   bandwidth = _common.stream_bytes_per_s(gib)
   torch_mm = (_common.torch_matmul_flops_per_s(official, n) if official is not None
               else None)
   print(f"peaks of this backend: {args.dtype} {n}^3 matmul {jax_mm / 1e9:.1f} GFLOP/s (JAX)"
+        + (f", {args.tokenizer_dtype} (the decoder's) {decoder_mm / 1e9:.1f} GFLOP/s (JAX)"
+           if decoder_mm else "")
         + (f", float32 {torch_mm / 1e9:.1f} GFLOP/s (torch, {official.device})" if torch_mm else "")
         + f"; memory read {bandwidth / 1e9:.1f} GB/s")
-  return Peaks(jax_mm, bandwidth)
+  return Peaks(jax_mm, bandwidth, decoder_mm)
 
 
 def bound_of(model, batch: int, peaks: Peaks, guidance: bool) -> SamplerBound:
   """The bound of one call on this host (one device: the whole batch). Weights once per scale:
   a VAR's weights are far larger than a CPU's caches."""
   return SamplerBound.for_model(model, batch, peak_flops=peaks.flops, bandwidth=peaks.bandwidth,
-                                guidance=guidance)
+                                guidance=guidance, decoder_peak_flops=peaks.decoder_flops)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -249,8 +256,10 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
     row.update({"bound_s": bound.seconds, "bound": bound.bound, "bound_flops": bound.total_flops,
                 "bound_bytes": bound.total_bytes, "peak_flops_per_s": peaks.flops,
                 "bandwidth_bytes_per_s": peaks.bandwidth,
+                "decoder_peak_flops_per_s": peaks.decoder_flops,
                 "ours_flops_per_s": bound.total_flops / t.median_s,
-                "ours_of_peak": bound.total_flops / t.median_s / peaks.flops,
+                # achieved / peak: the FLOPs' time at their peaks over the measured time
+                "ours_of_peak": bound.compute_s / t.median_s,
                 "ours_over_bound": t.median_s / bound.seconds})
   if official is not None:
     theirs = time_official(official, labels, args)
@@ -260,7 +269,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
                 "speedup": _common.speedup(t.median_s, o.median_s)})
     if bound is not None:
       row.update({"official_flops_per_s": bound.total_flops / o.median_s,
-                  "official_of_peak": bound.total_flops / o.median_s / peaks.flops,
+                  "official_of_peak": bound.compute_s / o.median_s,
                   "official_over_bound": o.median_s / bound.seconds})
   if not args.no_aot and batch in args.aot_batch_sizes:
     aot = aot_compile_ours(model, labels, args)
@@ -291,7 +300,7 @@ def tpu_rows(model, args) -> list[dict]:
           "compiled_bytes": cost.bytes_accessed, "bound_s": bound.seconds, "bound": bound.bound,
           "bound_flops": bound.total_flops, "bound_bytes": bound.total_bytes,
           "compiled_over_bound": cost.roofline_s / bound.seconds,
-          "of_peak": bound.total_flops / cost.roofline_s / chip.peak_flops,
+          "of_peak": bound.compute_s / cost.roofline_s,
           "ms_per_image": cost.roofline_s * mesh.size / batch * 1e3})
       r = rows[-1]
       print(f"  {topology} batch {batch}: compiled roofline {r['compiled_s'] * 1e3:.2f} ms/call "

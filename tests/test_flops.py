@@ -258,3 +258,22 @@ def test_sampler_bound_by_hand():
   assert free.bytes["logits"] == bound.bytes["logits"] / 2
   with pytest.raises(ValueError, match="positive"):
     SamplerBound.of(var_cfg, vae_cfg, 0, **kw)
+
+
+def test_sampler_bound_charges_the_decoder_at_its_own_peak():
+  """A float32 decoder behind a bfloat16 transformer: each part's FLOPs at its own rate."""
+  from var_jax.inference.bound import SamplerBound
+  from var_jax.models.vqvae_config import VQVAEConfig
+  config = config_lib.var_imagenet_config(16)
+  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
+  vae_cfg = VQVAEConfig()
+  kw = dict(var_param_bytes=1000, vae_param_bytes=500, peak_flops=4e12, bandwidth=1e15)
+  mixed = SamplerBound.of(var_cfg, vae_cfg, 2, decoder_peak_flops=1e12, **kw)
+  transformer = 2 * flops.sampler_flops_per_image(var_cfg)["total"]
+  decoder = 2 * flops.decoder_flops_per_image(vae_cfg)["total"]
+  assert mixed.compute_s == pytest.approx(transformer / 4e12 + decoder / 1e12)
+  assert mixed.seconds == pytest.approx(mixed.compute_s) and mixed.bound == "compute"
+  same = SamplerBound.of(var_cfg, vae_cfg, 2, **kw)  # no decoder peak: one rate for all
+  assert same.compute_s == pytest.approx((transformer + decoder) / 4e12)
+  with pytest.raises(ValueError, match="decoder_peak_flops"):
+    SamplerBound.of(var_cfg, vae_cfg, 2, decoder_peak_flops=0.0, **kw)

@@ -278,6 +278,8 @@ def sampler_bound(model: VARModel, mesh: Mesh, chip: ChipSpec, batch: int, *,
   bound = SamplerBound.for_model(model, per_chip, peak_flops=chip.peak_flops,
                                  bandwidth=chip.hbm_bandwidth, guidance=guidance)
   tensor = mesh.shape.get("tensor", 1)
-  return dataclasses.replace(bound, peak_flops=bound.peak_flops * tensor,
-                             bandwidth=bound.bandwidth * tensor)
+  return dataclasses.replace(
+      bound, peak_flops=bound.peak_flops * tensor, bandwidth=bound.bandwidth * tensor,
+      decoder_peak_flops=(None if bound.decoder_peak_flops is None
+                          else bound.decoder_peak_flops * tensor))
 

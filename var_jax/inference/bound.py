@@ -1,7 +1,9 @@
 """The least time one `var_jax.sample` call can take on a backend: the roofline of the necessary work.
 
 A sampling call must at least do its matmuls and move its unavoidable bytes; whichever takes
-longer at the backend's peak FLOP/s and memory bandwidth bounds the call from below:
+longer at the backend's peak FLOP/s and memory bandwidth bounds the call from below (the
+transformer's FLOPs at the peak of its dtype, the decoder's at the peak of the tokenizer's, when
+it decodes in another dtype):
 
 * FLOPs: the transformer's (`flops.sampler_flops_per_image`: linears, head, word embedding,
   AdaLN per scale, attention over the visible (query, key) pairs only) and the decoder's
@@ -72,11 +74,15 @@ def var_param_bytes(var_params, dtype) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerBound:
-  """FLOPs and bytes of one sampling call on one device, and its roofline at given peaks."""
+  """FLOPs and bytes of one sampling call on one device, and its roofline at given peaks.
+
+  `peak_flops` is the matmul rate of the transformer's dtype; `decoder_peak_flops` that of the
+  decoder's, when the tokenizer runs in another dtype (None: the same rate)."""
   flops: dict[str, float]
   bytes: dict[str, float]
   peak_flops: float
   bandwidth: float
+  decoder_peak_flops: float | None = None
 
   @property
   def total_flops(self) -> float:
@@ -88,7 +94,10 @@ class SamplerBound:
 
   @property
   def compute_s(self) -> float:
-    return self.total_flops / self.peak_flops
+    """The FLOPs at their peaks: the decoder's at its own rate, the rest at the transformer's."""
+    decoder = self.flops.get("decoder", 0.0)
+    return ((self.total_flops - decoder) / self.peak_flops
+            + decoder / (self.decoder_peak_flops or self.peak_flops))
 
   @property
   def memory_s(self) -> float:
@@ -106,25 +115,29 @@ class SamplerBound:
   @classmethod
   def of(cls, var_cfg: VARConfig, vae_cfg: VQVAEConfig, batch: int, *, var_param_bytes: int,
          vae_param_bytes: int, peak_flops: float, bandwidth: float, guidance: bool = True,
-         weights_on_chip: bool = False) -> "SamplerBound":
+         weights_on_chip: bool = False,
+         decoder_peak_flops: float | None = None) -> "SamplerBound":
     """The bound of sampling `batch` images (on one device) with these weights and peaks."""
-    if batch < 1 or peak_flops <= 0 or bandwidth <= 0:
-      raise ValueError(f"batch, peak_flops and bandwidth must be positive, got {batch}, "
-                       f"{peak_flops}, {bandwidth}.")
+    if (batch < 1 or peak_flops <= 0 or bandwidth <= 0
+        or (decoder_peak_flops is not None and decoder_peak_flops <= 0)):
+      raise ValueError(f"batch, peak_flops, bandwidth and decoder_peak_flops must be positive, got "
+                       f"{batch}, {peak_flops}, {bandwidth}, {decoder_peak_flops}.")
     flops = {"transformer": batch * var_flops.sampler_flops_per_image(var_cfg, guidance)["total"],
              "decoder": batch * var_flops.decoder_flops_per_image(vae_cfg)["total"]}
     moved = {**transformer_min_bytes(var_cfg, batch, var_param_bytes, guidance=guidance,
                                      weights_on_chip=weights_on_chip),
              **decoder_min_bytes(vae_cfg, batch, vae_param_bytes)}
-    return cls(flops, moved, float(peak_flops), float(bandwidth))
+    return cls(flops, moved, float(peak_flops), float(bandwidth),
+               None if decoder_peak_flops is None else float(decoder_peak_flops))
 
   @classmethod
   def for_model(cls, model, batch: int, *, peak_flops: float, bandwidth: float,
-                guidance: bool = True, weights_on_chip: bool = False) -> "SamplerBound":
+                guidance: bool = True, weights_on_chip: bool = False,
+                decoder_peak_flops: float | None = None) -> "SamplerBound":
     """`of` for a VARModel: its weights counted in the dtypes the placement stores them in."""
     return cls.of(model.config, model.tokenizer.config, batch,
                   var_param_bytes=var_param_bytes(model.params, model.config.dtype),
                   vae_param_bytes=decoder_param_bytes(model.tokenizer.params,
                                                       model.tokenizer.config.dtype),
                   peak_flops=peak_flops, bandwidth=bandwidth, guidance=guidance,
-                  weights_on_chip=weights_on_chip)
+                  weights_on_chip=weights_on_chip, decoder_peak_flops=decoder_peak_flops)
