@@ -17,6 +17,10 @@
 #   check    gpu_check.py's attention numerics (xla and the Pallas Triton kernel, at d16 sizes)
 #   paths    gpu_check.py's var_jax.sample per attention path (bf16, batch 64)
 #   train    gpu_check.py's train step of configs/var_d16.py per attention path (bf16, batch 32)
+#   cmdbuf   VAR-d16 bf16 at batch 1 (ours alone) with the while loops in CUDA graphs too (XLA's
+#            command buffers with WHILE and CONDITIONAL): is batch 1's x14 over the bound launch
+#            overhead? (d16bf16's batch-1 row is the baseline)
+#   unroll   the same with XLA's full unrolling of while loops (the 16-layer scan of each scale)
 #
 # A step's limit (seconds) can be set as LIMIT_<STEP>, e.g. LIMIT_CHECK=150.
 # Each step's output goes to $OUT/<step>.log; every JSON line of all steps to $OUT/rows.jsonl.
@@ -30,7 +34,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 PY=${PYTHON:-python3}
-STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths train}
+STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths train cmdbuf unroll}
 if [ "${SMOKE:-0}" = 1 ]; then
   # Tiny sizes, to try the script itself where there is no GPU: timings mean nothing.
   CHECK=(--allow-cpu --tiny) D16=(--depth 2) D30=(--depth 3) B16="1,2" B30="1" BMAX="3"
@@ -39,6 +43,8 @@ else
   CHECK=() D16=(--depth 16) D30=(--depth 30) B16="1,64" B30="1,64" BMAX="512" PATHS_BATCH=64
   ITERS=3
 fi
+CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+UNROLL=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL
 SAMPLE=(benchmarks/bench_sample.py --no-aot --greedy-batch 0 --iters "$ITERS")
 
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, its output to a log
@@ -68,7 +74,11 @@ for s in $STEPS; do
               --sample-batch-sizes "$PATHS_BATCH" --iters "$ITERS" --out "$OUT/gpu_check_paths.json" ;;
     train) step train ${LIMIT_TRAIN:-280} "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip numerics,sampler \
               --iters "$ITERS" --out "$OUT/gpu_check_train.json" ;;
-    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths train)"; exit 2 ;;
+    cmdbuf) XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" step cmdbuf ${LIMIT_CMDBUF:-200} "$PY" "${SAMPLE[@]}" \
+              "${D16[@]}" --dtype bfloat16 --no-official --batch-sizes 1 ;;
+    unroll) XLA_FLAGS="${XLA_FLAGS:-} $UNROLL" step unroll ${LIMIT_UNROLL:-300} "$PY" "${SAMPLE[@]}" \
+              "${D16[@]}" --dtype bfloat16 --no-official --batch-sizes 1 ;;
+    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths train cmdbuf unroll)"; exit 2 ;;
   esac
 done
 grep -h '^{' "$OUT"/*.log >"$OUT/rows.jsonl" 2>/dev/null
