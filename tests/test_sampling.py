@@ -152,3 +152,38 @@ def test_edit_rejects_bad_masks_and_images():
     var_jax.edit(m, images, np.full((64, 64), 2.0), [1], rng=jax.random.key(0))
   with pytest.raises(InputError, match="64x64"):
     var_jax.edit(m, np.zeros((1, 32, 32, 3), np.uint8), np.ones((4, 4)), [1], rng=jax.random.key(0))
+
+
+def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
+  """On CPU in bfloat16 the decode loop carries the stacked block weights and the KV cache as
+  uint16 bit patterns (`var.stacks_as_uint16`), since XLA:CPU would slice bfloat16 stacks through
+  float32 copies of them: the compiled program of the public call holds no float32 array of a
+  stacked weight's shape, and its tokens and images equal those of the loop on bfloat16 stacks."""
+  import dataclasses
+  from unittest import mock
+  from var_jax.models import var as var_module
+  m32 = model("tiny")
+  m = var_jax.VARModel(dataclasses.replace(m32.config, dtype="bfloat16"), m32.params, m32.tokenizer)
+  labels = np.array([1, 2])
+  kw = dict(rng=jax.random.key(3), cfg=1.5, top_k=20, top_p=0.9)
+  stacked = {tuple(x.shape) for x in jax.tree.leaves(m.params["blocks"])}
+  assert stacked and all(s[0] == m.config.depth for s in stacked)
+  dims = lambda s: ",".join(map(str, s))
+
+  def f32_stacks(hlo: str) -> list:
+    """The stacks that enter the program in bfloat16 and also appear in float32 in it."""
+    entry = hlo.split("entry_computation_layout={(", 1)[1].split(")->", 1)[0]
+    bf16_stacks = [s for s in stacked if f"bf16[{dims(s)}]" in entry]
+    assert len(bf16_stacks) >= 4, bf16_stacks  # the blocks' kernels at least
+    return [s for s in bf16_stacks if f"f32[{dims(s)}]" in hlo]
+
+  with mock.patch.object(var_module, "stacks_as_uint16", lambda cfg: False):
+    plain_hlo = sampler.build_sample_call(m, labels, **kw).lower(fresh=True).compile().as_text()
+    plain = var_jax.sample(m, labels, return_tokens=True, **kw)
+  assert f32_stacks(plain_hlo), "XLA:CPU no longer widens bfloat16 stacks: stacks_as_uint16 may go"
+  hlo = sampler.build_sample_call(m, labels, **kw).lower(fresh=True).compile().as_text()
+  assert not f32_stacks(hlo)
+  images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
+  np.testing.assert_array_equal(np.asarray(images), np.asarray(plain[0]))
+  for got, want in zip(tokens, plain[1]):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -40,6 +40,35 @@ _MAX_LOG_SCALE_MUL = math.log(100.0)
 CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
 
 
+def stacks_as_uint16(cfg: VARConfig) -> bool:
+  """Whether the decode loop carries its bfloat16 stacks (the blocks' weights, the KV cache) as
+  uint16 bit patterns: on CPU in bfloat16.
+
+  XLA:CPU's float normalization rewrites a bfloat16 dynamic-slice or dynamic-update-slice as a
+  float32 one over the whole operand. In the layer loop that converted every stacked weight to
+  float32 once per call and each layer's slice back to bfloat16 per step, and rewrote the whole
+  cache per layer: 25% of the op time of a VAR-d16 bfloat16 sampling call at batch 1 (profiled).
+  A uint16 stack is sliced and updated in place; the bitcasts to and from it are exact, and what
+  remains is one copy of each step's weight slice (XLA fuses the bitcast with the slice). The
+  call got 15% faster at batch 1 and 9% at batch 8, with identical tokens and images.
+  Accelerators slice bfloat16 natively and keep it.
+  """
+  return (jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
+          and attention_ops.computation_platform() == "cpu")
+
+
+def _as_bits(tree):
+  """bfloat16 leaves as their uint16 bit patterns (exact); other leaves as they are."""
+  return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+                      if x.dtype == jnp.bfloat16 else x, tree)
+
+
+def _from_bits(tree):
+  """uint16 bit patterns back to the bfloat16 values they hold; other leaves as they are."""
+  return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+                      if x.dtype == jnp.uint16 else x, tree)
+
+
 def _normal(std: float, names, multiplier=None):
   """normal(std) init (PyTorch's trunc_normal_ at +-2 absolute is a plain normal at these stds)."""
   def init(key, shape, dtype=jnp.float32):
@@ -124,7 +153,8 @@ class SelfAttention(nn.Module):
       begin, end = self.decode_range
       k_NBHSD, v_NBHSD = (
           nn.with_logical_constraint(
-              jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, 0, begin, 0)),
+              jax.lax.dynamic_update_slice(c, _as_bits(new[None]) if c.dtype == jnp.uint16
+                                           else new[None].astype(c.dtype), (layer, 0, 0, begin, 0)),
               CACHE_AXES)
           for c, new in zip(kv_cache, (k_BHLD, v_BHLD)))
       kv_cache = (k_NBHSD, v_NBHSD)
@@ -135,7 +165,7 @@ class SelfAttention(nn.Module):
       else:
         # This layer's cache; XLA folds the XLA path's [:end] slice into this, copying only the
         # prefix.
-        k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+        k_BHSD, v_BHSD = (_from_bits(jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False))
                           for c in kv_cache)
         o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD.astype(dtype), v_BHSD.astype(dtype),
                                                 kv_len=end, impl=cfg.attention_impl)
@@ -315,10 +345,15 @@ class VAR(nn.Module):
     policy = _remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none":
       block = nn.remat(AdaLNBlock, policy=policy, prevent_cse=False)
+    bits = decode_range is not None and stacks_as_uint16(cfg)
+    if bits:  # each block reads its weights back from the uint16 slices the loop hands it
+      block = nn.map_variables(block, "params", trans_in_fn=_from_bits)
     blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, 0, 0), length=cfg.depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})
+    if bits:  # the loop slices the stacks as uint16 (see stacks_as_uint16)
+      blocks = nn.map_variables(blocks, "params", trans_in_fn=_as_bits)
     drop_rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth, dtype=jnp.float32)
     layers = jnp.arange(cfg.depth, dtype=jnp.int32)
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
@@ -328,8 +363,9 @@ class VAR(nn.Module):
     else:
       cache_shape = (cfg.depth, B, cfg.num_heads, attention_ops.kv_cache_len(cfg.patch_nums),
                      cfg.head_dim)
-      cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, dtype)
-      cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, dtype)
+      cache_dtype = jnp.uint16 if bits else dtype  # uint16: bfloat16 bit patterns (0 is +0.0)
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, cache_dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, cache_dtype)
       (x_BLC, (cached_k.value, cached_v.value)), _ = scanned(
           (x_BLC, (cached_k.value, cached_v.value)), block_cond, drop_rates, layers)
 
