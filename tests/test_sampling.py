@@ -187,3 +187,24 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
   np.testing.assert_array_equal(np.asarray(images), np.asarray(plain[0]))
   for got, want in zip(tokens, plain[1]):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_mode_initialises_and_applies_in_bfloat16():
+  """A decode-mode VAR initialises as before (its params created, not sliced as uint16); applied to
+  bfloat16 params on CPU, its cache comes back as the uint16 bit patterns of the bf16 keys."""
+  from var_jax.models.var import VAR
+  from var_jax.models.var_config import VARConfig
+  cfg = VARConfig(depth=2, embed_dim=64, num_heads=2, dtype="bfloat16", vocab_size=32,
+                  z_channels=8, patch_nums=(1, 2, 3))
+  labels = jnp.zeros((2,), jnp.int32)
+  variables = VAR(cfg, decode_scale=0).init(jax.random.key(0), labels)
+  teacher = VAR(cfg).init(jax.random.key(0), labels, jnp.zeros((2, 13, 8)))
+  blocks = lambda v: jax.tree.map(lambda x: (x.shape, x.dtype), v["params"]["blocks"])
+  assert blocks(variables) == blocks(teacher)  # the same stacked block params
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables["params"])
+  logits, mutated = VAR(cfg, decode_scale=0).apply({"params": params}, labels, mutable=["cache"])
+  keys = mutated["cache"]["cached_key"]
+  assert logits.shape == (2, 1, 32) and keys.dtype == jnp.uint16
+  # row 0 of every layer holds the first token's keys: finite bf16 values, l2-normalised per head
+  k0 = np.asarray(jax.lax.bitcast_convert_type(keys[:, :, :, 0], jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(np.linalg.norm(k0, axis=-1), 1.0, atol=1e-2)

@@ -347,7 +347,8 @@ class VAR(nn.Module):
     policy = _remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none":
       block = nn.remat(AdaLNBlock, policy=policy, prevent_cse=False)
-    bits = decode_range is not None and stacks_as_uint16(cfg)
+    # Not while initialising: the params are being created, not sliced.
+    bits = decode_range is not None and not self.is_initializing() and stacks_as_uint16(cfg)
     if bits:  # each block reads its weights back from the uint16 slices the loop hands it
       block = nn.map_variables(block, "params", trans_in_fn=_from_bits)
     blocks = nn.scan(block, variable_axes={"params": 0},
