@@ -219,8 +219,8 @@ def check_numerics(args, patch_nums, rows: list[dict]) -> None:
         t_train = _timed(lambda: train(q, k, v, ct), args.iters)
         t_prefix = _timed(lambda: prefix(qs, kc, vc), args.iters)
         record(rows, dict(base, path="timing", fwd_bwd_ms=1e3 * t_train.median_s,
-                         all_scales_prefix_ms=1e3 * t_prefix.median_s,
-                         compile_s=t_train.first_minus_steady_s))
+                               all_scales_prefix_ms=1e3 * t_prefix.median_s,
+                               compile_s=t_train.first_minus_steady_s))
       except Exception as err:  # pylint: disable=broad-except  (a kernel that does not run)
         traceback.print_exc()
         record(rows, dict(base, path="run", ok=False, error=f"{type(err).__name__}: {err}"[:2000]))
@@ -229,13 +229,13 @@ def check_numerics(args, patch_nums, rows: list[dict]) -> None:
       out = results["xla"][0]
       err = _error(out, _numpy_attention(q, k, v, visible))
       record(rows, dict(section="numerics", impl="xla", dtype=dtype_name, path="training fwd vs float64",
-                       error=err, tolerance=tol, ok=err <= tol, **shape))
+                             error=err, tolerance=tol, ok=err <= tol, **shape))
       for si, (q_s, (_, end)) in enumerate(zip(qs, ranges)):
         ref = _numpy_attention(q_s, kc[:, :, :end], vc[:, :, :end], True)
         err = _error(results["xla"][2][si], ref)
         record(rows, dict(section="numerics", impl="xla", dtype=dtype_name,
-                         path=f"prefix scale {si} vs float64", error=err, tolerance=tol,
-                         ok=err <= tol, **shape))
+                               path=f"prefix scale {si} vs float64", error=err, tolerance=tol,
+                               ok=err <= tol, **shape))
     if "xla" in results and "pallas_gpu" in results:
       (out_r, grads_r, outs_r), (out, grads, outs) = results["xla"], results["pallas_gpu"]
       checks = [("training out", out, out_r)]
@@ -245,7 +245,7 @@ def check_numerics(args, patch_nums, rows: list[dict]) -> None:
       for path, actual, reference in checks:
         err = _error(actual, reference)
         record(rows, dict(section="numerics", impl="pallas_gpu", dtype=dtype_name, path=path + " vs xla",
-                         error=err, tolerance=tol, ok=err <= tol, **shape))
+                               error=err, tolerance=tol, ok=err <= tol, **shape))
 
 
 # -- 2. sampler ----------------------------------------------------------------------------------
@@ -272,8 +272,8 @@ def time_sampler(args, rows: list[dict]) -> None:
         record(rows, dict(row, ok=False, error=f"{type(err).__name__}: {err}"[:2000]))
         continue
       record(rows, dict(row, ok=True, first_call_s=t.first_s, median_s=t.median_s,
-                       images_per_s=batch / t.median_s,
-                       device_peak_bytes=_common.device_peak_bytes()))
+                             images_per_s=batch / t.median_s,
+                             device_peak_bytes=_common.device_peak_bytes()))
 
 
 # -- 3. train step -------------------------------------------------------------------------------
@@ -300,12 +300,12 @@ def time_train(args, rows: list[dict], peak: float | None) -> None:
     var_cfg = ours["var_cfg"]
     model_flops = flops.flops_per_example(var_cfg) * args.train_batch / ours["step_s"]
     record(rows, dict(row, ok=True, compile_s=ours["compile_s"], step_s=ours["step_s"],
-                     steps_per_s=1 / ours["step_s"],
-                     tokens_per_s=args.train_batch * var_cfg.seq_len / ours["step_s"],
-                     loss=ours["loss"], model_tflops_per_s=model_flops / 1e12,
-                     mfu=None if peak is None or args.dtype != "bfloat16"
-                     else model_flops / (peak * jax.device_count()),
-                     device_peak_bytes=_common.device_peak_bytes()))
+                           steps_per_s=1 / ours["step_s"],
+                           tokens_per_s=args.train_batch * var_cfg.seq_len / ours["step_s"],
+                           loss=ours["loss"], model_tflops_per_s=model_flops / 1e12,
+                           mfu=None if peak is None or args.dtype != "bfloat16"
+                           else model_flops / (peak * jax.device_count()),
+                           device_peak_bytes=_common.device_peak_bytes()))
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def _gpu_checks_passed() -> list[str]:
 def test_gpu_auto_stays_xla_until_a_gpu_check_is_committed():
   """GPU_AUTO_IMPL may become "pallas_gpu" only with a passing benchmarks/gpu_check.py run from a
   real GPU committed under benchmarks/results/ (the H200's numerics pass; its throughput sections
-have not run, so "auto" is still XLA there)."""
+  have not run, so "auto" is still XLA there)."""
   assert attention.GPU_AUTO_IMPL in ("xla", "pallas_gpu")
   if attention.GPU_AUTO_IMPL == "pallas_gpu":
     assert _gpu_checks_passed(), "no passing gpu_check_*.json from a GPU in benchmarks/results/"
