@@ -61,7 +61,17 @@ def _compile_and_check(lowered, topology, model, batch_per_chip):
   size = model.tokenizer.config.image_size
   assert images.dtype == jnp.uint8 and images.shape[1:] == (size, size, 3)
   # The per-chip batch of the guidance-doubled KV cache in the optimized HLO.
-  assert f"[{model.config.depth},{2 * batch_per_chip},{model.config.num_heads}," in compiled.as_text()
+  cfg = model.config
+  stack = f"[{cfg.depth},{2 * batch_per_chip},{cfg.num_heads},"
+  assert stack in compiled.as_text()
+  # The prefix kernel reads its layer out of the cache stack: its key and value operands are the
+  # whole (depth, ...) stack, not a per-layer copy made for it in the layer loop.
+  calls = [line for line in compiled.as_text().splitlines()
+           if line.lstrip().startswith(f"%{PREFIX_KERNEL}")]
+  assert len(calls) == kernels[PREFIX_KERNEL]
+  for line in calls:
+    operands = line.split("operand_layout_constraints=", 1)[1].split("}}", 1)[0]
+    assert operands.count(stack) == 2, line[:300]
   return compiled, analysis
 
 

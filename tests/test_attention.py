@@ -225,6 +225,46 @@ def test_prefix_kernel_matches_reference_d16_full(impl, dtype):
   _check_prefix(impl, D16, batch=4, heads=16, dtype=dtype, cache_len=attention.kv_cache_len(D16))
 
 
+def _stacked_cache(seed, layers, batch, heads, cache_len, end, dtype):
+  """A (layers, B, H, S, D) key and value stack, each layer different, junk past `end`."""
+  ks, vs = [], []
+  for n in range(layers):
+    _, k, v = _qkv(seed + n, batch, heads, 1, 64, dtype, kv_len=cache_len)
+    ks.append(k.at[:, :, end:].set(jnp.asarray(40.0 + n, dtype)))
+    vs.append(v.at[:, :, end:].set(jnp.asarray(1e4, dtype)))
+  return jnp.stack(ks), jnp.stack(vs)
+
+
+@pytest.mark.parametrize("impl", ("xla",) + KERNELS)
+def test_prefix_attention_on_a_stacked_cache_reads_the_traced_layer(impl):
+  # The decode loop hands the whole (layers, ...) cache and a traced layer index: the TPU kernel
+  # picks the layer in its DMAs, the other paths index it. Expectation: the reference on the
+  # layer's slice, taken here with numpy indexing.
+  dtype, end = jnp.bfloat16, 14
+  k_NBHSD, v_NBHSD = _stacked_cache(30, 3, 2, 2, 30, end, dtype)
+  q, _, _ = _qkv(40, 2, 2, 9, 64, dtype)
+  run = jax.jit(lambda q, k, v, layer: attention.prefix_attention(
+      q, k, v, kv_len=end, impl=impl, interpret=True, layer=layer))
+  for layer in range(3):
+    out = run(q, k_NBHSD, v_NBHSD, jnp.int32(layer))
+    expected = xla_reference.prefix_attention(q, k_NBHSD[layer], v_NBHSD[layer], kv_len=end)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close(out, expected, TOL[dtype], f"{impl} on layer {layer} of the stack")
+  if impl == "pallas_tpu":  # the kernel gets the stack itself, not a slice of it
+    jaxpr = str(jax.make_jaxpr(run)(q, k_NBHSD, v_NBHSD, jnp.int32(0)))
+    assert "dynamic_slice" not in jaxpr and "pallas_call" in jaxpr
+
+
+def test_prefix_attention_stack_and_layer_must_agree():
+  q, k, v = _qkv(41, 1, 2, 4, 64, jnp.float32, kv_len=30)
+  with pytest.raises(InputError, match="must be the stacked cache"):
+    attention.prefix_attention(q, k, v, kv_len=5, layer=0)
+  with pytest.raises(InputError, match="agree on batch, heads and head_dim"):
+    attention.prefix_attention(q[:, :1], k[None], v[None], kv_len=5, layer=0)
+  with pytest.raises(InputError, match="kv_len=31"):
+    attention.prefix_attention(q, k[None], v[None], kv_len=31, layer=0)
+
+
 def test_prefix_plan_fits_vmem_and_needs_no_query_padding_for_var_scales():
   for pns in (D16, P512):
     cache_len = attention.kv_cache_len(pns)
@@ -422,7 +462,15 @@ def test_kernels_under_a_mesh_match_reference(impl):
     sample = jax.jit(lambda q, k, v: attention.prefix_attention(
         q, k, v, kv_len=14, impl=impl, interpret=True))
     out_prefix = sample(cache_q, k, v)
+    # The decode loop's form: a (layers, ...) stack split the same way, one layer picked.
+    stack_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), "tensor"))
+    k_stack, v_stack = (jax.device_put(jnp.stack([x * 0.5, x]), stack_sharding) for x in (k, v))
+    stacked = jax.jit(lambda q, k, v, layer: attention.prefix_attention(
+        q, k, v, kv_len=14, impl=impl, interpret=True, layer=layer))
+    out_stacked = stacked(cache_q, k_stack, v_stack, jnp.int32(1))
   assert out.sharding.is_equivalent_to(sharding, out.ndim)
+  _assert_close(out_stacked, xla_reference.prefix_attention(cache_q, k, v, kv_len=14),
+                TOL[jnp.float32], f"{impl} prefix on a stacked cache under mesh")
   out_ref, grads_ref = _output_and_grads(
       lambda q, k, v: xla_reference.block_causal_attention(q, k, v, patch_nums=SMALL), q, k, v)
   _assert_close(out, out_ref, TOL[jnp.float32], f"{impl} under mesh")

@@ -8,7 +8,7 @@ and the outputs are the matching shards, with no communication.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
@@ -26,8 +26,12 @@ def _usable_axes(mesh, names):
 
 
 def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: str = "kernel",
-                                   interpret: bool = False):
+                                   interpret: bool = False,
+                                   batch_dims: Sequence[int | None] | None = None):
   """Calls `per_device_fn(*arrays)` on every device's (batch, head) shard of the (B, H, ...) arrays.
+
+  `batch_dims` (default all 0) gives each array's batch axis, its heads axis following it (1 for
+  a stacked (layers, B, H, ...) cache); None marks an array every device gets whole (a scalar).
 
   With a one-device mesh, or inside shard_map already (every axis manual), the function is called
   directly. Without an active mesh it is called directly only when this process has a single
@@ -54,26 +58,32 @@ def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: 
   for name in batch_axes:
     batch_shards *= mesh.shape[name]
   head_shards = mesh.shape[HEAD_AXIS] if head_axes else 1
-  for x in arrays_BH:
-    if x.shape[0] % batch_shards:
+  if batch_dims is None:
+    batch_dims = (0,) * len(arrays_BH)
+  for x, bd in zip(arrays_BH, batch_dims):
+    if bd is None:
+      continue
+    if x.shape[bd] % batch_shards:
       raise InputError(
-          f"Batch {x.shape[0]} (array shape {x.shape}) is not divisible by the {batch_shards} "
+          f"Batch {x.shape[bd]} (array shape {x.shape}) is not divisible by the {batch_shards} "
           f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {batch_shards}."
       )
-    if x.shape[1] % head_shards:
+    if x.shape[bd + 1] % head_shards:
       raise InputError(
-          f"{x.shape[1]} heads (array shape {x.shape}) are not divisible by the {head_shards} "
+          f"{x.shape[bd + 1]} heads (array shape {x.shape}) are not divisible by the {head_shards} "
           f"shards of mesh axis {HEAD_AXIS!r}."
       )
-  spec = PartitionSpec(batch_axes or None, head_axes[0] if head_axes else None)
+  batch_heads = (batch_axes or None, head_axes[0] if head_axes else None)
+  specs = tuple(PartitionSpec() if bd is None else PartitionSpec(*((None,) * bd + batch_heads))
+                for bd in batch_dims)
   # Every axis not already manual becomes manual: XLA must not try to partition the Pallas call.
   newly_manual = frozenset(
       n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual)
   return jax.shard_map(
       per_device_fn,
       mesh=mesh,
-      in_specs=(spec,) * len(arrays_BH),
-      out_specs=spec,
+      in_specs=specs,
+      out_specs=specs[0],
       axis_names=newly_manual,
       check_vma=False,
   )(*arrays_BH)

@@ -61,8 +61,10 @@ def plan_blocks(num_heads: int, q_rows: int, kv_block: int, head_dim: int, dtype
   return heads, rows, padded_rows
 
 
-def _prefix_kernel(q_ref, k_ref, v_ref, o_ref, *, kv_len: int, precision):
-  """One grid step: refs are q/o (heads, rows, D) and k/v (heads, kv_block, D)."""
+def _prefix_kernel(layer_ref, q_ref, k_ref, v_ref, o_ref, *, kv_len: int, precision):
+  """One grid step: refs are q/o (heads, rows, D) and k/v (heads, kv_block, D); `layer_ref` (the
+  scalar-prefetched layer index) is used by the BlockSpecs only."""
+  del layer_ref
   kv_block = k_ref.shape[1]
   for h in range(q_ref.shape[0]):
     logits = jax.lax.dot_general(
@@ -85,10 +87,20 @@ def kv_block_rows(kv_len: int, cache_len: int, dtype) -> int:
   return min(round_up(kv_len, sublane_tile(dtype)), cache_len)
 
 
-def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, interpret: bool = False):
-  """softmax(q kᵀ) v over cache entries [0, kv_len) for one device's shard; q pre-scaled."""
+def prefix_attention(q_BHlD, k_cache, v_cache, *, kv_len: int, layer=None, interpret: bool = False):
+  """softmax(q kᵀ) v over cache entries [0, kv_len) for one device's shard; q pre-scaled.
+
+  The caches are one layer's (B, H, S, D), or with `layer` (an int32 scalar, may be traced) the
+  stack of all layers' (N, B, H, S, D): the kernel's DMAs then read that layer's rows
+  straight out of the stack (scalar-prefetched block index), so the decode loop makes no
+  per-layer copy of the cache for the kernel's operands.
+  """
+  if layer is None:
+    k_NBHSD, v_NBHSD, layer = k_cache[None], v_cache[None], 0
+  else:
+    k_NBHSD, v_NBHSD = k_cache, v_cache
   batch, num_heads, q_rows, head_dim = q_BHlD.shape
-  cache_len = k_BHSD.shape[2]
+  cache_len = k_NBHSD.shape[3]
   kv_block = kv_block_rows(kv_len, cache_len, q_BHlD.dtype)
   heads, rows, padded_rows = plan_blocks(num_heads, q_rows, kv_block, head_dim, q_BHlD.dtype)
   q_BHPD = q_BHlD
@@ -102,18 +114,21 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, interpret: bool = F
       transcendentals=batch * num_heads * padded_rows * kv_block,
       bytes_accessed=batch * num_heads * head_dim * itemsize * (2 * padded_rows + 2 * kv_block),
   )
-  q_spec = pl.BlockSpec((None, heads, rows, head_dim), lambda b, h, r: (b, h, r, 0))
-  kv_spec = pl.BlockSpec((None, heads, kv_block, head_dim), lambda b, h, r: (b, h, 0, 0))
+  q_spec = pl.BlockSpec((None, heads, rows, head_dim), lambda b, h, r, layer_ref: (b, h, r, 0))
+  kv_spec = pl.BlockSpec((None, None, heads, kv_block, head_dim),
+                         lambda b, h, r, layer_ref: (layer_ref[0], b, h, 0, 0))
   out_BHPD = pl.pallas_call(
       functools.partial(_prefix_kernel, kv_len=kv_len, precision=precision),
-      grid=(batch, num_heads // heads, padded_rows // rows),
-      in_specs=[q_spec, kv_spec, kv_spec],
-      out_specs=q_spec,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch, num_heads // heads, padded_rows // rows),
+          in_specs=[q_spec, kv_spec, kv_spec],
+          out_specs=q_spec),
       out_shape=jax.ShapeDtypeStruct(q_BHPD.shape, q_BHlD.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=cost,
       interpret=interpret,
       name="var_prefix_attention",
-  )(q_BHPD, k_BHSD, v_BHSD)
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), q_BHPD, k_NBHSD, v_NBHSD)
   return out_BHPD if padded_rows == q_rows else out_BHPD[:, :, :q_rows]

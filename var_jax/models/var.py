@@ -41,8 +41,8 @@ CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_k
 
 
 def stacks_as_uint16(cfg: VARConfig) -> bool:
-  """Whether the decode loop carries its bfloat16 stacks (the blocks' weights, the KV cache) as
-  uint16 bit patterns: in bfloat16 on CPU and TPU.
+  """Whether the decode loop carries its bfloat16 stacks (the blocks' weights; on CPU also the KV
+  cache, `cache_as_uint16`) as uint16 bit patterns: in bfloat16 on CPU and TPU.
 
   CPU: XLA:CPU's float normalization rewrites a bfloat16 dynamic-slice or dynamic-update-slice as
   a float32 one over the whole operand. In the layer loop that converted every stacked weight to
@@ -52,11 +52,25 @@ def stacks_as_uint16(cfg: VARConfig) -> bool:
   remains is one copy of each step's weight slice (XLA fuses the bitcast with the slice). The
   call got 15% faster at batch 1 and 9% at batch 8, with identical tokens and images.
   TPU: the compiled program of the same call moves less (v5e:2x2, VAR-d16 at batch 8: 44.7 GB
-  per chip against 54.6 in XLA's cost analysis, ahead of time; not yet timed on a TPU).
+  per chip against 54.6 in XLA's cost analysis, ahead of time; not yet timed on a TPU). With the
+  KV cache in bfloat16 (`cache_as_uint16`), bfloat16 weight stacks instead of uint16 ones cost
+  31.9 GB against 22.2 (batch 2 on one v5e chip, slim tokenizer), so the weights stay uint16.
   GPU keeps bfloat16 stacks until a GPU run shows the same.
   """
   return (jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
           and attention_ops.computation_platform() in ("cpu", "tpu"))
+
+
+def cache_as_uint16(cfg: VARConfig) -> bool:
+  """Whether the decode loop's KV cache is a uint16 stack too: on CPU only (`stacks_as_uint16`).
+
+  On TPU the prefix kernel reads each layer's rows straight out of the bfloat16 cache stack
+  (`attention_ops.prefix_attention(..., layer=)`); a uint16 cache would need a bfloat16 copy of
+  the layer's slice for the kernel's operand, which is what this avoids. The sampler of VAR-d16
+  at batch 2 per v5e chip (slim tokenizer) went from 29.3 to 22.2 GB per call in XLA's cost
+  analysis, ahead of time.
+  """
+  return stacks_as_uint16(cfg) and attention_ops.computation_platform() == "cpu"
 
 
 def _as_bits(tree):
@@ -165,12 +179,19 @@ class SelfAttention(nn.Module):
                                                       patch_nums=self.patch_nums,
                                                       impl=cfg.attention_impl)
       else:
-        # This layer's cache; XLA folds the XLA path's [:end] slice into this, copying only the
-        # prefix.
-        k_BHSD, v_BHSD = (_from_bits(jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False))
-                          for c in kv_cache)
-        o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD.astype(dtype), v_BHSD.astype(dtype),
-                                                kv_len=end, impl=cfg.attention_impl)
+        k_NBHSD, v_NBHSD = kv_cache
+        if k_NBHSD.dtype == jnp.uint16:
+          # This layer's cache as bfloat16 (CPU); XLA folds the XLA path's [:end] slice into
+          # this, copying only the prefix.
+          k_BHSD, v_BHSD = (_from_bits(jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False))
+                            for c in kv_cache)
+          o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD, v_BHSD, kv_len=end,
+                                                  impl=cfg.attention_impl)
+        else:
+          # The stack and the layer: the TPU kernel reads the layer's rows out of the stack (a
+          # slice handed to a kernel would be copied per layer first); other paths index it.
+          o_BHLD = attention_ops.prefix_attention(q_BHLD, k_NBHSD.astype(dtype), v_NBHSD.astype(dtype),
+                                                  kv_len=end, impl=cfg.attention_impl, layer=layer)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))
@@ -366,7 +387,8 @@ class VAR(nn.Module):
     else:
       cache_shape = (cfg.depth, B, cfg.num_heads, attention_ops.kv_cache_len(cfg.patch_nums),
                      cfg.head_dim)
-      cache_dtype = jnp.uint16 if bits else dtype  # uint16: bfloat16 bit patterns (0 is +0.0)
+      # uint16: bfloat16 bit patterns (0 is +0.0)
+      cache_dtype = jnp.uint16 if bits and cache_as_uint16(cfg) else dtype
       cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, cache_dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, cache_dtype)
       (x_BLC, (cached_k.value, cached_v.value)), _ = scanned(

@@ -205,35 +205,49 @@ def _batch_chunked(fn, q_BHlD, k_BHSD, v_BHSD, *, logits_bytes: int):
 
 
 def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
-                     interpret: bool = False):
+                     interpret: bool = False, layer=None):
   """Sampling attention: queries of one scale against the first `kv_len` KV-cache entries.
 
   Args:
     q_BHlD: queries of the current scale (batch, heads, pn², head_dim), already scaled.
-    k_BHSD: the preallocated key cache (batch, heads, S, head_dim), S >= kv_len, same dtype.
+    k_BHSD: the preallocated key cache (batch, heads, S, head_dim), S >= kv_len, same dtype; with
+      `layer`, the stack of every layer's key cache (layers, batch, heads, S, head_dim).
     v_BHSD: the value cache, same shape as k_BHSD.
     kv_len: static int, the number of valid cache entries (end of the current scale).
     impl: "auto", "xla", "pallas_tpu" or "pallas_gpu" (module docstring).
     interpret: run a Pallas kernel in interpret mode (any backend; slow).
+    layer: with stacked caches, the layer to attend to (an int or int32 scalar, may be traced).
+      The TPU kernel reads that layer's rows out of the stack itself; the other paths index it.
 
   Returns:
     (batch, heads, pn², head_dim) in q's dtype.
   """
-  _check_arrays((("q", q_BHlD), ("k", k_BHSD), ("v", v_BHSD)))
+  if layer is not None:
+    for name, c in (("k", k_BHSD), ("v", v_BHSD)):
+      if getattr(c, "ndim", None) != 5:
+        raise InputError(f"With layer=, {name} must be the stacked cache (layers, batch, heads, "
+                         f"length, head_dim), got shape {getattr(c, 'shape', None)}.")
+    _check_arrays((("q", q_BHlD), ("k", k_BHSD[0]), ("v", v_BHSD[0])))
+  else:
+    _check_arrays((("q", q_BHlD), ("k", k_BHSD), ("v", v_BHSD)))
   if k_BHSD.shape != v_BHSD.shape:
     raise InputError(f"k and v cache shapes differ: {k_BHSD.shape} vs {v_BHSD.shape}.")
-  if q_BHlD.shape[:2] != k_BHSD.shape[:2] or q_BHlD.shape[3] != k_BHSD.shape[3]:
+  cache_BHSD = k_BHSD.shape[-4:]
+  if q_BHlD.shape[:2] != cache_BHSD[:2] or q_BHlD.shape[3] != cache_BHSD[3]:
     raise InputError(
         f"q {q_BHlD.shape} and the cache {k_BHSD.shape} must agree on batch, heads and head_dim."
     )
   if isinstance(kv_len, bool) or not isinstance(kv_len, numbers.Integral):
     raise InputError(f"kv_len must be a static Python int, got {type(kv_len).__name__}.")
   kv_len = int(kv_len)
-  if not 1 <= kv_len <= k_BHSD.shape[2]:
-    raise InputError(f"kv_len={kv_len} must be in [1, cache length {k_BHSD.shape[2]}].")
+  if not 1 <= kv_len <= cache_BHSD[2]:
+    raise InputError(f"kv_len={kv_len} must be in [1, cache length {cache_BHSD[2]}].")
   chosen = _resolve_impl(impl, interpret)
   if chosen == "pallas_tpu" and impl == "auto" and q_BHlD.shape[2] < PREFIX_KERNEL_MIN_ROWS:
     chosen = "xla"
+  if layer is not None and chosen != "pallas_tpu":
+    k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+                      for c in (k_BHSD, v_BHSD))
   if chosen == "xla":
     if computation_platform() == "cpu":
       # In float32: XLA's CPU backend runs these batched per-head matmuls several times slower
@@ -247,6 +261,12 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
   if chosen == "pallas_gpu":
     _check_gpu_head_dim(q_BHlD.shape[3])
+  if chosen == "pallas_tpu" and layer is not None:
+    per_device = lambda q, k, v, layer: tpu_prefix.prefix_attention(
+        q, k, v, kv_len=kv_len, layer=layer, interpret=interpret)
+    return mesh_sharding.shard_map_over_batch_and_heads(
+        per_device, q_BHlD, k_BHSD, v_BHSD, jnp.asarray(layer, jnp.int32),
+        batch_dims=(0, 1, 1, None), kernel=chosen, interpret=interpret)
   module = tpu_prefix if chosen == "pallas_tpu" else gpu_flash
   per_device = functools.partial(module.prefix_attention, kv_len=kv_len, interpret=interpret)
   return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD,
