@@ -255,6 +255,16 @@ def test_prefix_attention_on_a_stacked_cache_reads_the_traced_layer(impl):
     assert "dynamic_slice" not in jaxpr and "pallas_call" in jaxpr
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_layer_prefix_is_the_layers_first_rows(platform, monkeypatch):
+  # Each backend's form (CPU indexes the layer then slices, others slice once) against numpy.
+  monkeypatch.setattr(attention, "computation_platform", lambda: platform)
+  stack = np.random.default_rng(3).standard_normal((3, 2, 2, 30, 8)).astype(np.float32)
+  get = jax.jit(attention.layer_prefix, static_argnums=2)
+  for layer, kv_len in ((0, 1), (2, 14), (1, 30)):
+    np.testing.assert_array_equal(get(stack, jnp.int32(layer), kv_len), stack[layer, :, :, :kv_len])
+
+
 def test_prefix_attention_stack_and_layer_must_agree():
   q, k, v = _qkv(41, 1, 2, 4, 64, jnp.float32, kv_len=30)
   with pytest.raises(InputError, match="must be the stacked cache"):

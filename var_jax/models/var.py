@@ -181,10 +181,8 @@ class SelfAttention(nn.Module):
       else:
         k_NBHSD, v_NBHSD = kv_cache
         if k_NBHSD.dtype == jnp.uint16:
-          # This layer's cache as bfloat16 (CPU); XLA folds the XLA path's [:end] slice into
-          # this, copying only the prefix.
-          k_BHSD, v_BHSD = (_from_bits(jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False))
-                            for c in kv_cache)
+          # This layer's prefix [0, end) as bfloat16 (CPU).
+          k_BHSD, v_BHSD = (_from_bits(attention_ops.layer_prefix(c, layer, end)) for c in kv_cache)
           o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD, v_BHSD, kv_len=end,
                                                   impl=cfg.attention_impl)
         else:

@@ -204,6 +204,21 @@ def _batch_chunked(fn, q_BHlD, k_BHSD, v_BHSD, *, logits_bytes: int):
   return out.reshape((batch,) + out.shape[2:])
 
 
+def layer_prefix(cache_NBHSD, layer, kv_len: int):
+  """Rows [0, kv_len) of one layer's cache out of the (layers, B, H, S, D) stack; `layer` may be
+  traced, `kv_len` is static.
+
+  XLA:TPU copies a dynamically indexed layer whole (all S rows, 768 for VAR-d16) before a slice
+  of it is read, so elsewhere the prefix is sliced in one dynamic slice. XLA:CPU instead fuses
+  the layer index with the [:kv_len] slice into the attention's reads, and the one dynamic slice
+  of the prefix made a VAR-d16 float32 call at batch 1 slower (7.5 -> 8.6 s), so it indexes.
+  """
+  if computation_platform() == "cpu":
+    return jax.lax.dynamic_index_in_dim(cache_NBHSD, layer, axis=0, keepdims=False)[:, :, :kv_len]
+  _, B, H, _, D = cache_NBHSD.shape
+  return jax.lax.dynamic_slice(cache_NBHSD, (layer, 0, 0, 0, 0), (1, B, H, kv_len, D))[0]
+
+
 def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
                      interpret: bool = False, layer=None):
   """Sampling attention: queries of one scale against the first `kv_len` KV-cache entries.
@@ -246,8 +261,9 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
   if chosen == "pallas_tpu" and impl == "auto" and q_BHlD.shape[2] < PREFIX_KERNEL_MIN_ROWS:
     chosen = "xla"
   if layer is not None and chosen != "pallas_tpu":
-    k_BHSD, v_BHSD = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
-                      for c in (k_BHSD, v_BHSD))
+    # The layer's first kv_len rows only: XLA:TPU copies a dynamically indexed slice whole (all
+    # S rows, 768 for VAR-d16) before the attention reads kv_len of them.
+    k_BHSD, v_BHSD = (layer_prefix(c, layer, kv_len) for c in (k_BHSD, v_BHSD))
   if chosen == "xla":
     if computation_platform() == "cpu":
       # In float32: XLA's CPU backend runs these batched per-head matmuls several times slower
