@@ -1,4 +1,6 @@
 """var_jax.sample and var_jax.edit: greedy parity with the official sampler, filters, editing."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,27 +80,40 @@ def test_top_k_keeps_ties_at_threshold():
   assert np.isfinite(got).tolist() == [[[True, True, True, False]]]
 
 
-def test_filter_matches_official_semantics_at_full_vocabulary():
+@pytest.mark.parametrize("bits_per_pass", [1, 2, 4, 5])
+def test_filter_matches_official_semantics_at_full_vocabulary(bits_per_pass):
   # The released models' setting (k 900 of 4096, p 0.96) and edge values, on logits with the
-  # spread the official sampler sees; also under jit with traced k and p.
+  # spread the official sampler sees, some tied; under jit with traced k and p; with each radix
+  # width (4 is TPU's, 1 CPU's; 5 leaves a 2-bit last pass).
   rng = np.random.default_rng(1)
   logits = (rng.standard_normal((3, 5, 4096)) * 3).astype(np.float32)
-  jitted = jax.jit(filters.filter_top_k_top_p)
-  for top_k, top_p in [(900, 0.96), (4096, 0.96), (1, 0.5), (900, 0.0), (0, 0.3), (2, 1.0)]:
+  logits[:, :, :64] = np.round(logits[:, :, :64])
+  jitted = jax.jit(functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass))
+  for top_k, top_p in [(900, 0.96), (4096, 0.96), (1, 0.5), (900, 0.0), (0, 0.3), (2, 1.0),
+                       (100, 0.0)]:
     want = np.isfinite(_official_filter(logits, top_k, top_p))
     np.testing.assert_array_equal(np.isfinite(jitted(jnp.asarray(logits), top_k, top_p)), want)
 
 
-def test_filter_on_negative_infinities_and_signed_zeros():
+def test_filter_radix_width_is_checked():
+  logits = jnp.zeros((1, 1, 8))
+  for bad in (0, 17, 2.0, True):
+    with pytest.raises(InputError, match="bits_per_pass"):
+      filters.filter_top_k_top_p(logits, 2, 0.5, bits_per_pass=bad)
+
+
+@pytest.mark.parametrize("bits_per_pass", [1, 4])
+def test_filter_on_negative_infinities_and_signed_zeros(bits_per_pass):
   logits = jnp.asarray([[[-np.inf, -0.0, 0.0, -1.0, -np.inf, 2.0]]], jnp.float32)
+  filter_ = functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass)
   np.testing.assert_array_equal(  # k-th largest (3rd) is -0.0 == 0.0: both survive
-      np.isfinite(filters.filter_top_k_top_p(logits, 3, 0.0)),
+      np.isfinite(filter_(logits, 3, 0.0)),
       [[[False, True, True, False, False, True]]])
   np.testing.assert_array_equal(  # the 2nd largest is a zero too: -0.0 < 0.0 is false
-      np.isfinite(filters.filter_top_k_top_p(logits, 2, 0.0)),
+      np.isfinite(filter_(logits, 2, 0.0)),
       [[[False, True, True, False, False, True]]])
   np.testing.assert_array_equal(  # everything below the maximum carries < 0.5 of the mass
-      np.isfinite(filters.filter_top_k_top_p(logits, 0, 0.5)),
+      np.isfinite(filter_(logits, 0, 0.5)),
       [[[False, False, False, False, False, True]]])
 
 
