@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.errors import InputError
+from var_jax.ops.attention import computation_platform
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -26,8 +27,6 @@ def radix_bits_per_pass() -> int:
   in cache and the candidates' compares are what costs: 40 ms for those rows with 1 bit, 72 ms
   with 2, 236 ms with 4 (2-core AVX-512 host). GPU: 1 until a GPU run decides.
   """
-  # Lazy import: var_jax.ops imports the kernels, which the filters do not otherwise need.
-  from var_jax.ops.attention import computation_platform  # pylint: disable=import-outside-toplevel
   return 4 if computation_platform() == "tpu" else 1
 
 

@@ -87,7 +87,7 @@ def kv_block_rows(kv_len: int, cache_len: int, dtype) -> int:
   return min(round_up(kv_len, sublane_tile(dtype)), cache_len)
 
 
-def prefix_attention(q_BHlD, k_cache, v_cache, *, kv_len: int, layer=None, interpret: bool = False):
+def prefix_attention(q_BHlD, k_cache, v_cache, layer=None, *, kv_len: int, interpret: bool = False):
   """softmax(q kᵀ) v over cache entries [0, kv_len) for one device's shard; q pre-scaled.
 
   The caches are one layer's (B, H, S, D), or with `layer` (an int32 scalar, may be traced) the

@@ -179,17 +179,16 @@ class SelfAttention(nn.Module):
                                                       patch_nums=self.patch_nums,
                                                       impl=cfg.attention_impl)
       else:
-        k_NBHSD, v_NBHSD = kv_cache
-        if k_NBHSD.dtype == jnp.uint16:
-          # This layer's prefix [0, end) as bfloat16 (CPU).
-          k_BHSD, v_BHSD = (_from_bits(attention_ops.layer_prefix(c, layer, end)) for c in kv_cache)
-          o_BHLD = attention_ops.prefix_attention(q_BHLD, k_BHSD, v_BHSD, kv_len=end,
-                                                  impl=cfg.attention_impl)
+        if kv_cache[0].dtype == jnp.uint16:  # CPU: this layer's prefix [0, end) as bfloat16
+          k, v = (_from_bits(attention_ops.layer_prefix(c, layer, end)) for c in kv_cache)
+          at_layer = None
         else:
           # The stack and the layer: the TPU kernel reads the layer's rows out of the stack (a
-          # slice handed to a kernel would be copied per layer first); other paths index it.
-          o_BHLD = attention_ops.prefix_attention(q_BHLD, k_NBHSD.astype(dtype), v_NBHSD.astype(dtype),
-                                                  kv_len=end, impl=cfg.attention_impl, layer=layer)
+          # slice handed to a kernel would be copied per layer first); other paths slice it.
+          k, v = (c.astype(dtype) for c in kv_cache)
+          at_layer = layer
+        o_BHLD = attention_ops.prefix_attention(q_BHLD, k, v, kv_len=end, impl=cfg.attention_impl,
+                                                layer=at_layer)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))

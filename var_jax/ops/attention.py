@@ -264,6 +264,7 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     # The layer's first kv_len rows only: XLA:TPU copies a dynamically indexed slice whole (all
     # S rows, 768 for VAR-d16) before the attention reads kv_len of them.
     k_BHSD, v_BHSD = (layer_prefix(c, layer, kv_len) for c in (k_BHSD, v_BHSD))
+    layer = None
   if chosen == "xla":
     if computation_platform() == "cpu":
       # In float32: XLA's CPU backend runs these batched per-head matmuls several times slower
@@ -277,13 +278,10 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
   if chosen == "pallas_gpu":
     _check_gpu_head_dim(q_BHlD.shape[3])
-  if chosen == "pallas_tpu" and layer is not None:
-    per_device = lambda q, k, v, layer: tpu_prefix.prefix_attention(
-        q, k, v, kv_len=kv_len, layer=layer, interpret=interpret)
-    return mesh_sharding.shard_map_over_batch_and_heads(
-        per_device, q_BHlD, k_BHSD, v_BHSD, jnp.asarray(layer, jnp.int32),
-        batch_dims=(0, 1, 1, None), kernel=chosen, interpret=interpret)
   module = tpu_prefix if chosen == "pallas_tpu" else gpu_flash
   per_device = functools.partial(module.prefix_attention, kv_len=kv_len, interpret=interpret)
-  return mesh_sharding.shard_map_over_batch_and_heads(per_device, q_BHlD, k_BHSD, v_BHSD,
+  arrays, batch_dims = (q_BHlD, k_BHSD, v_BHSD), None
+  if layer is not None:  # the TPU kernel's stacks (batch on axis 1) and the layer, replicated
+    arrays, batch_dims = arrays + (jnp.asarray(layer, jnp.int32),), (0, 1, 1, None)
+  return mesh_sharding.shard_map_over_batch_and_heads(per_device, *arrays, batch_dims=batch_dims,
                                                       kernel=chosen, interpret=interpret)
