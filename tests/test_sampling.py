@@ -178,26 +178,32 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
   from unittest import mock
   from var_jax.models import var as var_module
   m32 = model("tiny")
-  m = var_jax.VARModel(dataclasses.replace(m32.config, dtype="bfloat16"), m32.params, m32.tokenizer)
+  bf16 = lambda: var_jax.VARModel(dataclasses.replace(m32.config, dtype="bfloat16"), m32.params,
+                                  m32.tokenizer)
+  m, m_plain = bf16(), bf16()  # two models: each caches its own placement
   labels = np.array([1, 2])
   kw = dict(rng=jax.random.key(3), cfg=1.5, top_k=20, top_p=0.9)
   stacked = {tuple(x.shape) for x in jax.tree.leaves(m.params["blocks"])}
   assert stacked and all(s[0] == m.config.depth for s in stacked)
   dims = lambda s: ",".join(map(str, s))
 
-  def f32_stacks(hlo: str) -> list:
-    """The stacks that enter the program in bfloat16 and also appear in float32 in it."""
-    entry = hlo.split("entry_computation_layout={(", 1)[1].split(")->", 1)[0]
-    bf16_stacks = [s for s in stacked if f"bf16[{dims(s)}]" in entry]
-    assert len(bf16_stacks) >= 4, bf16_stacks  # the blocks' kernels at least
-    return [s for s in bf16_stacks if f"f32[{dims(s)}]" in hlo]
+  def entry(hlo: str) -> str:
+    return hlo.split("entry_computation_layout={(", 1)[1].split(")->", 1)[0]
 
-  with mock.patch.object(var_module, "stacks_as_uint16", lambda cfg: False):
-    plain_hlo = sampler.build_sample_call(m, labels, **kw).lower(fresh=True).compile().as_text()
-    plain = var_jax.sample(m, labels, return_tokens=True, **kw)
-  assert f32_stacks(plain_hlo), "XLA:CPU no longer widens bfloat16 stacks: stacks_as_uint16 may go"
+  def f32_stacks(hlo: str, held: str) -> list:
+    """The stacks that enter the program as `held` and also appear in float32 in it."""
+    held_stacks = [s for s in stacked if f"{held}[{dims(s)}]" in entry(hlo)]
+    assert len(held_stacks) >= 4, held_stacks  # the blocks' kernels at least
+    return [s for s in held_stacks if f"f32[{dims(s)}]" in hlo]
+
+  with mock.patch.object(var_module, "stacks_as_uint16", lambda cfg, platform=None: False):
+    plain_hlo = sampler.build_sample_call(m_plain, labels, **kw).lower(fresh=True).compile().as_text()
+    plain = var_jax.sample(m_plain, labels, return_tokens=True, **kw)
+  assert f32_stacks(plain_hlo, "bf16"), "XLA:CPU no longer widens bf16 stacks: stacks_as_uint16 may go"
   hlo = sampler.build_sample_call(m, labels, **kw).lower(fresh=True).compile().as_text()
-  assert not f32_stacks(hlo)
+  # The placement holds the stacks as uint16 already: none enters the program as bfloat16.
+  assert not f32_stacks(hlo, "u16")
+  assert not [s for s in stacked if f"bf16[{dims(s)}]" in entry(hlo)]
   images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
   np.testing.assert_array_equal(np.asarray(images), np.asarray(plain[0]))
   for got, want in zip(tokens, plain[1]):

@@ -94,7 +94,8 @@ def test_weights_split_over_fsdp_and_tensor():
 
 
 def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits():
-  """Weights the model casts at use are stored in bf16: logits equal those from f32 storage."""
+  """Weights the model casts at use are stored in bf16 (the blocks' stacks as their uint16 bit
+  patterns): logits from them equal those from float32 storage, cast at use."""
   import dataclasses
   base = model("tiny")
   cfg = dataclasses.replace(base.config, dtype="bfloat16")
@@ -104,7 +105,11 @@ def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits(
   maps = split_tokens(ref["vae_idx_BL"])
   m.logits(ref["tf_label"], maps)
   placed = m.placements[placement.default_mesh()].var_params
-  assert placed["blocks"]["attn"]["mat_qkv"].dtype == jnp.bfloat16
+  # The blocks' stacks as the uint16 bit patterns of their bfloat16 values (on CPU and TPU).
+  qkv = np.asarray(base.params["blocks"]["attn"]["mat_qkv"], np.float32)
+  np.testing.assert_array_equal(np.asarray(placed["blocks"]["attn"]["mat_qkv"]),
+                                qkv.astype(jnp.bfloat16).view(np.uint16))
+  assert placed["blocks"]["ffn"]["fc1"]["kernel"].dtype == jnp.uint16
   assert placed["head"]["kernel"].dtype == jnp.bfloat16
   assert placed["word_embed"]["kernel"].dtype == jnp.float32  # used in float32
   assert placed["blocks"]["attn"]["scale_mul_1H11"].dtype == jnp.float32

@@ -10,8 +10,9 @@ slice are one program:
 * `place(model, mesh)`: the VAR params split by their logical axis names (`embed` over "fsdp",
   heads / mlp / vocab over "tensor"; replicated when those axes have size 1), the tokenizer params
   replicated. The matmul weights the model casts to its compute dtype at use are stored in that
-  dtype (bfloat16 models hold half the bytes, with bit-identical results). The placement is cached
-  on the model per mesh, so later calls transfer no weights. With `jax.ShapeDtypeStruct` params
+  dtype (bfloat16 models hold half the bytes, with bit-identical results; on CPU and TPU the
+  blocks' bfloat16 stacks are held as their uint16 bit patterns, `held_as_bits`). The placement
+  is cached on the model per mesh, so later calls transfer no weights. With `jax.ShapeDtypeStruct` params
   (a model that was never materialised, for AOT compiles) the placement is abstract.
 * `pad_batch` / `batch_shards`: any batch on any device count: the batch is padded to a multiple of
   the mesh's batch shards ("data" x "fsdp") and the padding dropped afterwards.
@@ -33,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from var_jax.parallel import sharding
 from var_jax.errors import InputError
+from var_jax.models import var as var_model
 from var_jax.models.var import VAR
 
 BATCH_AXES = ("data", "fsdp")
@@ -185,16 +187,42 @@ def stored_dtype(path: tuple, leaf: Any, compute_dtype: str) -> np.dtype:
   return np.dtype(leaf.dtype)
 
 
-def _put_leaf(x: Any, target: NamedSharding, dtype: np.dtype) -> Any:
+def mesh_platform(mesh: Mesh) -> str:
+  """"tpu", "gpu" or "cpu": the platform of the mesh's devices (compile-only TPU ones included)."""
+  platform = mesh.devices.flat[0].platform
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def held_as_bits(path: tuple, dtype: np.dtype, var_config, mesh: Mesh) -> bool:
+  """Whether a VAR param is held as the uint16 bit patterns of its bfloat16 values: the blocks'
+  bfloat16 stacks where the decode loop slices them as uint16 (`var.stacks_as_uint16`).
+
+  Held so, the sampling program starts from them as they are (bitcasting them in the program was
+  a copy of every stack per call on TPU); the model reads uint16 block params as the bfloat16
+  values they hold in every mode, so logits and editing take the same placement.
+  """
+  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+  return (dtype == np.dtype(jnp.bfloat16) and names[:1] == ["blocks"]
+          and var_model.stacks_as_uint16(var_config, mesh_platform(mesh)))
+
+
+def _put_leaf(x: Any, target: NamedSharding, dtype: np.dtype, as_bits: bool = False) -> Any:
+  """x on `target` in `dtype`; with `as_bits` (dtype bfloat16), as its uint16 bit patterns."""
+  held = np.dtype(np.uint16) if as_bits else dtype
   if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(x.shape, dtype, sharding=target)
+    return jax.ShapeDtypeStruct(x.shape, held, sharding=target)
   if isinstance(x, jax.Array):  # e.g. a training state's params: reshard on device, then cast
     y = jax.device_put(x, target)
-    return y if y.dtype == dtype else jax.jit(lambda a: a.astype(dtype), out_shardings=target)(y)
+    if y.dtype == held:
+      return y
+    cast = lambda a: a.astype(dtype)
+    if as_bits:
+      cast = lambda a: jax.lax.bitcast_convert_type(a.astype(dtype), jnp.uint16)
+    return jax.jit(cast, out_shardings=target)(y)
   host = np.asarray(x)
   if host.dtype != dtype:
     host = host.astype(dtype)  # on the host: each device then receives only its shard
-  return jax.device_put(host, target)
+  return jax.device_put(host.view(np.uint16) if as_bits else host, target)
 
 
 def _check_tree(params: Any, shardings: Any) -> None:
@@ -232,9 +260,10 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
   _check_tree(model.params, shardings)
   paths_leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
   treedef = jax.tree.structure(model.params)
+  dtypes = [stored_dtype(path, x, model.config.dtype) for path, x in paths_leaves]
   var_params = jax.tree.unflatten(treedef, [
-      _put_leaf(x, s, stored_dtype(path, x, model.config.dtype))
-      for (path, x), s in zip(paths_leaves, jax.tree.leaves(shardings))])
+      _put_leaf(x, s, dtype, held_as_bits(path, dtype, model.config, mesh))
+      for (path, x), s, dtype in zip(paths_leaves, jax.tree.leaves(shardings), dtypes)])
   repl = replicated(mesh)
   vae_params = jax.tree.map(lambda x: _put_leaf(x, repl, np.dtype(x.dtype)), model.tokenizer.params)
   placed = Placement(mesh, var_params, vae_params, (model.params, model.tokenizer.params))

@@ -40,7 +40,7 @@ _MAX_LOG_SCALE_MUL = math.log(100.0)
 CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
 
 
-def stacks_as_uint16(cfg: VARConfig) -> bool:
+def stacks_as_uint16(cfg: VARConfig, platform: str | None = None) -> bool:
   """Whether the decode loop carries its bfloat16 stacks (the blocks' weights; on CPU also the KV
   cache, `cache_as_uint16`) as uint16 bit patterns: in bfloat16 on CPU and TPU.
 
@@ -56,9 +56,13 @@ def stacks_as_uint16(cfg: VARConfig) -> bool:
   KV cache in bfloat16 (`cache_as_uint16`), bfloat16 weight stacks instead of uint16 ones cost
   31.9 GB against 22.2 (batch 2 on one v5e chip, slim tokenizer), so the weights stay uint16.
   GPU keeps bfloat16 stacks until a GPU run shows the same.
+
+  The inference placement stores these stacks as uint16 already (`placement.place`): bitcasting
+  them inside the call was a copy of every stack on TPU (1.2 GB per call for VAR-d16). `platform`
+  defaults to where the traced computation runs (`attention_ops.computation_platform`).
   """
-  return (jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
-          and attention_ops.computation_platform() in ("cpu", "tpu"))
+  platform = attention_ops.computation_platform() if platform is None else platform
+  return jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16) and platform in ("cpu", "tpu")
 
 
 def cache_as_uint16(cfg: VARConfig) -> bool:
@@ -375,6 +379,8 @@ class VAR(nn.Module):
                      metadata_params={nn.PARTITION_NAME: "layers"})
     if bits:  # the loop slices the stacks as uint16 (see stacks_as_uint16)
       blocks = nn.map_variables(blocks, "params", trans_in_fn=_as_bits)
+    elif not self.is_initializing():  # stacks the placement holds as uint16, whole as bfloat16
+      blocks = nn.map_variables(blocks, "params", trans_in_fn=_from_bits)
     drop_rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth, dtype=jnp.float32)
     layers = jnp.arange(cfg.depth, dtype=jnp.int32)
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
