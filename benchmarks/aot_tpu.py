@@ -104,8 +104,8 @@ def _print_report(report: aot.ProgramReport) -> None:
   raw = report.as_compiled
   if report.loop_corrected:
     print(f"    [as compiled: {raw.flops / 1e12:.3f} TFLOP, {raw.bytes_accessed / 1e9:.2f} GB; "
-          f"{aot.while_loops(report.program.compiled)} while loops; unroll-2 compile "
-          f"{report.unroll2_compile_s:.1f} s]")
+          f"{aot.while_loops(report.program.compiled)} while loops; unrolled compile "
+          f"{report.unroll_compile_s:.1f} s]")
 
 
 def run_train(args, depth: int, topology: str, impl: str, batch: int) -> dict:

@@ -27,8 +27,8 @@ and in bfloat16 on the same labels, and the share of bf16 greedy tokens equal to
 is printed for each (the same run).
 
 --tpu v5e:2x2,v5p:2x2x1 also compiles the same call ahead of time for those slices
-(`aot.sampler_report`: `aot.lower_sample`, the public call's placement, the block scan's cost
-loop-corrected) at --tpu-batch-sizes and prints the compiled roofline against the bound per chip
+(`aot.sampler_report`: `aot.lower_sample`, the public call's placement; its costs from the same
+program with the block scans fully unrolled) at --tpu-batch-sizes and prints the compiled roofline against the bound per chip
 (`aot.sampler_bound`, the chip's peak FLOP/s and HBM bandwidth) and achieved / peak FLOP/s.
 """
 from __future__ import annotations
@@ -376,7 +376,8 @@ def main(argv=None) -> None:
           f"(autocast) {fmt(shares['official_bf16_greedy_equal'])}; ours float32 = official "
           f"float32: {fmt(shares['ours_f32_vs_official_f32_greedy_equal'])}")
   if args.tpu:
-    print("TPU, ahead of time (per chip; the compiled roofline is XLA's cost analysis, loop-corrected):")
+    print("TPU, ahead of time (per chip; the compiled roofline is XLA's cost analysis of the "
+          "program with its block scans fully unrolled):")
     for r in tpu_rows(model, args):
       _common.emit({**r, **env})
 

@@ -82,8 +82,11 @@ def direct():
   model = aot.abstract_model(var_cfg, vae_cfg)
   labels = jax.ShapeDtypeStruct((SAMPLE_BATCH,), jnp.int32)
   sampler = aot.lower_sample(model, labels, mesh=mesh).compile()
+  with aot.scan_unroll(var_cfg.depth, slice_each_step=True):
+    sampler_unrolled = aot.lower_sample(model, labels, mesh=mesh).compile()
   return dict(config=config, mesh=mesh, var_cfg=var_cfg, train=train.compiled,
-              train_unrolled=train_unrolled.compiled, sampler=sampler)
+              train_unrolled=train_unrolled.compiled, sampler=sampler,
+              sampler_unrolled=sampler_unrolled)
 
 
 def _memory(compiled):
@@ -147,8 +150,13 @@ def test_sampler_figures_match_a_direct_compile(printed, direct):
   assert f"images per call {SAMPLE_BATCH} (2 per chip)" in text
   _check_memory(text, record, direct["sampler"])
   assert record["flops_compiled"] == _flops(direct["sampler"])
-  # The correction counts the scanned blocks of every scale's loop: more than as compiled.
+  # Every scale's blocks counted: the costs of the program with its block scans fully unrolled.
+  unrolled = direct["sampler_unrolled"].cost_analysis()
+  unrolled = unrolled[0] if isinstance(unrolled, (list, tuple)) else unrolled
   assert record["loop_corrected"] and record["flops"] > record["flops_compiled"]
+  assert record["flops"] == float(unrolled["flops"])
+  assert record["bytes"] == float(unrolled["bytes accessed"])
+  assert "fully unrolled" in text
   _close(_amount(text, "FLOPs per chip per call:"), record["flops"], 0)
   model_flops = flops.sampler_flops_per_image(direct["var_cfg"])["total"] * SAMPLE_BATCH
   _close(_amount(text, "model FLOPs per call:"), model_flops, 0)

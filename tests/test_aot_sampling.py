@@ -95,6 +95,27 @@ def test_shipped_model_samples_on_slices(topology, batch, per_chip):
   assert not m.placements  # lowering placed nothing on this host
 
 
+def test_sampler_report_counts_every_block_of_the_public_call():
+  """The sampler's report takes its costs from the public call's program with the block scans
+  fully unrolled (no while loop left, so XLA's cost analysis counts every block of every scale
+  once) and its memory from the program as it runs (one loop per scale)."""
+  shipped = _shipped()
+  m = aot.abstract_model(shipped.config, shipped.tokenizer.config)
+  mesh = aot.topology_mesh("v5e:2x2")
+  report = aot.sampler_report(m.config, m.tokenizer.config, mesh, aot.chip_spec("v5e:2x2"), 8,
+                              model=m)
+  assert aot.while_loops(report.program.compiled) == len(m.config.patch_nums)
+  with aot.scan_unroll(m.config.depth, slice_each_step=True):
+    unrolled = aot.lower_sample(m, jax.ShapeDtypeStruct((8,), jnp.int32), mesh=mesh).compile()
+  assert aot.while_loops(unrolled) == 0
+  cost = unrolled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert report.loop_corrected and "fully unrolled" in report.cost_note
+  assert (report.cost.flops, report.cost.bytes_accessed) == (cost["flops"], cost["bytes accessed"])
+  assert report.cost.flops > report.as_compiled.flops  # every block, not one per scale
+  assert report.cost.peak_bytes == report.as_compiled.peak_bytes
+
+
 def test_bfloat16_weight_stacks_enter_the_tpu_program_as_held():
   """bfloat16 on TPU: the placement holds the blocks' stacks as uint16 bit patterns, which the
   decode loop slices, so the program starts from them as they are. Bitcasting them in the program

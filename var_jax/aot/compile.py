@@ -10,7 +10,7 @@ mesh is usually one over a TPU slice's compile-only devices (`topologies.topolog
   mesh, through the public calls' own argument checks and placement (`sampler.build_*_call`);
   `compile_sampler` compiles it for a batch of an abstract model (`abstract_model`).
 * `compile_decoder`: the tokenizer decode alone (the sampler's last step).
-* `scan_unroll`: unrolls the block scan while tracing, for `analyze.loop_corrected`.
+* `scan_unroll`: unrolls the block scan while tracing, for the cost reports (`report.py`).
 """
 from __future__ import annotations
 
@@ -137,8 +137,10 @@ def scan_unroll(unroll: int, length: int | None = None, *,
   """While tracing, every `flax.linen.scan` without an explicit `unroll` unrolls by `unroll`
   (only scans of `length` steps when given: one model's blocks in a two-model program).
 
-  VAR stacks its blocks with `nn.scan`; unroll=2 gives a loop of depth/2 trips over two blocks.
-  Only `loop_corrected` needs this: it is how the per-block cost is told apart from the rest.
+  VAR stacks its blocks with `nn.scan`; unroll=2 gives a loop of depth/2 trips over two blocks,
+  unroll=depth no loop. Only the cost reports need this: the train step's `loop_corrected` tells
+  the per-block cost apart from the rest with unroll=2; the sampler's report compiles with its
+  block scans fully unrolled (`slice_each_step=True`).
 
   `lax.scan`'s own partial unroll (1 < unroll < length) slices a block of `unroll` steps out of
   every stacked input per trip and indexes into it; with two consumers XLA copies that block (a
@@ -146,7 +148,8 @@ def scan_unroll(unroll: int, length: int | None = None, *,
   weights in a 2-matmul toy), which the program as it runs (unroll=1, one dynamic slice per step
   fused into its matmul) never does, so the correction overcounts. `slice_each_step=True` unrolls
   instead by indexing every step's inputs out of the whole stack, as unroll=1 does (the toy then
-  corrects to the fully unrolled figure exactly); not for differentiated programs, whose
+  corrects to the fully unrolled figure exactly), unroll=length too (one trip over every step,
+  which XLA inlines); not for differentiated programs, whose
   closed-over stacks would take a full-size cotangent per step.
   """
   if unroll == 1:
@@ -170,7 +173,7 @@ def _step_sliced_scan(lax_scan):
   """`lax.scan` whose partial unroll indexes each step's xs from the whole stack (`scan_unroll`)."""
   def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
     n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
-    if isinstance(unroll, bool) or unroll <= 1 or unroll >= n or n % unroll:
+    if isinstance(unroll, bool) or unroll <= 1 or unroll > n or n % unroll:
       return lax_scan(f, init, xs, length=length, reverse=reverse, unroll=unroll, **kwargs)
 
     def trip(carry, t):

@@ -61,9 +61,10 @@ class ProgramReport:
       plus `kernel_flops`.
     kernel_flops: FLOPs per chip counted analytically for kernels that declare none to XLA
       (splash attention in training), included in `cost.flops`.
-    loop_corrected: whether `cost` comes from the unroll-2 correction.
+    loop_corrected: whether `cost` counts every block: the train step's from the unroll-2
+      correction (`analysis.loop_corrected`), the sampler's from its fully unrolled program.
     cost_note: how the costs were obtained, for the printed lines.
-    unroll2_compile_s: seconds of the unroll-2 compile (None without it).
+    unroll_compile_s: seconds of that second compile (None without it).
   """
   kind: str
   program: CompiledProgram
@@ -73,7 +74,7 @@ class ProgramReport:
   kernel_flops: float
   loop_corrected: bool
   cost_note: str
-  unroll2_compile_s: float | None
+  unroll_compile_s: float | None
 
   @property
   def chips(self) -> int:
@@ -149,7 +150,7 @@ class ProgramReport:
         kind=self.kind, chips=self.chips, device_kind=p.mesh.devices.flat[0].device_kind,
         mesh=dict(p.mesh.shape), batch=p.batch, batch_per_chip=self.batch_per_chip,
         params=p.num_params, dtype=p.var_config.dtype, lower_s=p.lower_s,
-        compile_s=p.compile_s, unroll2_compile_s=self.unroll2_compile_s,
+        compile_s=p.compile_s, unroll_compile_s=self.unroll_compile_s,
         mosaic_calls=a.mosaic_calls, kernels=dict(a.kernels),
         argument_bytes=a.argument_bytes, output_bytes=a.output_bytes, alias_bytes=a.alias_bytes,
         temp_bytes=a.temp_bytes, code_bytes=a.code_bytes, live_bytes=a.peak_bytes,
@@ -204,21 +205,34 @@ def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipS
     note = "as compiled, scanned blocks counted once; no correction for a program that does not fit"
   elif not loop_correction:
     note = "as compiled: XLA counts each scanned block once"
-  elif depth % 2:
+  elif depth % 2 and kind != SAMPLER:
     note = f"as compiled: XLA counts each scanned block once; depth {depth} is odd, no correction"
   else:
-    log(f"compiling the {kind} again with the block scan unrolled by 2, to count every block")
+    # The sampler (no gradients) unrolls its block scans fully: the unroll-2 correction charges
+    # (depth - 1) times whatever XLA decides differently outside the loops between its two
+    # compiles. For VAR-d16's sampler (bf16, 2 images, one v5e chip, slim tokenizer) XLA staged a
+    # different set of weight stacks into VMEM in each, which moved the corrected bytes to
+    # 15.2 GB in one build and 20.7 GB in the next, against 16.4 and 14.7 GB fully unrolled.
+    unroll = depth if kind == SAMPLER else 2
+    log(f"compiling the {kind} again with the block scan unrolled by {unroll}, to count every block")
     t0 = time.perf_counter()
     try:
-      unrolled = analysis.analyze(_compile(compile_fn, 2, kind, chip).compiled, chip)
+      unrolled = analysis.analyze(_compile(compile_fn, unroll, kind, chip).compiled, chip)
     except DoesNotFitError:
-      note = "as compiled: XLA counts each scanned block once; the unroll-2 compile did not fit"
+      note = (f"as compiled: XLA counts each scanned block once; the unroll-{unroll} compile did "
+              "not fit")
     else:
       unroll_s = time.perf_counter() - t0
-      cost, corrected = analysis.loop_corrected(raw, unrolled, depth), True
-      note = "XLA cost analysis, loop-corrected"
       if kind == SAMPLER:
-        note += " (each unrolled step's weights sliced from the whole stack)"
+        cost = dataclasses.replace(raw, flops=unrolled.flops, bytes_accessed=unrolled.bytes_accessed,
+                                   transcendentals=unrolled.transcendentals,
+                                   optimal_s=unrolled.optimal_s)
+        note = ("XLA cost analysis of the program with the block scans fully unrolled (each step's "
+                "weights indexed from the whole stack)")
+      else:
+        cost = analysis.loop_corrected(raw, unrolled, depth)
+        note = "XLA cost analysis, loop-corrected"
+      corrected = True
   added = kernel_flops(raw, program)
   cost = dataclasses.replace(cost, flops=cost.flops + added)
   return ProgramReport(kind, program, chip, raw, cost, added, corrected, note, unroll_s)

@@ -17,8 +17,9 @@ v6e-8: chips) or generation:chip grid (v5e:4x4, v4:2x2x4). The mesh is the confi
 is given. `--config.x=y` overrides fields as for `var-jax train`. The tokenizer's architecture is
 the config's `tokenizer.overrides` over the released one; no file is read.
 
-Exact FLOPs take a second compile (XLA counts a scanned block once; the second compile unrolls the
-block scan by 2 to correct it); --no-loop-correction skips it. A program that does not fit,
+Exact FLOPs take a second compile (XLA counts a scanned block once; for the train step the second
+compile unrolls the block scan by 2 to correct it, for the sampler it unrolls the block scans
+fully); --no-loop-correction skips it. A program that does not fit,
 a bad topology or config, or a missing libtpu is a one-line error and exit status 2.
 """
 from __future__ import annotations
