@@ -36,6 +36,7 @@ from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models import var as var_model
 from var_jax.models.var import VAR
+from var_jax.ops import attention
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -179,18 +180,16 @@ def var_param_shardings(var_config, mesh: Mesh) -> Any:
   return meta.unbox(nn.logical_to_mesh_sharding(specs, mesh, inference_rules(mesh)))
 
 
+def _path_names(path: tuple) -> list[str]:
+  return [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+
+
 def stored_dtype(path: tuple, leaf: Any, compute_dtype: str) -> np.dtype:
   """The dtype a VAR param is held in on device: the compute dtype where the model casts it at use."""
-  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+  names = _path_names(path)
   if (names and names[-1] in _CAST_AT_USE and not any(m in names for m in _FLOAT32_MODULES)):
     return np.dtype(jnp.dtype(compute_dtype))
   return np.dtype(leaf.dtype)
-
-
-def mesh_platform(mesh: Mesh) -> str:
-  """"tpu", "gpu" or "cpu": the platform of the mesh's devices (compile-only TPU ones included)."""
-  platform = mesh.devices.flat[0].platform
-  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
 def held_as_bits(path: tuple, dtype: np.dtype, var_config, mesh: Mesh) -> bool:
@@ -201,9 +200,8 @@ def held_as_bits(path: tuple, dtype: np.dtype, var_config, mesh: Mesh) -> bool:
   a copy of every stack per call on TPU); the model reads uint16 block params as the bfloat16
   values they hold in every mode, so logits and editing take the same placement.
   """
-  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-  return (dtype == np.dtype(jnp.bfloat16) and names[:1] == ["blocks"]
-          and var_model.stacks_as_uint16(var_config, mesh_platform(mesh)))
+  return (dtype == np.dtype(jnp.bfloat16) and _path_names(path)[:1] == ["blocks"]
+          and var_model.stacks_as_uint16(var_config, attention.computation_platform(mesh)))
 
 
 def _put_leaf(x: Any, target: NamedSharding, dtype: np.dtype, as_bits: bool = False) -> Any:

@@ -92,13 +92,13 @@ def _patch_nums(patch_nums) -> tuple[int, ...]:
     raise ConfigError(f"Bad patch_nums {patch_nums!r}: {err}") from err
 
 
-def computation_platform() -> str:
+def computation_platform(mesh: jax.sharding.Mesh | None = None) -> str:
   """Where the traced computation runs: "tpu", "gpu" or "cpu".
 
-  The active mesh's platform when there is one (e.g. compile-only TPU devices on a CPU host),
-  else JAX's default backend.
+  `mesh`'s platform when given, else the active mesh's when there is one (e.g. compile-only TPU
+  devices on a CPU host), else JAX's default backend.
   """
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh.abstract_mesh
   device = None if mesh.empty else mesh.abstract_device
   platform = device.platform if device is not None else jax.default_backend()
   return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
