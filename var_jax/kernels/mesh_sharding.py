@@ -1,10 +1,11 @@
-"""Run a per-device attention function under shard_map over the active mesh.
+"""Run a per-device kernel function under shard_map over the active mesh.
 
 A Pallas (Mosaic or Triton) call is opaque to XLA's SPMD partitioner, so under a sharded jit it
 must sit inside shard_map, where every device runs it on its own shard. The model runs under
 `jax.set_mesh(mesh)` with batch sharded over ("data", "fsdp") and heads over "tensor"; attention
 needs nothing across the batch or across heads, so the per-device function sees (B/dp, H/tp, ·, D)
-and the outputs are the matching shards, with no communication.
+and the outputs are the matching shards, with no communication. The tokenizer's convolution
+kernel needs nothing across the batch either (`shard_map_over_batch`).
 """
 from __future__ import annotations
 
@@ -38,29 +39,40 @@ def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: 
   device: with several, a jit may partition the call over them, and XLA cannot partition a Pallas
   kernel ("Mosaic kernels cannot be automatically partitioned", found only when lowering on a
   pod), so that is a ConfigError here, at trace time (not for `interpret` kernels, which are plain
-  XLA). Returns an array laid out like the first
-  argument's batch and heads.
+  XLA). Returns an array laid out like the first argument's batch and heads.
   """
+  return _shard_map(per_device_fn, arrays_BH, kernel, interpret, batch_dims, split_heads=True)
+
+
+def shard_map_over_batch(per_device_fn: Callable, *arrays_B, kernel: str = "kernel",
+                         interpret: bool = False, batch_dims: Sequence[int | None] | None = None):
+  """`shard_map_over_batch_and_heads` for arrays split over the batch only (images, whose axis
+  after the batch is a spatial one); every device gets the arrays whose batch_dims entry is None
+  (weights) whole."""
+  return _shard_map(per_device_fn, arrays_B, kernel, interpret, batch_dims, split_heads=False)
+
+
+def _shard_map(per_device_fn, arrays, kernel, interpret, batch_dims, *, split_heads: bool):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     if jax.device_count() > 1 and not interpret:
       raise ConfigError(
-          f"The {kernel} attention kernel was traced without an active mesh on a process with "
+          f"The {kernel} kernel was traced without an active mesh on a process with "
           f"{jax.device_count()} devices, where a jit may split it over devices and XLA cannot "
           "partition a Pallas kernel. Trace under `with jax.set_mesh(mesh):` (var_jax.sample, "
-          "edit, VARModel.logits and the trainers do), or use attention_impl='xla'.")
-    return per_device_fn(*arrays_BH)
+          "edit, VARModel.logits and the trainers do), or use the 'xla' implementation.")
+    return per_device_fn(*arrays)
   if mesh.size == 1 or all(t == AxisType.Manual for t in mesh.axis_types):
-    return per_device_fn(*arrays_BH)
+    return per_device_fn(*arrays)
   batch_axes = _usable_axes(mesh, BATCH_AXES)
-  head_axes = _usable_axes(mesh, (HEAD_AXIS,))
+  head_axes = _usable_axes(mesh, (HEAD_AXIS,)) if split_heads else ()
   batch_shards = 1
   for name in batch_axes:
     batch_shards *= mesh.shape[name]
   head_shards = mesh.shape[HEAD_AXIS] if head_axes else 1
   if batch_dims is None:
-    batch_dims = (0,) * len(arrays_BH)
-  for x, bd in zip(arrays_BH, batch_dims):
+    batch_dims = (0,) * len(arrays)
+  for x, bd in zip(arrays, batch_dims):
     if bd is None:
       continue
     if x.shape[bd] % batch_shards:
@@ -68,13 +80,13 @@ def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: 
           f"Batch {x.shape[bd]} (array shape {x.shape}) is not divisible by the {batch_shards} "
           f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {batch_shards}."
       )
-    if x.shape[bd + 1] % head_shards:
+    if split_heads and x.shape[bd + 1] % head_shards:
       raise InputError(
           f"{x.shape[bd + 1]} heads (array shape {x.shape}) are not divisible by the {head_shards} "
           f"shards of mesh axis {HEAD_AXIS!r}."
       )
-  batch_heads = (batch_axes or None, head_axes[0] if head_axes else None)
-  specs = tuple(PartitionSpec() if bd is None else PartitionSpec(*((None,) * bd + batch_heads))
+  split = (batch_axes or None,) + ((head_axes[0] if head_axes else None,) if split_heads else ())
+  specs = tuple(PartitionSpec() if bd is None else PartitionSpec(*((None,) * bd + split))
                 for bd in batch_dims)
   # Every axis not already manual becomes manual: XLA must not try to partition the Pallas call.
   newly_manual = frozenset(
@@ -86,4 +98,4 @@ def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: 
       out_specs=specs[0],
       axis_names=newly_manual,
       check_vma=False,
-  )(*arrays_BH)
+  )(*arrays)

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from var_jax.models import precision
 from var_jax.models.quant import MultiScaleQuantizer
 from var_jax.models.vqvae_config import VQVAEConfig
+from var_jax.ops import conv as conv_ops
 
 _PAD1 = ((1, 1), (1, 1))
+_NORM_EPS = 1e-6
 
 
 def _conv(features: int, name: str, dtype, kernel: int = 3) -> nn.Conv:
@@ -25,8 +27,47 @@ def _conv(features: int, name: str, dtype, kernel: int = 3) -> nn.Conv:
 
 
 def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, use_fast_variance=False, name=name,
-                      dtype=jnp.float32)
+  return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=_NORM_EPS, use_fast_variance=False,
+                      name=name, dtype=jnp.float32)
+
+
+class GroupNormParams(nn.Module):
+  """nn.GroupNorm's parameters (scale, bias; same names, shapes and initialisers) without the op,
+  for the fused kernel path, which applies them inside the convolution."""
+
+  @nn.compact
+  def __call__(self, channels: int):
+    return (self.param("scale", nn.initializers.ones, (channels,), jnp.float32),
+            self.param("bias", nn.initializers.zeros, (channels,), jnp.float32))
+
+
+class Conv3x3Params(nn.Module):
+  """nn.Conv's parameters for a 3x3 kernel (kernel HWIO, bias; same names, shapes and
+  initialisers) without the op."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    return (self.param("kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features),
+                       jnp.float32),
+            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+
+
+def _fused_convs(cfg: VQVAEConfig) -> bool:
+  """Whether the 3x3 convs go through ops.conv's kernel (decided where the module is traced)."""
+  return conv_ops.resolve_impl(cfg.conv_impl) == "pallas_tpu"
+
+
+def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
+  """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and nn.Conv `conv_name`'s
+  parameters: those modules on the XLA path, one fused kernel otherwise."""
+  if not _fused_convs(cfg):
+    return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
+  gamma, beta = GroupNormParams(name=norm_name)(x.shape[-1])
+  kernel, bias = Conv3x3Params(features, name=conv_name)(x.shape[-1])
+  scale, shift = conv_ops.group_norm_affine(x, gamma, beta, groups=cfg.num_groups, eps=_NORM_EPS)
+  return conv_ops.conv3x3(x, kernel.astype(dtype), bias.astype(dtype), scale, shift,
+                          impl="pallas_tpu")
 
 
 class ResnetBlock(nn.Module):
@@ -37,8 +78,8 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = _conv(self.out_channels, "conv1", self.dtype)(nn.silu(_norm(self.cfg, "norm1")(x)))
-    h = _conv(self.out_channels, "conv2", self.dtype)(nn.silu(_norm(self.cfg, "norm2")(h)))
+    h = _norm_silu_conv(self.cfg, x, self.out_channels, "norm1", "conv1", self.dtype)
+    h = _norm_silu_conv(self.cfg, h, self.out_channels, "norm2", "conv2", self.dtype)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, "nin_shortcut", self.dtype, kernel=1)(x)
     return x + h
@@ -73,12 +114,17 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
+  cfg: VQVAEConfig
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], "conv", self.dtype)(x)
+    if not _fused_convs(self.cfg):
+      return _conv(x.shape[-1], "conv", self.dtype)(x)
+    kernel, bias = Conv3x3Params(x.shape[-1], name="conv")(x.shape[-1])
+    return conv_ops.conv3x3(x, kernel.astype(self.dtype), bias.astype(self.dtype),
+                            impl="pallas_tpu")
 
 
 class Level(nn.Module):
@@ -99,7 +145,7 @@ class Level(nn.Module):
     if self.resample == "down":
       h = Downsample(self.dtype, name="downsample")(h)
     elif self.resample == "up":
-      h = Upsample(self.dtype, name="upsample")(h)
+      h = Upsample(self.cfg, self.dtype, name="upsample")(h)
     return h
 
 
@@ -131,8 +177,7 @@ class Encoder(nn.Module):
       h = Level(cfg, cfg.ch * mult, cfg.num_res_blocks, with_attn=last and cfg.using_sa,
                 resample=None if last else "down", dtype=self.dtype, name=f"down_{i}")(h)
     h = Mid(cfg, self.dtype, name="mid")(h)
-    h = nn.silu(_norm(cfg, "norm_out")(h))
-    return _conv(cfg.z_channels, "conv_out", self.dtype)(h)
+    return _norm_silu_conv(cfg, h, cfg.z_channels, "norm_out", "conv_out", self.dtype)
 
 
 class Decoder(nn.Module):
@@ -150,8 +195,8 @@ class Decoder(nn.Module):
       h = Level(cfg, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1,
                 with_attn=(i == n - 1) and cfg.using_sa, resample="up" if i else None,
                 dtype=self.dtype, name=f"up_{i}")(h)
-    h = nn.silu(_norm(cfg, "norm_out")(h))
-    return _conv(cfg.in_channels, "conv_out", self.dtype)(h).astype(jnp.float32)
+    h = _norm_silu_conv(cfg, h, cfg.in_channels, "norm_out", "conv_out", self.dtype)
+    return h.astype(jnp.float32)
 
 
 class VQVAE(nn.Module):

@@ -6,6 +6,7 @@ import dataclasses
 from var_jax import scales
 from var_jax.errors import ConfigError
 from var_jax.models.config_mapping import FromMapping
+from var_jax.ops.conv import CONV_IMPLS
 
 # The released tokenizer, vae_ch160v4096z32.pth (VAR_SPEC §0, §2).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -35,6 +36,9 @@ class VQVAEConfig(FromMapping):
   share_quant_resi: int = 4     # 0: one Phi per scale, 1: one shared, n: n partially shared.
   patch_nums: tuple[int, ...] = PATCH_NUMS_256
   dtype: str = "float32"        # Compute dtype (COMPUTE_DTYPES); parameters are always float32.
+  # How the resnet blocks' and heads' 3x3 convolutions run (ops.conv.CONV_IMPLS): "auto" is the
+  # fused GroupNorm-SiLU-conv Pallas kernel on TPU, XLA elsewhere.
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -53,6 +57,8 @@ class VQVAEConfig(FromMapping):
                           f"but ch={self.ch} x ch_mult={self.ch_mult} gives {width}.")
     if self.share_quant_resi < 0:
       raise ConfigError(f"share_quant_resi must be >= 0, got {self.share_quant_resi}.")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ConfigError(f"VQVAEConfig.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}.")
     if self.dtype not in COMPUTE_DTYPES:
       raise ConfigError(f"VQVAEConfig.dtype must be float32 or bfloat16, got {self.dtype!r}"
                         + (" (it is untested, and tokenizer training has no loss scaling)." if self.dtype == "float16" else "."))

@@ -1,0 +1,194 @@
+"""The tokenizer's fused GroupNorm-SiLU-3x3-conv (ops/conv.py, kernels/tpu_conv.py).
+
+The kernel runs in interpret mode here; its expectations come from `lax.conv_general_dilated`
+on an activation computed with numpy, and from flax's own nn.GroupNorm / nn.Conv modules (the
+XLA path of the tokenizer), never from the kernel's helpers. Its TPU lowering is compiled in
+tests/test_aot_sampling.py through the public sampler.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from var_jax.errors import ConfigError, InputError
+from var_jax.kernels import tpu_conv
+from var_jax.models.vqvae import VQVAE
+from var_jax.models.vqvae_config import VQVAEConfig
+from var_jax.ops import conv as conv_ops
+
+
+def _reference(x, kernel, bias, scale=None, shift=None):
+  """float64 numpy activation, then a float32 HIGHEST-precision XLA conv of it."""
+  a = np.asarray(x, np.float64)
+  if scale is not None:
+    a = a * np.asarray(scale, np.float64)[:, None, None] + np.asarray(shift, np.float64)[:, None, None]
+    a = a / (1.0 + np.exp(-a))
+  y = jax.lax.conv_general_dilated(
+      jnp.asarray(a, jnp.float32), jnp.asarray(kernel, jnp.float32), (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+  return np.asarray(y) + np.asarray(bias, np.float32)
+
+
+def _operands(rng, B, H, W, cin, cout, prologue, dtype=np.float32):
+  x = rng.standard_normal((B, H, W, cin)).astype(dtype)
+  kernel = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(dtype)
+  bias = rng.standard_normal(cout).astype(dtype)
+  scale = rng.standard_normal((B, cin)).astype(np.float32) if prologue else None
+  shift = rng.standard_normal((B, cin)).astype(np.float32) if prologue else None
+  return x, kernel, bias, scale, shift
+
+
+@pytest.mark.parametrize("B, H, W, cin, cout, prologue, rows", [
+    (2, 16, 16, 32, 48, True, None),   # one block of rows: both halos are the zero padding
+    (2, 16, 16, 32, 48, True, 4),      # 4 row blocks: interior halos are real rows
+    (1, 24, 16, 16, 16, False, 1),     # one row per step: every output row needs both halos
+    (1, 8, 8, 640, 640, True, None),   # output channels split into 128-wide blocks
+])
+def test_kernel_matches_the_convolution_of_the_activation(B, H, W, cin, cout, prologue, rows):
+  rng = np.random.default_rng(0)
+  x, kernel, bias, scale, shift = _operands(rng, B, H, W, cin, cout, prologue)
+  if cout == 640:
+    assert tpu_conv.plan_blocks(H, W, cin, cout, jnp.float32, jnp.float32)[2] < cout
+  got = tpu_conv.conv3x3(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias),
+                         None if scale is None else jnp.asarray(scale),
+                         None if shift is None else jnp.asarray(shift), rows=rows, interpret=True)
+  want = _reference(x, kernel, bias, scale, shift)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_in_bfloat16_accumulates_in_float32():
+  rng = np.random.default_rng(1)
+  x, kernel, bias, scale, shift = _operands(rng, 2, 16, 16, 64, 64, True)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  got = tpu_conv.conv3x3(bf(x), bf(kernel), bf(bias), jnp.asarray(scale), jnp.asarray(shift),
+                         rows=4, interpret=True)
+  assert got.dtype == jnp.bfloat16
+  # The activation rounded to bfloat16 as the kernel does, then an exact float32 conv of it.
+  a = np.asarray(bf(x), np.float32) * scale[:, None, None] + shift[:, None, None]
+  a = np.asarray(bf(a / (1 + np.exp(-a))), np.float32)
+  want = _reference(a, np.asarray(bf(kernel), np.float32), np.asarray(bf(bias), np.float32))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
+
+
+def test_group_norm_affine_is_flax_group_norm():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 8, 8, 64)) * 3 + 1, jnp.float32)
+  gamma = jnp.asarray(rng.standard_normal(64), jnp.float32)
+  beta = jnp.asarray(rng.standard_normal(64), jnp.float32)
+  norm = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
+  want = norm.apply({"params": {"scale": gamma, "bias": beta}}, x)
+  scale, shift = conv_ops.group_norm_affine(x, gamma, beta, groups=32, eps=1e-6)
+  np.testing.assert_allclose(np.asarray(x * scale[:, None, None] + shift[:, None, None]),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prologue", [True, False])
+def test_kernel_path_is_differentiable_like_the_convolution(prologue):
+  rng = np.random.default_rng(3)
+  x, kernel, bias, scale, shift = _operands(rng, 2, 8, 8, 16, 16, True)
+  x, kernel, bias, scale, shift = map(jnp.asarray, (x, kernel, bias, scale, shift))
+  if not prologue:  # no activation: scale 1 and shift 0 feed the reference only
+    scale, shift = jnp.ones_like(scale), jnp.zeros_like(shift)
+
+  def loss(*args):
+    extra = args[3:] if prologue else ()
+    y = conv_ops.conv3x3(*args[:3], *extra, impl="pallas_tpu", interpret=True)
+    return jnp.sum(jnp.sin(y))
+
+  args = (x, kernel, bias, scale, shift)
+  got = jax.grad(loss, argnums=range(5 if prologue else 3))(*args)
+
+  def reference_loss(x, kernel, bias, scale, shift):
+    a = x * scale[:, None, None] + shift[:, None, None]
+    a = jax.nn.silu(a) if prologue else a
+    y = jax.lax.conv_general_dilated(a, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST) + bias
+    return jnp.sum(jnp.sin(y))
+
+  want = jax.grad(reference_loss, argnums=range(5))(*args)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_rejects_bad_inputs():
+  x = jnp.zeros((1, 8, 8, 4))
+  with pytest.raises(InputError, match="3, 3, Cin, Cout"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 5, 4)), jnp.zeros(4), impl="xla")
+  with pytest.raises(InputError, match="bias shape"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(3), impl="xla")
+  with pytest.raises(InputError, match="together or neither"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(4), jnp.zeros((1, 4)), impl="xla")
+  with pytest.raises(InputError, match=r"\(B, Cin\)"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(4), jnp.zeros((2, 4)), jnp.zeros((2, 4)),
+                     impl="xla")
+  with pytest.raises(ConfigError, match="needs a TPU backend"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(4), impl="pallas_tpu")
+  with pytest.raises(ConfigError, match="valid choices"):
+    conv_ops.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(4), impl="cudnn")
+  with pytest.raises(InputError, match="positive divisor"):
+    tpu_conv.conv3x3(x, jnp.zeros((3, 3, 4, 4)), jnp.zeros(4), rows=3, interpret=True)
+  with pytest.raises(ConfigError, match="conv_impl"):
+    VQVAEConfig(conv_impl="cudnn")
+
+
+def test_auto_is_xla_off_tpu():
+  assert conv_ops.resolve_impl("auto") == "xla"
+
+
+_SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
+              patch_nums=(1, 2, 4), using_sa=True, using_mid_sa=True)
+
+
+@pytest.fixture
+def kernel_as_on_tpu(monkeypatch):
+  """The tokenizer traced as on a one-chip TPU (platform "tpu", a one-device mesh), its kernels
+  run in interpret mode."""
+  kernel, calls = tpu_conv.conv3x3, []
+
+  def interpreted(*args, interpret=False, **kwargs):
+    calls.append(args[0].shape)
+    return kernel(*args, interpret=True, **kwargs)
+
+  monkeypatch.setattr(conv_ops, "computation_platform", lambda: "tpu")
+  monkeypatch.setattr(tpu_conv, "conv3x3", interpreted)
+  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))):
+    yield calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tokenizer_on_the_kernel_path_matches_the_flax_modules(kernel_as_on_tpu, dtype):
+  """Same parameter tree (names, shapes) and, within rounding, the same reconstructions as the
+  nn.GroupNorm + nn.Conv path, for the encoder and the decoder."""
+  xla = VQVAE(VQVAEConfig(**_SMALL, dtype=dtype, conv_impl="xla"))
+  fused = VQVAE(VQVAEConfig(**_SMALL, dtype=dtype, conv_impl="auto"))
+  img = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  params = xla.init(jax.random.PRNGKey(0), img)["params"]
+  fused_params = fused.init(jax.random.PRNGKey(0), img)["params"]
+  shapes = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)
+  assert shapes(fused_params) == shapes(params)
+  for a, b in zip(jax.tree.leaves(fused_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)  # same initialisers, same keys
+
+  want_f = xla.apply({"params": params}, img, method=VQVAE.encode_to_latent)
+  kernel_as_on_tpu.clear()
+  got_f = fused.apply({"params": params}, img, method=VQVAE.encode_to_latent)
+  # Encoder: 2 per resnet block (2 levels + 2 mid) and its output head; conv_in (3 channels in)
+  # and the stride-2 downsample stay XLA convs.
+  assert len(kernel_as_on_tpu) == 2 * 4 + 1
+  f_hat = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 4, 8)), jnp.float32)
+  want = xla.apply({"params": params}, f_hat, method=VQVAE.decode_fhat_unclamped)
+  kernel_as_on_tpu.clear()
+  got = fused.apply({"params": params}, f_hat, method=VQVAE.decode_fhat_unclamped)
+  # Decoder: 2 per resnet block (2 levels of 2 + 2 mid), one upsample, the output head.
+  assert len(kernel_as_on_tpu) == 2 * 6 + 1 + 1
+  tol = 2e-5 if dtype == "float32" else 5e-2
+  scale = lambda a: float(np.abs(np.asarray(a, np.float32)).max())
+  np.testing.assert_allclose(np.asarray(got_f, np.float32), np.asarray(want_f, np.float32),
+                             rtol=tol, atol=tol * scale(want_f))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol * scale(want))

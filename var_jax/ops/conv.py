@@ -1,0 +1,131 @@
+"""The tokenizer's 3x3 convolutions (stride 1, zero padding 1, NHWC, HWIO kernels), optionally with
+silu(x * scale + shift) applied to the input per image and channel: a GroupNorm + SiLU folded into
+one affine map (`group_norm_affine`), which is how every resnet block and output head of the
+official tokenizer feeds its convolutions.
+
+`impl` picks the implementation:
+* "xla": `lax.conv_general_dilated` on the activated input, the reference;
+* "pallas_tpu": one Pallas kernel (`kernels/tpu_conv`) that reads x once, activates it in VMEM and
+  writes the output once; differentiable (its custom vjp is the XLA path's), run under shard_map
+  over the active mesh's batch axes;
+  (shapes whose one row does not fit the kernel's VMEM budget fall back to XLA);
+* "auto": the kernel on TPU, XLA elsewhere (the active mesh's devices decide, else
+  jax.default_backend()).
+`interpret=True` runs the kernel in interpret mode on any backend (slow; for tests).
+
+The models keep nn.GroupNorm + nn.Conv (bit-identical to before) wherever "xla" is chosen; this
+module's XLA path is the kernel's reference and vjp.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from var_jax.errors import ConfigError, InputError
+from var_jax.kernels import mesh_sharding, tpu_conv
+from var_jax.ops.attention import computation_platform
+
+CONV_IMPLS = ("auto", "xla", "pallas_tpu")
+
+
+def resolve_impl(impl: str, interpret: bool = False) -> str:
+  """The implementation ("xla" or "pallas_tpu") a call with `impl` uses where it is traced."""
+  if impl not in CONV_IMPLS:
+    raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
+  platform = computation_platform()
+  if impl == "auto":
+    return "pallas_tpu" if platform == "tpu" else "xla"
+  if impl == "pallas_tpu" and platform != "tpu" and not interpret:
+    raise ConfigError(f"conv impl 'pallas_tpu' needs a TPU backend but this computation runs on "
+                      f"{platform!r}; use interpret=True, or 'auto' or 'xla'.")
+  return impl
+
+
+def group_norm_affine(x_BHWC, gamma_C, beta_C, *, groups: int, eps: float):
+  """(scale_BC, shift_BC), float32, with x * scale + shift == GroupNorm(x) (biased variance over
+  each image's group of H * W * C / groups values, then gamma, beta per channel)."""
+  B, H, W, C = x_BHWC.shape
+  if C % groups:
+    raise InputError(f"GroupNorm over {C} channels needs a divisor of {C} as groups, got {groups}.")
+  x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, groups, C // groups)
+  mean_BG = x_BHWGc.mean(axis=(1, 2, 4))
+  var_BG = jnp.square(x_BHWGc - mean_BG[:, None, None, :, None]).mean(axis=(1, 2, 4))
+  inv_BC = jnp.repeat(jax.lax.rsqrt(var_BG + eps), C // groups, axis=1)
+  scale_BC = inv_BC * gamma_C.astype(jnp.float32)
+  shift_BC = beta_C.astype(jnp.float32) - jnp.repeat(mean_BG, C // groups, axis=1) * scale_BC
+  return scale_BC, shift_BC
+
+
+def _activated(x_BHWC, scale_BC, shift_BC, dtype):
+  if scale_BC is None:
+    return x_BHWC.astype(dtype)
+  a = x_BHWC.astype(jnp.float32) * scale_BC[:, None, None] + shift_BC[:, None, None]
+  return jax.nn.silu(a).astype(dtype)
+
+
+def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC):
+  dtype = kernel_HWIO.dtype  # float32 accumulation, as models/precision.py asks of every conv
+  y = jax.lax.conv_general_dilated(
+      _activated(x_BHWC, scale_BC, shift_BC, dtype), kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+  return y.astype(dtype) + bias_O.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret):
+  per_device = functools.partial(tpu_conv.conv3x3, interpret=interpret)
+  operands, batch_dims = [x_BHWC, kernel_HWIO, bias_O], [0, None, None]
+  if scale_BC is not None:
+    per_device = lambda x, k, b, s, t, f=per_device: f(x, k, b, s, t)
+    operands += [scale_BC, shift_BC]
+    batch_dims += [0, 0]
+  return mesh_sharding.shard_map_over_batch(per_device, *operands, kernel="pallas_tpu conv",
+                                            interpret=interpret, batch_dims=batch_dims)
+
+
+def _kernel_fwd(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret):
+  out = _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret)
+  return out, (x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC)
+
+
+def _kernel_bwd(interpret, residuals, g_BHWO):
+  # The XLA path's vjp: XLA drops its unused forward conv and recomputes only the activation.
+  del interpret
+  _, vjp = jax.vjp(_xla_conv3x3, *residuals)
+  return vjp(g_BHWO)
+
+
+_kernel_conv3x3.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, impl: str = "auto",
+            interpret: bool = False):
+  """conv3x3(a) + bias, a = x or silu(x * scale + shift) (float32, then the kernel's dtype).
+
+  Args:
+    x_BHWC: input images (float32 or bfloat16).
+    kernel_HWIO: (3, 3, Cin, Cout) in the compute dtype; bias_O: (Cout,).
+    scale_BC, shift_BC: (B, Cin) float32 affine before the SiLU, together or neither.
+    impl: "auto", "xla" or "pallas_tpu" (module docstring).
+    interpret: run the kernel in interpret mode (any backend; slow).
+
+  Returns:
+    (B, H, W, Cout) in the kernel's dtype; matmuls accumulate in float32.
+  """
+  if x_BHWC.ndim != 4 or kernel_HWIO.shape[:3] != (3, 3, x_BHWC.shape[-1]):
+    raise InputError(f"conv3x3 needs (B, H, W, Cin) images and a (3, 3, Cin, Cout) kernel, got "
+                     f"{x_BHWC.shape} and {kernel_HWIO.shape}.")
+  if bias_O.shape != kernel_HWIO.shape[3:]:
+    raise InputError(f"bias shape {bias_O.shape} != ({kernel_HWIO.shape[3]},).")
+  if (scale_BC is None) != (shift_BC is None):
+    raise InputError("conv3x3 takes scale_BC and shift_BC together or neither.")
+  if scale_BC is not None and not (scale_BC.shape == shift_BC.shape == (x_BHWC.shape[0], x_BHWC.shape[3])):
+    raise InputError(f"scale_BC and shift_BC must be (B, Cin) = {(x_BHWC.shape[0], x_BHWC.shape[3])}, "
+                     f"got {scale_BC.shape} and {shift_BC.shape}.")
+  B, H, W, Cin = x_BHWC.shape
+  if (resolve_impl(impl, interpret) == "xla"
+      or not tpu_conv.fits(H, W, Cin, kernel_HWIO.shape[3], kernel_HWIO.dtype, kernel_HWIO.dtype)):
+    return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC)
+  return _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret)
