@@ -86,6 +86,23 @@ def test_group_norm_affine_is_flax_group_norm():
                              np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_group_norm_affine_against_float64_with_offset_channels():
+  """Channel means up to 4 standard deviations from 0 and spread between the channels of a group:
+  the one-pass sums lose nothing visible against a float64 two-pass GroupNorm."""
+  rng = np.random.default_rng(6)
+  offsets = rng.uniform(-4, 4, 64) * 2.5
+  x = rng.standard_normal((2, 32, 32, 64)) * 2.5 + offsets
+  gamma, beta = rng.standard_normal(64), rng.standard_normal(64)
+  g = x.reshape(2, 32, 32, 16, 4)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * gamma + beta
+  scale, shift = conv_ops.group_norm_affine(jnp.asarray(x, jnp.float32), jnp.asarray(gamma, jnp.float32),
+                                            jnp.asarray(beta, jnp.float32), groups=16, eps=1e-6)
+  got = np.asarray(x, np.float32) * np.asarray(scale)[:, None, None] + np.asarray(shift)[:, None, None]
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("prologue", [True, False])
 def test_kernel_path_is_differentiable_like_the_convolution(prologue):
   rng = np.random.default_rng(3)
