@@ -60,6 +60,30 @@ def test_kernel_matches_the_convolution_of_the_activation(B, H, W, cin, cout, pr
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype, prologue, rows", [
+    (np.float32, False, None),  # one block: the halos are the zero padding
+    (np.float32, True, 4),      # 4 blocks of 4 output rows from 2 input rows each
+    (np.float32, False, 2),     # every block needs both halo rows of the input
+])
+def test_kernel_upsamples_like_repeat_then_convolution(dtype, prologue, rows):
+  rng = np.random.default_rng(7)
+  x, kernel, bias, scale, shift = _operands(rng, 2, 8, 8, 32, 48, prologue, dtype)
+  got = tpu_conv.conv3x3(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias),
+                         None if scale is None else jnp.asarray(scale),
+                         None if shift is None else jnp.asarray(shift), upsample=True, rows=rows,
+                         interpret=True)
+  a = np.asarray(x, np.float64)
+  if prologue:
+    a = a * scale[:, None, None] + shift[:, None, None]
+    a = a / (1.0 + np.exp(-a))
+  want = _reference(a.repeat(2, axis=1).repeat(2, axis=2), kernel, bias)
+  assert got.shape == (2, 16, 16, 48)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+  with pytest.raises(InputError, match="even when upsampling"):
+    tpu_conv.conv3x3(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), upsample=True,
+                     rows=1, interpret=True)
+
+
 def test_kernel_in_bfloat16_accumulates_in_float32():
   rng = np.random.default_rng(1)
   x, kernel, bias, scale, shift = _operands(rng, 2, 16, 16, 64, 64, True)
@@ -103,7 +127,7 @@ def test_group_norm_affine_against_float64_with_offset_channels():
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("prologue", [True, False])
+@pytest.mark.parametrize("prologue", [True, False])  # without: the upsampling conv
 def test_kernel_path_is_differentiable_like_the_convolution(prologue):
   rng = np.random.default_rng(3)
   x, kernel, bias, scale, shift = _operands(rng, 2, 8, 8, 16, 16, True)
@@ -113,7 +137,8 @@ def test_kernel_path_is_differentiable_like_the_convolution(prologue):
 
   def loss(*args):
     extra = args[3:] if prologue else ()
-    y = conv_ops.conv3x3(*args[:3], *extra, impl="pallas_tpu", interpret=True)
+    y = conv_ops.conv3x3(*args[:3], *extra, upsample=not prologue, impl="pallas_tpu",
+                         interpret=True)
     return jnp.sum(jnp.sin(y))
 
   args = (x, kernel, bias, scale, shift)
@@ -121,7 +146,7 @@ def test_kernel_path_is_differentiable_like_the_convolution(prologue):
 
   def reference_loss(x, kernel, bias, scale, shift):
     a = x * scale[:, None, None] + shift[:, None, None]
-    a = jax.nn.silu(a) if prologue else a
+    a = jax.nn.silu(a) if prologue else jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)
     y = jax.lax.conv_general_dilated(a, kernel, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      precision=jax.lax.Precision.HIGHEST) + bias
@@ -153,12 +178,26 @@ def test_conv_rejects_bad_inputs():
     VQVAEConfig(conv_impl="cudnn")
 
 
+def test_kernel_plan_refuses_what_it_cannot_hold():
+  assert tpu_conv.fits(256, 256, 160, 160, jnp.bfloat16, jnp.bfloat16)
+  # A row width that is not a whole number of sublane tiles, and weights too large to hold.
+  assert not tpu_conv.fits(24, 24, 32, 32, jnp.bfloat16, jnp.bfloat16)
+  assert tpu_conv.fits(24, 24, 32, 32, jnp.float32, jnp.float32)
+  assert not tpu_conv.fits(16, 16, 2048, 2048, jnp.bfloat16, jnp.bfloat16)
+  # Those shapes take the XLA convolution on the kernel path instead of failing to lower.
+  x = jnp.ones((1, 24, 24, 32), jnp.bfloat16)
+  k = jnp.full((3, 3, 32, 32), 0.01, jnp.bfloat16)
+  want = conv_ops.conv3x3(x, k, jnp.zeros(32, jnp.bfloat16), impl="xla")
+  got = conv_ops.conv3x3(x, k, jnp.zeros(32, jnp.bfloat16), impl="pallas_tpu", interpret=True)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_auto_is_xla_off_tpu():
   assert conv_ops.resolve_impl("auto") == "xla"
 
 
 _SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
-              patch_nums=(1, 2, 4), using_sa=True, using_mid_sa=True)
+              patch_nums=(1, 2, 4, 8, 16), using_sa=True, using_mid_sa=True)
 
 
 @pytest.fixture
@@ -177,13 +216,13 @@ def kernel_as_on_tpu(monkeypatch):
     yield calls
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_tokenizer_on_the_kernel_path_matches_the_flax_modules(kernel_as_on_tpu, dtype):
   """Same parameter tree (names, shapes) and, within rounding, the same reconstructions as the
   nn.GroupNorm + nn.Conv path, for the encoder and the decoder."""
   xla = VQVAE(VQVAEConfig(**_SMALL, dtype=dtype, conv_impl="xla"))
   fused = VQVAE(VQVAEConfig(**_SMALL, dtype=dtype, conv_impl="auto"))
-  img = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  img = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   params = xla.init(jax.random.PRNGKey(0), img)["params"]
   fused_params = fused.init(jax.random.PRNGKey(0), img)["params"]
   shapes = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)
@@ -197,7 +236,7 @@ def test_tokenizer_on_the_kernel_path_matches_the_flax_modules(kernel_as_on_tpu,
   # Encoder: 2 per resnet block (2 levels + 2 mid) and its output head; conv_in (3 channels in)
   # and the stride-2 downsample stay XLA convs.
   assert len(kernel_as_on_tpu) == 2 * 4 + 1
-  f_hat = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 4, 8)), jnp.float32)
+  f_hat = jnp.asarray(np.random.default_rng(5).standard_normal((2, 16, 16, 8)), jnp.float32)
   want = xla.apply({"params": params}, f_hat, method=VQVAE.decode_fhat_unclamped)
   kernel_as_on_tpu.clear()
   got = fused.apply({"params": params}, f_hat, method=VQVAE.decode_fhat_unclamped)

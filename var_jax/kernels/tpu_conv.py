@@ -41,7 +41,8 @@ def _lane_padded(channels: int) -> int:
   return -(-channels // _LANES) * _LANES
 
 
-def plan_blocks(height: int, width: int, cin: int, cout: int, in_dtype, out_dtype):
+def plan_blocks(height: int, width: int, cin: int, cout: int, in_dtype, out_dtype, *,
+                even_rows: bool = False):
   """(rows, chunk, cout_block) of one grid step, or None when even one row does not fit.
 
   A grid step DMAs `rows` output rows' worth of input (plus 2 halo rows) and writes `rows` output
@@ -49,9 +50,13 @@ def plan_blocks(height: int, width: int, cin: int, cout: int, in_dtype, out_dtyp
   while large blocks keep the halo re-reads (2 rows per block) few. Output channels are split
   into the largest block (all of them, or a 128-multiple divisor) whose double-buffered weights
   take at most half of `_STEP_VMEM_BYTES`; then `rows` is the largest divisor of `height` that
-  fits. Channels are counted lane-padded (to 128), as VMEM holds them.
+  fits. Channels are counted lane-padded (to 128), as VMEM holds them. None too when `width` is
+  not a multiple of the sublane tile (8 rows of 32-bit, 16 of 16-bit values). `even_rows`: only
+  even block heights (an upsampling step reads rows / 2 input rows).
   """
   item, out_item = jnp.dtype(in_dtype).itemsize, jnp.dtype(out_dtype).itemsize
+  if width % (32 // min(item, out_item)):
+    return None  # rows of (width, C) would not flatten into whole (8 or 16)-row sublane tiles
   cin_p = _lane_padded(cin)
   weight_bytes = lambda block: 2 * 9 * cin_p * _lane_padded(block) * item
   blocks = [cout] + [b for b in range(cout - cout % _LANES, 0, -_LANES) if b and cout % b == 0]
@@ -72,7 +77,8 @@ def plan_blocks(height: int, width: int, cin: int, cout: int, in_dtype, out_dtyp
     return window + blocks_in_out + weight_bytes(cout_block) + chunk_temps
 
   fitting = [r for r in range(1, height + 1)
-             if height % r == 0 and (r == 1 or r * width <= _MAX_BLOCK_PIXELS)
+             if height % r == 0 and not (even_rows and r % 2)
+             and (r == 1 or r * width <= _MAX_BLOCK_PIXELS)
              and step_bytes(r) <= _STEP_VMEM_BYTES]
   if not fitting:
     return None
@@ -80,12 +86,16 @@ def plan_blocks(height: int, width: int, cin: int, cout: int, in_dtype, out_dtyp
   return rows, chunk_of(rows), cout_block
 
 
-def fits(height: int, width: int, cin: int, cout: int, in_dtype, out_dtype) -> bool:
-  """Whether `conv3x3` can take this shape (`plan_blocks` finds a step that fits VMEM)."""
-  return plan_blocks(height, width, cin, cout, in_dtype, out_dtype) is not None
+def fits(height: int, width: int, cin: int, cout: int, in_dtype, out_dtype, *,
+         upsample: bool = False) -> bool:
+  """Whether `conv3x3` can take this shape (`plan_blocks` finds a step that fits VMEM); height
+  and width are the output's."""
+  return plan_blocks(height, width, cin, cout, in_dtype, out_dtype,
+                     even_rows=upsample) is not None
 
 
-def _conv_kernel(*refs, rows: int, chunk: int, width: int, prologue: bool, precision):
+def _conv_kernel(*refs, rows: int, chunk: int, width: int, prologue: bool, upsample: bool,
+                 precision):
   if prologue:
     top_ref, mid_ref, bot_ref, scale_ref, shift_ref, w_ref, b_ref, o_ref, win_ref = refs
   else:
@@ -99,11 +109,30 @@ def _conv_kernel(*refs, rows: int, chunk: int, width: int, prologue: bool, preci
     return (a * jax.nn.sigmoid(a)).astype(win_ref.dtype)
 
   # The window: input rows [i * rows - 1, (i + 1) * rows + 1), zeros outside the image.
-  for c in range(rows // chunk):
-    win_ref[1 + c * chunk:1 + (c + 1) * chunk] = activate(mid_ref[c * chunk:(c + 1) * chunk])
-  zero_row = jnp.zeros(top_ref.shape, win_ref.dtype)
-  win_ref[0:1] = jnp.where(i > 0, activate(top_ref[...]), zero_row)
-  win_ref[rows + 1:rows + 2] = jnp.where(i < last, activate(bot_ref[...]), zero_row)
+  zero_row = jnp.zeros((1,) + win_ref.shape[1:], win_ref.dtype)
+  if upsample:
+    # Nearest x2 of the input's rows: each row written twice, each column doubled by a 0/1
+    # (width, width / 2) matmul (exact; Mosaic has no sublane interleave to do it in place).
+    half = width // 2
+    pick = (jax.lax.broadcasted_iota(jnp.int32, (width, half), 0) // 2
+            == jax.lax.broadcasted_iota(jnp.int32, (width, half), 1)).astype(win_ref.dtype)
+
+    def widen(row):
+      wide = jax.lax.dot_general(pick, activate(row), (((1,), (0,)), ((), ())),
+                                 precision=precision, preferred_element_type=jnp.float32)
+      return wide.astype(win_ref.dtype)[None]
+
+    for k in range(rows // 2):
+      wide = widen(mid_ref[k])
+      win_ref[1 + 2 * k:2 + 2 * k] = wide
+      win_ref[2 + 2 * k:3 + 2 * k] = wide
+    win_ref[0:1] = jnp.where(i > 0, widen(top_ref[0]), zero_row)
+    win_ref[rows + 1:rows + 2] = jnp.where(i < last, widen(bot_ref[0]), zero_row)
+  else:
+    for c in range(rows // chunk):
+      win_ref[1 + c * chunk:1 + (c + 1) * chunk] = activate(mid_ref[c * chunk:(c + 1) * chunk])
+    win_ref[0:1] = jnp.where(i > 0, activate(top_ref[...]), zero_row)
+    win_ref[rows + 1:rows + 2] = jnp.where(i < last, activate(bot_ref[...]), zero_row)
 
   pixels, cin = chunk * width, win_ref.shape[-1]
   column = jax.lax.broadcasted_iota(jnp.int32, (pixels, o_ref.shape[-1]), 0) % width
@@ -123,13 +152,16 @@ def _conv_kernel(*refs, rows: int, chunk: int, width: int, prologue: bool, preci
     o_ref[c * chunk:(c + 1) * chunk] = out.reshape((chunk,) + o_ref.shape[1:]).astype(o_ref.dtype)
 
 
-def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, out_dtype=None,
-            rows: int | None = None, interpret: bool = False):
+def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsample: bool = False,
+            out_dtype=None, rows: int | None = None, interpret: bool = False):
   """conv3x3(a) + bias with zero padding 1, where a = x, or silu(x * scale + shift) per image and
   channel (float32) when `scale_BC`/`shift_BC` are given; a is cast to the kernel's dtype before
   the matmuls, which accumulate in float32. Returns (B, H, W, Cout) in `out_dtype` (default the
-  kernel's dtype). `rows` (a divisor of H) overrides the planned output rows per grid step."""
-  B, H, W, Cin = x_BHWC.shape
+  kernel's dtype). With `upsample`, a is first upsampled x2 by nearest neighbour (the output is
+  (B, 2H, 2W, Cout)) inside the kernel, which reads x at its own size. `rows` (a divisor of the
+  output height, even with `upsample`) overrides the planned output rows per grid step."""
+  B, H_in, W_in, Cin = x_BHWC.shape
+  H, W = (2 * H_in, 2 * W_in) if upsample else (H_in, W_in)
   if kernel_HWIO.shape[:3] != (3, 3, Cin) or bias_O.shape != kernel_HWIO.shape[3:]:
     raise InputError(f"conv3x3 needs a (3, 3, {Cin}, Cout) kernel and a (Cout,) bias for a "
                      f"{x_BHWC.shape} input, got {kernel_HWIO.shape} and {bias_O.shape}.")
@@ -139,22 +171,25 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, out_dt
   Cout = kernel_HWIO.shape[3]
   dtype = kernel_HWIO.dtype
   out_dtype = jnp.dtype(dtype if out_dtype is None else out_dtype)
-  plan = plan_blocks(H, W, Cin, Cout, x_BHWC.dtype, out_dtype)
+  plan = plan_blocks(H, W, Cin, Cout, x_BHWC.dtype, out_dtype, even_rows=upsample)
   if plan is None:
     raise InputError(f"A {W}-wide row of {Cin} -> {Cout} channels does not fit the conv kernel's "
                      f"VMEM budget (check tpu_conv.fits first); use the XLA convolution.")
   planned_rows, chunk, cout_block = plan
   if rows is None:
     rows = planned_rows
-  elif rows < 1 or H % rows:
-    raise InputError(f"rows={rows} must be a positive divisor of the height {H}.")
+  elif rows < 1 or H % rows or (upsample and rows % 2):
+    raise InputError(f"rows={rows} must be a positive divisor of the output height {H}"
+                     + (", and even when upsampling." if upsample else "."))
   chunk = max(c for c in range(1, chunk + 1) if rows % c == 0)
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
-  halo_top = pl.BlockSpec((None, 1, W, Cin), lambda b, i, j: (b, jnp.maximum(i * rows - 1, 0), 0, 0))
-  middle = pl.BlockSpec((None, rows, W, Cin), lambda b, i, j: (b, i, 0, 0))
-  halo_bottom = pl.BlockSpec((None, 1, W, Cin),
-                             lambda b, i, j: (b, jnp.minimum((i + 1) * rows, H - 1), 0, 0))
+  in_rows = rows // 2 if upsample else rows  # input rows under one block of output rows
+  halo_top = pl.BlockSpec((None, 1, W_in, Cin),
+                          lambda b, i, j: (b, jnp.maximum(i * in_rows - 1, 0), 0, 0))
+  middle = pl.BlockSpec((None, in_rows, W_in, Cin), lambda b, i, j: (b, i, 0, 0))
+  halo_bottom = pl.BlockSpec((None, 1, W_in, Cin),
+                             lambda b, i, j: (b, jnp.minimum((i + 1) * in_rows, H_in - 1), 0, 0))
   per_image = pl.BlockSpec((None, 1, Cin), lambda b, i, j: (b, 0, 0))
   weights = pl.BlockSpec((3, 3, Cin, cout_block), lambda b, i, j: (0, 0, 0, j))
   bias = pl.BlockSpec((1, cout_block), lambda b, i, j: (0, j))
@@ -172,19 +207,21 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, out_dt
   steps = B * (H // rows)
   cout_blocks = Cout // cout_block
   # HBM holds the channel (lane) axis padded to 128, and the DMAs move whole tiles.
-  in_row = W * _lane_padded(Cin) * x_BHWC.dtype.itemsize
+  in_row = W_in * _lane_padded(Cin) * x_BHWC.dtype.itemsize
   out_row = W * _lane_padded(Cout) * out_dtype.itemsize
+  rows_read = B * (H_in + 2 * (H // rows))  # each input row once, 2 halo rows per block
   weight_reads = 1 if cout_blocks == 1 else steps  # an unchanged block index is not re-read
+  widen_flops = 2 * W * W_in * Cin * rows_read if upsample else 0
   cost = pl.CostEstimate(
-      flops=2 * 9 * B * H * W * Cin * Cout,
-      transcendentals=B * (H + 2 * (H // rows)) * W * Cin if prologue else 0,
-      bytes_accessed=(B * (H + 2 * (H // rows)) * in_row + B * H * out_row
+      flops=2 * 9 * B * H * W * Cin * Cout + widen_flops,
+      transcendentals=rows_read * W_in * Cin if prologue else 0,
+      bytes_accessed=(rows_read * in_row + B * H * out_row
                       + weight_reads * (kernel_HWIO.size + Cout) * kernel_HWIO.dtype.itemsize
                       + (2 * B * Cin * 4 if prologue else 0)),
   )
   return pl.pallas_call(
       functools.partial(_conv_kernel, rows=rows, chunk=chunk, width=W, prologue=prologue,
-                        precision=precision),
+                        upsample=upsample, precision=precision),
       grid=(B, H // rows, cout_blocks),
       in_specs=in_specs,
       out_specs=out_spec,

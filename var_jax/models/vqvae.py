@@ -119,11 +119,11 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if not _fused_convs(self.cfg):
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       return _conv(x.shape[-1], "conv", self.dtype)(x)
     kernel, bias = Conv3x3Params(x.shape[-1], name="conv")(x.shape[-1])
-    return conv_ops.conv3x3(x, kernel.astype(self.dtype), bias.astype(self.dtype),
+    return conv_ops.conv3x3(x, kernel.astype(self.dtype), bias.astype(self.dtype), upsample=True,
                             impl="pallas_tpu")
 
 

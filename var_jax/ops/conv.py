@@ -11,7 +11,9 @@ official tokenizer feeds its convolutions.
   (shapes whose one row does not fit the kernel's VMEM budget fall back to XLA);
 * "auto": the kernel on TPU, XLA elsewhere (the active mesh's devices decide, else
   jax.default_backend()).
-`interpret=True` runs the kernel in interpret mode on any backend (slow; for tests).
+`upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
+which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
+interpret mode on any backend (slow; for tests).
 
 The models keep nn.GroupNorm + nn.Conv (bit-identical to before) wherever "xla" is chosen; this
 module's XLA path is the kernel's reference and vjp.
@@ -80,17 +82,20 @@ def _activated(x_BHWC, scale_BC, shift_BC, dtype):
   return jax.nn.silu(a).astype(dtype)
 
 
-def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC):
+def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   dtype = kernel_HWIO.dtype  # float32 accumulation, as models/precision.py asks of every conv
+  a_BHWC = _activated(x_BHWC, scale_BC, shift_BC, dtype)
+  if upsample:
+    a_BHWC = jnp.repeat(jnp.repeat(a_BHWC, 2, axis=1), 2, axis=2)
   y = jax.lax.conv_general_dilated(
-      _activated(x_BHWC, scale_BC, shift_BC, dtype), kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
+      a_BHWC, kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
   return y.astype(dtype) + bias_O.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret):
-  per_device = functools.partial(tpu_conv.conv3x3, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret):
+  per_device = functools.partial(tpu_conv.conv3x3, upsample=upsample, interpret=interpret)
   operands, batch_dims = [x_BHWC, kernel_HWIO, bias_O], [0, None, None]
   if scale_BC is not None:
     per_device = lambda x, k, b, s, t, f=per_device: f(x, k, b, s, t)
@@ -100,24 +105,25 @@ def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret):
                                             interpret=interpret, batch_dims=batch_dims)
 
 
-def _kernel_fwd(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret):
-  out = _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret)
+def _kernel_fwd(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret):
+  out = _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret)
   return out, (x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC)
 
 
-def _kernel_bwd(interpret, residuals, g_BHWO):
+def _kernel_bwd(upsample, interpret, residuals, g_BHWO):
   # The XLA path's vjp: XLA drops its unused forward conv and recomputes only the activation.
   del interpret
-  _, vjp = jax.vjp(_xla_conv3x3, *residuals)
+  _, vjp = jax.vjp(functools.partial(_xla_conv3x3, upsample=upsample), *residuals)
   return vjp(g_BHWO)
 
 
 _kernel_conv3x3.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, impl: str = "auto",
-            interpret: bool = False):
-  """conv3x3(a) + bias, a = x or silu(x * scale + shift) (float32, then the kernel's dtype).
+def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsample: bool = False,
+            impl: str = "auto", interpret: bool = False):
+  """conv3x3(a) + bias, a = x or silu(x * scale + shift) (float32, then the kernel's dtype),
+  upsampled x2 by nearest neighbour first with `upsample` (the kernel reads x at its own size).
 
   Args:
     x_BHWC: input images (float32 or bfloat16).
@@ -127,7 +133,8 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, impl: 
     interpret: run the kernel in interpret mode (any backend; slow).
 
   Returns:
-    (B, H, W, Cout) in the kernel's dtype; matmuls accumulate in float32.
+    (B, H, W, Cout), or (B, 2H, 2W, Cout) with `upsample`, in the kernel's dtype; matmuls
+    accumulate in float32.
   """
   if x_BHWC.ndim != 4 or kernel_HWIO.shape[:3] != (3, 3, x_BHWC.shape[-1]):
     raise InputError(f"conv3x3 needs (B, H, W, Cin) images and a (3, 3, Cin, Cout) kernel, got "
@@ -140,7 +147,9 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, impl: 
     raise InputError(f"scale_BC and shift_BC must be (B, Cin) = {(x_BHWC.shape[0], x_BHWC.shape[3])}, "
                      f"got {scale_BC.shape} and {shift_BC.shape}.")
   B, H, W, Cin = x_BHWC.shape
+  out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
   if (resolve_impl(impl, interpret) == "xla"
-      or not tpu_conv.fits(H, W, Cin, kernel_HWIO.shape[3], kernel_HWIO.dtype, kernel_HWIO.dtype)):
-    return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC)
-  return _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, interpret)
+      or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], kernel_HWIO.dtype,
+                           kernel_HWIO.dtype, upsample=upsample)):
+    return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)
+  return _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret)
