@@ -73,9 +73,18 @@ def test_train_step_compiles_with_splash_and_fits(compiled):
   hlo = train.compiled.as_text()
   # splash forward + fused backward, under shard_map: each chip runs (8/2, 2/2) batch x heads.
   # The batch's images are tokenized in the step: the encoder's 3x3 convs with a GroupNorm-SiLU
-  # input (2 per resnet block, the output head) are the fused conv kernel.
+  # input (2 per resnet block, 2 blocks in the middle, the output head) are the fused conv
+  # kernel where a row is whole sublane tiles (8 float32 values; the kernel flattens rows into
+  # the matmuls' M axis), the XLA conv elsewhere: this tokenizer is float32 and 192 px, so
+  # its levels are 192, 96, 48, 24 and 12 wide, and the last level, the middle and the head (12)
+  # stay XLA.
   vae_cfg = aot.tokenizer_config(_small_config())
-  encoder_convs = 2 * (len(vae_cfg.ch_mult) * vae_cfg.num_res_blocks + 2) + 1
+  assert vae_cfg.dtype == "float32" and vae_cfg.image_size == 192
+  widths = [192 >> level for level in range(len(vae_cfg.ch_mult))]
+  lowest = widths[-1]
+  encoder_convs = (sum(2 * vae_cfg.num_res_blocks for w in widths if w % 8 == 0)
+                   + (2 * 2 + 1) * (lowest % 8 == 0))
+  assert encoder_convs == 8
   assert hlo.count(aot.MOSAIC_CALL) == 2 + encoder_convs
   kernels = aot.mosaic_kernels(train.compiled)
   splash = {k: n for k, n in kernels.items() if k.startswith("splash_mha_")}
