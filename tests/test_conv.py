@@ -194,6 +194,20 @@ def test_kernel_plan_refuses_what_it_cannot_hold():
 
 def test_auto_is_xla_off_tpu():
   assert conv_ops.resolve_impl("auto") == "xla"
+  assert conv_ops.resolve_impl("auto", batch=1) == "xla"
+
+
+def test_auto_takes_the_kernel_on_tpu_for_few_images_per_chip(monkeypatch):
+  monkeypatch.setattr(conv_ops, "computation_platform", lambda: "tpu")
+  limit = conv_ops.AUTO_KERNEL_MAX_IMAGES
+  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))):
+    assert conv_ops.resolve_impl("auto", batch=2 * limit) == "pallas_tpu"
+    assert conv_ops.resolve_impl("auto", batch=2 * limit + 1) == "xla"  # limit + 1 on a chip
+    assert conv_ops.resolve_impl("pallas_tpu", batch=64) == "pallas_tpu"  # asked for by name
+  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2),
+                                      ("data", "tensor"))):
+    assert conv_ops.resolve_impl("auto", batch=limit) == "pallas_tpu"  # tensor is no batch axis
+    assert conv_ops.resolve_impl("auto", batch=limit + 1) == "xla"
 
 
 _SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,

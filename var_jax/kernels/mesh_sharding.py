@@ -26,6 +26,18 @@ def _usable_axes(mesh, names):
   return tuple(n for n in names if n in types and types[n] != AxisType.Manual)
 
 
+def batch_shards() -> int:
+  """How many shards the active mesh splits a batch into (its batch axes not yet manual; 1
+  without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  shards = 1
+  for name in _usable_axes(mesh, BATCH_AXES):
+    shards *= mesh.shape[name]
+  return shards
+
+
 def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: str = "kernel",
                                    interpret: bool = False,
                                    batch_dims: Sequence[int | None] | None = None):

@@ -53,15 +53,16 @@ class Conv3x3Params(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
-def _fused_convs(cfg: VQVAEConfig) -> bool:
-  """Whether the 3x3 convs go through ops.conv's kernel (decided where the module is traced)."""
-  return conv_ops.resolve_impl(cfg.conv_impl) == "pallas_tpu"
+def _fused_convs(cfg: VQVAEConfig, batch: int) -> bool:
+  """Whether the 3x3 convs of `batch` images go through ops.conv's kernel (decided where the
+  module is traced)."""
+  return conv_ops.resolve_impl(cfg.conv_impl, batch=batch) == "pallas_tpu"
 
 
 def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
   """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and nn.Conv `conv_name`'s
   parameters: those modules on the XLA path, one fused kernel otherwise."""
-  if not _fused_convs(cfg):
+  if not _fused_convs(cfg, x.shape[0]):
     return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
   gamma, beta = GroupNormParams(name=norm_name)(x.shape[-1])
   kernel, bias = Conv3x3Params(features, name=conv_name)(x.shape[-1])
@@ -119,7 +120,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    if not _fused_convs(self.cfg):
+    if not _fused_convs(self.cfg, x.shape[0]):
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       return _conv(x.shape[-1], "conv", self.dtype)(x)
     kernel, bias = Conv3x3Params(x.shape[-1], name="conv")(x.shape[-1])

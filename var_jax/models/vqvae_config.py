@@ -37,7 +37,7 @@ class VQVAEConfig(FromMapping):
   patch_nums: tuple[int, ...] = PATCH_NUMS_256
   dtype: str = "float32"        # Compute dtype (COMPUTE_DTYPES); parameters are always float32.
   # How the resnet blocks' and heads' 3x3 convolutions run (ops.conv.CONV_IMPLS): "auto" is the
-  # fused GroupNorm-SiLU-conv Pallas kernel on TPU, XLA elsewhere.
+  # fused GroupNorm-SiLU-conv Pallas kernel on TPU for small per-chip batches, XLA elsewhere.
   conv_impl: str = "auto"
 
   def __post_init__(self):

@@ -9,8 +9,8 @@ official tokenizer feeds its convolutions.
   writes the output once; differentiable (its custom vjp is the XLA path's), run under shard_map
   over the active mesh's batch axes;
   (shapes whose one row does not fit the kernel's VMEM budget fall back to XLA);
-* "auto": the kernel on TPU, XLA elsewhere (the active mesh's devices decide, else
-  jax.default_backend()).
+* "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that
+  and on other backends (the active mesh's devices decide, else jax.default_backend()).
 `upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
 which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
 interpret mode on any backend (slow; for tests).
@@ -31,14 +31,27 @@ from var_jax.ops.attention import computation_platform
 
 CONV_IMPLS = ("auto", "xla", "pallas_tpu")
 
+# XLA's TPU cost analysis of VAR-d16's released decoder in bf16 on one v5e chip, GB for the
+# kernel path / the XLA convs: 2 images 4.2 / 18.8, 4 images 6.9 / 40.5, 8 images 13.7 / 11.6,
+# 16 images 26.4 / 22.5. The kernel moves its activations with the channel (lane) axis padded
+# to 128 (160 -> 256), which XLA's own layouts avoid at larger batches, where it charges its
+# convs far less per image. So "auto" takes the kernel up to this many images per device; only a
+# profile on a TPU can say whether the cost model's charges are what the chip does.
+AUTO_KERNEL_MAX_IMAGES = 4
 
-def resolve_impl(impl: str, interpret: bool = False) -> str:
-  """The implementation ("xla" or "pallas_tpu") a call with `impl` uses where it is traced."""
+
+def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None) -> str:
+  """The implementation ("xla" or "pallas_tpu") a call with `impl` on `batch` images (None: any)
+  uses where it is traced."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
   platform = computation_platform()
   if impl == "auto":
-    return "pallas_tpu" if platform == "tpu" else "xla"
+    if platform != "tpu":
+      return "xla"
+    per_device = None if batch is None else -(-batch // mesh_sharding.batch_shards())
+    small = per_device is None or per_device <= AUTO_KERNEL_MAX_IMAGES
+    return "pallas_tpu" if small else "xla"
   if impl == "pallas_tpu" and platform != "tpu" and not interpret:
     raise ConfigError(f"conv impl 'pallas_tpu' needs a TPU backend but this computation runs on "
                       f"{platform!r}; use interpret=True, or 'auto' or 'xla'.")
@@ -148,7 +161,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
                      f"got {scale_BC.shape} and {shift_BC.shape}.")
   B, H, W, Cin = x_BHWC.shape
   out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
-  if (resolve_impl(impl, interpret) == "xla"
+  if (resolve_impl(impl, interpret, batch=B) == "xla"
       or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], kernel_HWIO.dtype,
                            kernel_HWIO.dtype, upsample=upsample)):
     return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)
