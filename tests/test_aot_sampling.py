@@ -80,7 +80,7 @@ def _compile_and_check(lowered, topology, model, batch_per_chip):
     ("v5e:2x2", 12, 3),
     pytest.param("v5e:2x2", 3, 1, marks=pytest.mark.slow),  # padded to 4 (4x8 pads 12 to 32)
     ("v4:2x2x1", 8, 2),
-    ("v5e:4x8", 12, 1),    # 32 chips: padded to 32
+    pytest.param("v5e:4x8", 12, 1, marks=pytest.mark.slow),  # 32 chips: padded to 32 (~35 s)
 ])
 def test_shipped_model_samples_on_slices(topology, batch, per_chip):
   m = _shipped()
@@ -122,6 +122,7 @@ def test_sampler_report_counts_every_block_of_the_public_call():
   assert report.cost.peak_bytes == report.as_compiled.peak_bytes
 
 
+@pytest.mark.slow  # ~40 s: two compiles (run by hand: pytest -m slow)
 def test_bfloat16_weight_stacks_enter_the_tpu_program_as_held():
   """bfloat16 on TPU: the placement holds the blocks' stacks as uint16 bit patterns, which the
   decode loop slices, so the program starts from them as they are. Bitcasting them in the program

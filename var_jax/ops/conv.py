@@ -7,8 +7,7 @@ official tokenizer feeds its convolutions.
 * "xla": `lax.conv_general_dilated` on the activated input, the reference;
 * "pallas_tpu": one Pallas kernel (`kernels/tpu_conv`) that reads x once, activates it in VMEM and
   writes the output once; differentiable (its custom vjp is the XLA path's), run under shard_map
-  over the active mesh's batch axes;
-  (shapes whose one row does not fit the kernel's VMEM budget fall back to XLA);
+  over the active mesh's batch axes (shapes the kernel cannot hold, `tpu_conv.fits`, take XLA);
 * "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that
   and on other backends (the active mesh's devices decide, else jax.default_backend()).
 `upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
