@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ from jax.sharding import Mesh
 
 from var_jax.inference import placement
 from var_jax.errors import InputError
+from var_jax.kernels import mesh_sharding
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
@@ -63,11 +63,6 @@ def _batch_axes_in_context() -> tuple[str, ...]:
   return () if mesh.empty else tuple(a for a in placement.BATCH_AXES if a in mesh.axis_names)
 
 
-def _batch_shards_in_context() -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[a] for a in _batch_axes_in_context())
-
-
 def _split_over_batch(x: jax.Array) -> jax.Array:
   """Keeps a batch-leading output split over the active mesh's batch axes (not gathered)."""
   axes = _batch_axes_in_context()
@@ -84,7 +79,7 @@ def _decode(vae, vae_params, f_hat):
     return decode(f_hat)
   # On CPU the decoder's full-resolution convs run ~1.4x faster per image than batched (cache
   # bound), so images go through one per batch shard at a time; accelerators keep the batch.
-  shards = _batch_shards_in_context()
+  shards = mesh_sharding.batch_shards()
   shards = shards if B % shards == 0 else 1
   groups = f_hat.reshape((shards, B // shards) + f_hat.shape[1:]).swapaxes(0, 1)
   images = jax.lax.map(decode, groups)  # (B / shards, shards, H, W, 3): each step one per shard

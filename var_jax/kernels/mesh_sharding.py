@@ -9,6 +9,7 @@ kernel needs nothing across the batch either (`shard_map_over_batch`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -30,12 +31,7 @@ def batch_shards() -> int:
   """How many shards the active mesh splits a batch into (its batch axes not yet manual; 1
   without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  shards = 1
-  for name in _usable_axes(mesh, BATCH_AXES):
-    shards *= mesh.shape[name]
-  return shards
+  return 1 if mesh.empty else math.prod(mesh.shape[n] for n in _usable_axes(mesh, BATCH_AXES))
 
 
 def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: str = "kernel",
@@ -78,19 +74,17 @@ def _shard_map(per_device_fn, arrays, kernel, interpret, batch_dims, *, split_he
     return per_device_fn(*arrays)
   batch_axes = _usable_axes(mesh, BATCH_AXES)
   head_axes = _usable_axes(mesh, (HEAD_AXIS,)) if split_heads else ()
-  batch_shards = 1
-  for name in batch_axes:
-    batch_shards *= mesh.shape[name]
+  shards = batch_shards()
   head_shards = mesh.shape[HEAD_AXIS] if head_axes else 1
   if batch_dims is None:
     batch_dims = (0,) * len(arrays)
   for x, bd in zip(arrays, batch_dims):
     if bd is None:
       continue
-    if x.shape[bd] % batch_shards:
+    if x.shape[bd] % shards:
       raise InputError(
-          f"Batch {x.shape[bd]} (array shape {x.shape}) is not divisible by the {batch_shards} "
-          f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {batch_shards}."
+          f"Batch {x.shape[bd]} (array shape {x.shape}) is not divisible by the {shards} "
+          f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {shards}."
       )
     if split_heads and x.shape[bd + 1] % head_shards:
       raise InputError(

@@ -3,7 +3,7 @@
 Why a kernel: in a resnet block the conv's input is silu(group_norm(x)); XLA materialises that
 activation in HBM and then runs the conv, and XLA's TPU cost model charges its 3x3 convs with
 ~7-10x their operands' bytes (a 3x3 conv over 2x256x256x160 bf16 is charged 814 MB for 84 MB of
-input and output, /work notes of issue 16), which made the decoder the bulk of the sampler's
+input and output, measured for issue 16), which made the decoder the bulk of the sampler's
 compiled roofline at small batches. This kernel reads each input row once (plus one halo row
 above and below per block of rows), applies the per-channel affine + SiLU in VMEM, does the nine
 taps as nine matmuls on the MXU with float32 accumulation, and writes each output row once. Its

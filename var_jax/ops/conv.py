@@ -110,7 +110,6 @@ def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, i
   per_device = functools.partial(tpu_conv.conv3x3, upsample=upsample, interpret=interpret)
   operands, batch_dims = [x_BHWC, kernel_HWIO, bias_O], [0, None, None]
   if scale_BC is not None:
-    per_device = lambda x, k, b, s, t, f=per_device: f(x, k, b, s, t)
     operands += [scale_BC, shift_BC]
     batch_dims += [0, 0]
   return mesh_sharding.shard_map_over_batch(per_device, *operands, kernel="pallas_tpu conv",
@@ -161,7 +160,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
   B, H, W, Cin = x_BHWC.shape
   out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
   if (resolve_impl(impl, interpret, batch=B) == "xla"
-      or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], kernel_HWIO.dtype,
+      or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], x_BHWC.dtype,
                            kernel_HWIO.dtype, upsample=upsample)):
     return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)
   return _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret)
