@@ -218,8 +218,13 @@ def test_sampler_bound_per_chip_follows_the_mesh():
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.params))
   decoder = sum(math.prod(x.shape) for name in ("decoder", "post_quant_conv")
                 for x in jax.tree.leaves(model.tokenizer.params[name]))
+  # Read once per call: the AdaLN projections (16 blocks' 6C x C and the head's 2C x C, with
+  # biases), the class embedding (1000 classes + the null one), positions and level embeddings.
+  C, L = var_cfg.embed_dim, var_cfg.seq_len
+  once = (16 * (6 * C * C + 6 * C) + 2 * C * C + 2 * C + 1001 * C + C + L * C + 10 * C)
   want = SamplerBound.of(var_cfg, vae_cfg, 3,  # 10 images padded to 12, over data 4
                          var_param_bytes=2 * num_params,  # the recipe samples in bfloat16
+                         var_once_bytes=2 * once,
                          vae_param_bytes=4 * decoder,  # the tokenizer in float32
                          peak_flops=2 * chip.peak_flops, bandwidth=2 * chip.hbm_bandwidth)
   assert got == want

@@ -92,10 +92,11 @@ def test_class_dropout_only_in_training_and_driven_by_key():
   np.testing.assert_array_equal(np.asarray(apply_half(jax.random.key(7))), out)
 
 
-def test_kv_cached_decode_equals_teacher_forcing():
+@pytest.mark.parametrize("tag", TAGS)
+def test_kv_cached_decode_equals_teacher_forcing(tag):
   """Scale-by-scale decode with teacher-forced inputs reproduces the full masked forward."""
-  m = model("tiny")
-  ref = reference("tiny")
+  m = model(tag)
+  ref = reference(tag)
   tok = tokenizer()
   idx = split_tokens(ref["vae_idx_BL"])
   labels = jnp.asarray(ref["tf_label"])
@@ -109,6 +110,52 @@ def test_kv_cached_decode_equals_teacher_forcing():
     cache = mutated["cache"]
     np.testing.assert_allclose(np.asarray(out), full[:, start:start + pn * pn], atol=2e-5)
     start += pn * pn
+
+
+def _silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_decode_keeps_the_labels_adaln_from_the_first_scale(tag):
+  """Scale 0 keeps every block's and the head's AdaLN projection of the label in the cache (checked
+  against numpy from the weights); later scales read it there, not the projection weights: with
+  those weights turned to NaN they give the same logits, and without scale 0's cache an error."""
+  m = model(tag)
+  cfg, params = m.config, jax.tree.map(np.asarray, m.params)
+  labels = jnp.asarray([3, cfg.num_classes])  # a class and the null class
+  _, mutated = VAR(cfg, decode_scale=0).apply({"params": m.params}, labels, mutable=["cache"])
+  cache = mutated["cache"]
+  C = cfg.embed_dim
+  act = _silu(params["class_emb"]["embedding"][np.asarray(labels)].astype(np.float64))
+  if cfg.shared_aln:
+    shared = act @ params["shared_ada_lin"]["kernel"] + params["shared_ada_lin"]["bias"]
+    want = params["blocks"]["ada_gss"][:, None] + shared.reshape(1, 2, 6, C)
+  else:
+    lin = params["blocks"]["ada_lin"]
+    want = (np.einsum("bc,lcd->lbd", act, lin["kernel"]) + lin["bias"][:, None]).reshape(-1, 2, 6, C)
+  np.testing.assert_allclose(np.asarray(cache["block_adaln"]), want, rtol=1e-5, atol=1e-6)
+  head = params["head_nm"]["ada_lin"]
+  np.testing.assert_allclose(np.asarray(cache["head_nm"]["adaln"]),
+                             (act @ head["kernel"] + head["bias"]).reshape(2, 2, C),
+                             rtol=1e-5, atol=1e-6)
+
+  x_in = jax.random.normal(jax.random.key(0), (2, 4, cfg.z_channels))
+  variables = {"params": m.params, "cache": cache}
+  scale1 = VAR(cfg, decode_scale=1)
+  logits, _ = scale1.apply(variables, labels, x_in, mutable=["cache"])
+  poisoned = jax.tree.map(lambda x: x, m.params)
+  for where in (("blocks", "ada_lin"), ("head_nm", "ada_lin"), ("shared_ada_lin",)):
+    node = poisoned
+    for key in where[:-1]:
+      node = node[key]
+    if where[-1] in node:
+      node[where[-1]] = jax.tree.map(lambda w: jnp.full_like(w, jnp.nan), node[where[-1]])
+  again, _ = scale1.apply({"params": poisoned, "cache": cache}, labels, x_in, mutable=["cache"])
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+  assert np.isfinite(np.asarray(logits)).all()
+  with pytest.raises(ValueError, match="cache that scale 0"):
+    scale1.apply({"params": m.params}, labels, x_in, mutable=["cache"])
 
 
 @pytest.mark.parametrize("depth,expected", [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360),

@@ -6,9 +6,11 @@ transformer's FLOPs at the peak of its dtype, the decoder's at the peak of the t
 it decodes in another dtype):
 
 * FLOPs: the transformer's (`flops.sampler_flops_per_image`: linears, head, word embedding,
-  AdaLN per scale, attention over the visible (query, key) pairs only) and the decoder's
+  AdaLN once, attention over the visible (query, key) pairs only) and the decoder's
   convolutions and attention (`flops.decoder_flops_per_image`), per image.
-* bytes: the VAR weights once per scale (once per call when they fit in on-chip memory); every
+* bytes: the VAR weights once per scale (once per call when they fit in on-chip memory), except
+  those a call needs once (the AdaLN projections of the label, which the sampler keeps for later
+  scales, and the embeddings each scale slices, `var_once_param_bytes`); every
   key and value written once and each layer's visible cache prefix read once per scale; the
   float32 logits written and read once; every block's output written once (activations once);
   the decoder's weights once per call and each of its layers' outputs written once.
@@ -32,10 +34,12 @@ from var_jax.models.vqvae_config import VQVAEConfig
 
 
 def transformer_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int, *,
-                          guidance: bool = True, weights_on_chip: bool = False) -> dict[str, float]:
+                          guidance: bool = True, weights_on_chip: bool = False,
+                          once_bytes: int = 0) -> dict[str, float]:
   """Bytes the transformer part of sampling `batch` images must move, by part.
 
-  "weights": `param_bytes` per scale (once if `weights_on_chip`); "cache": keys and values of
+  "weights": `param_bytes` per scale, of which `once_bytes` only once (all once if
+  `weights_on_chip`); "cache": keys and values of
   every token written once, each layer's visible prefix read once per scale; "logits": float32,
   written and read once; "activations": each block's output rows written once.
   """
@@ -45,7 +49,8 @@ def transformer_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int, *,
   kv_row = 2 * depth * C * item  # keys and values of one token, all layers
   visible = sum(end for _, end in scales.begin_ends(var_cfg.patch_nums))
   return {
-      "weights": float((1 if weights_on_chip else var_cfg.num_scales) * param_bytes),
+      "weights": float((1 if weights_on_chip else var_cfg.num_scales) * (param_bytes - once_bytes)
+                       + once_bytes),
       "cache": float(seqs * kv_row * (L + visible)),
       "logits": float(2 * seqs * L * var_cfg.vocab_size * 4),
       "activations": float(seqs * L * C * depth * item),
@@ -70,6 +75,21 @@ def decoder_param_bytes(vae_params, dtype) -> int:
 def var_param_bytes(var_params, dtype) -> int:
   """Bytes of the VAR weights stored in `dtype` (the placement stores them in the compute dtype)."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(var_params)) * jnp.dtype(dtype).itemsize
+
+
+# VAR weights one sampling call needs once: the label's AdaLN projections (computed at the first
+# scale and kept, `models.var`), the class embedding, and the position and level embeddings,
+# of which each scale reads its own rows.
+_ONCE_TOP_LEVEL = ("class_emb", "pos_start", "pos_1LC", "lvl_embed", "shared_ada_lin")
+_ONCE_IN_BLOCKS = ("ada_lin", "ada_gss")
+
+
+def var_once_param_bytes(var_params, dtype) -> int:
+  """Bytes of the VAR weights (of `var_param_bytes`) a sampling call reads once, not per scale."""
+  once = [var_params[k] for k in _ONCE_TOP_LEVEL if k in var_params]
+  once += [var_params[m][k] for m in ("blocks", "head_nm") for k in _ONCE_IN_BLOCKS
+           if k in var_params.get(m, {})]
+  return var_param_bytes(once, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,17 +135,21 @@ class SamplerBound:
   @classmethod
   def of(cls, var_cfg: VARConfig, vae_cfg: VQVAEConfig, batch: int, *, var_param_bytes: int,
          vae_param_bytes: int, peak_flops: float, bandwidth: float, guidance: bool = True,
-         weights_on_chip: bool = False,
-         decoder_peak_flops: float | None = None) -> "SamplerBound":
-    """The bound of sampling `batch` images (on one device) with these weights and peaks."""
+         weights_on_chip: bool = False, decoder_peak_flops: float | None = None,
+         var_once_bytes: int = 0) -> "SamplerBound":
+    """The bound of sampling `batch` images (on one device) with these weights and peaks;
+    `var_once_bytes` of the VAR weights are read once per call, the rest once per scale."""
     if (batch < 1 or peak_flops <= 0 or bandwidth <= 0
         or (decoder_peak_flops is not None and decoder_peak_flops <= 0)):
       raise ValueError(f"batch, peak_flops, bandwidth and decoder_peak_flops must be positive, got "
                        f"{batch}, {peak_flops}, {bandwidth}, {decoder_peak_flops}.")
+    if not 0 <= var_once_bytes <= var_param_bytes:
+      raise ValueError(f"var_once_bytes must lie in [0, var_param_bytes={var_param_bytes}], got "
+                       f"{var_once_bytes}.")
     flops = {"transformer": batch * var_flops.sampler_flops_per_image(var_cfg, guidance)["total"],
              "decoder": batch * var_flops.decoder_flops_per_image(vae_cfg)["total"]}
     moved = {**transformer_min_bytes(var_cfg, batch, var_param_bytes, guidance=guidance,
-                                     weights_on_chip=weights_on_chip),
+                                     weights_on_chip=weights_on_chip, once_bytes=var_once_bytes),
              **decoder_min_bytes(vae_cfg, batch, vae_param_bytes)}
     return cls(flops, moved, float(peak_flops), float(bandwidth),
                None if decoder_peak_flops is None else float(decoder_peak_flops))
@@ -137,6 +161,7 @@ class SamplerBound:
     """`of` for a VARModel: its weights counted in the dtypes the placement stores them in."""
     return cls.of(model.config, model.tokenizer.config, batch,
                   var_param_bytes=var_param_bytes(model.params, model.config.dtype),
+                  var_once_bytes=var_once_param_bytes(model.params, model.config.dtype),
                   vae_param_bytes=decoder_param_bytes(model.tokenizer.params,
                                                       model.tokenizer.config.dtype),
                   peak_flops=peak_flops, bandwidth=bandwidth, guidance=guidance,

@@ -28,8 +28,8 @@ FLOPs, not hardware FLOPs). With `prog_si` (a progressive-training stage) the st
 visible.
 
 Sampling (`sampler_flops_per_image`) is the forward pass of each sequence (two per image with
-classifier-free guidance), the network applied once per scale, so the AdaLN projections count once
-per scale. `kernel_attention_flops_per_example` is the hardware count of a flash kernel's
+classifier-free guidance), the network applied once per scale, except the AdaLN projections: they
+depend on the label only and the sampler computes them once per call. `kernel_attention_flops_per_example` is the hardware count of a flash kernel's
 attention in training (it recomputes QK^T in the backward, and the forward again under remat).
 """
 from __future__ import annotations
@@ -128,10 +128,11 @@ def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[s
 
   The forward pass of each sequence (two with classifier-free guidance), the network applied once
   per scale: the block linears, head and word embedding on each scale's rows, attention from each
-  scale's rows to every cached key so far (the visible pairs), the AdaLN projections per scale.
+  scale's rows to every cached key so far (the visible pairs); the AdaLN projections once (they
+  depend on the label only; the sampler keeps them for later scales).
   """
   seqs = 2 if guidance else 1
-  forward = forward_breakdown(var_cfg, adaln_calls=var_cfg.num_scales)
+  forward = forward_breakdown(var_cfg, adaln_calls=1)
   parts = {name: seqs * value for name, value in forward.items()}
   parts["total"] = sum(parts.values())
   return parts

@@ -225,18 +225,24 @@ class AdaLNBlock(nn.Module):
   patch_nums: tuple[int, ...] | None = None  # teacher forcing over these scales (None: all)
 
   @nn.compact
-  def __call__(self, carry, cond, drop_rate, layer):
-    """One block; returns (carry, None) as `nn.scan` wants.
+  def __call__(self, carry, cond, drop_rate, layer, cached_ada_B6C=None):
+    """One block; returns (carry, ada) as `nn.scan` wants.
 
     carry: x_BLC, or in decode mode (x_BLC, (k, v) cache of all layers).
-    cond: (B, C) class condition, or (B, 6, C) shared AdaLN output.
+    cond: (B, C) class condition, or (B, 6, C) shared AdaLN output (None with `cached_ada_B6C`).
     drop_rate: this block's drop-path rate; layer: this block's index (traced int).
+    cached_ada_B6C: this block's AdaLN output (B, 6, C) float32 from the call's first decode
+      pass, used instead of projecting `cond` again (None: project it).
+    ada: in decode mode without `cached_ada_B6C`, the AdaLN output computed here, for the cache;
+      else None.
     """
     cfg = self.config
     x_BLC, kv_cache = carry if self.decode_range is not None else (carry, None)
     C = cfg.embed_dim
     dtype = jnp.dtype(cfg.dtype)
-    if cfg.shared_aln:
+    if cached_ada_B6C is not None:
+      ada_B6C = cached_ada_B6C
+    elif cfg.shared_aln:
       ada_gss = self.param(
           "ada_gss", _normal(1.0 / math.sqrt(C), (None, "embed"),
                              _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=0)), (6, C))
@@ -266,7 +272,8 @@ class AdaLNBlock(nn.Module):
     f = FFN(cfg, name="ffn")(h)
     x_BLC = x_BLC + drop_path(f * gamma2.astype(dtype))
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
-    return (x_BLC if kv_cache is None else (x_BLC, kv_cache)), None
+    fresh_ada = self.decode_range is not None and cached_ada_B6C is None
+    return (x_BLC if kv_cache is None else (x_BLC, kv_cache)), (ada_B6C if fresh_ada else None)
 
 
 def _remat_policy(name: str):
@@ -276,19 +283,30 @@ def _remat_policy(name: str):
 
 
 class AdaLNBeforeHead(nn.Module):
+  """LN(x)(1 + scale) + shift, (scale, shift) projected from the class condition.
+
+  `adaln_cache` (decode mode): "fill" keeps the projection in the "cache" collection, "read"
+  takes it from there instead of projecting again (the condition is the same at every scale)."""
   config: VARConfig
+  adaln_cache: str | None = None
 
   @nn.compact
   def __call__(self, x_BLC, cond_BD):
     cfg = self.config
     C = cfg.embed_dim
-    ada = _dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
-                   kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
-                   bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
-    # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
-    # tensor-sharded axis (ada[:, :C] with 2C split over "tensor" gave wrong gradients on a
-    # 2x2x2 mesh; tests/test_train_var.py::test_sharded_step_equals_unsharded guards this).
-    ada = ada.reshape(-1, 2, C)
+    if self.adaln_cache == "read":
+      ada = self.get_variable("cache", "adaln")
+    else:
+      ada = _dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
+                     kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
+                     bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
+      # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
+      # tensor-sharded axis (ada[:, :C] with 2C split over "tensor" gave wrong gradients on a
+      # 2x2x2 mesh; tests/test_train_var.py::test_sharded_step_equals_unsharded guards this).
+      ada = ada.reshape(-1, 2, C)
+      if self.adaln_cache == "fill":
+        self.put_variable("cache", "adaln",
+                          nn.with_logical_constraint(ada, ("cache_batch", None, None)))
     scale, shift = ada[:, None, 0], ada[:, None, 1]
     return _LN(cfg.norm_eps)(x_BLC) * (1.0 + scale) + shift
 
@@ -358,7 +376,18 @@ class VAR(nn.Module):
         x_BLC = word_embed(x_BlCv.astype(jnp.float32)) + lvl_pos_LC[begin:end]
       decode_range = (begin, end)
 
-    if cfg.shared_aln:
+    # Decoding, the AdaLN projections depend on the label only: the call's first pass (scale 0, or
+    # the prefill) keeps them in the cache and later scales read them back instead of reading
+    # their weights (a third of VAR-d16's block weights) once more per scale.
+    reuse_adaln = decode_range is not None and not self.prefill and self.decode_scale > 0
+    cached_ada_NB6C = None
+    if reuse_adaln:
+      if not self.has_variable("cache", "block_adaln"):
+        raise ValueError(f"decode_scale={self.decode_scale} needs the cache that scale 0 (or a "
+                         "prefill) filled: pass the 'cache' collection it returned.")
+      cached_ada_NB6C = self.get_variable("cache", "block_adaln")
+      block_cond = None
+    elif cfg.shared_aln:
       shared = _dense(6 * C, name="shared_ada_lin", dtype=dtype,
                         kernel_init=_normal(sigma, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
       block_cond = shared(nn.silu(cond_BD)).reshape(B, 6, C)
@@ -375,7 +404,7 @@ class VAR(nn.Module):
       block = nn.map_variables(block, "params", trans_in_fn=_from_bits)
     blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
-                     in_axes=(nn.broadcast, 0, 0), length=cfg.depth,
+                     in_axes=(nn.broadcast, 0, 0, 0), length=cfg.depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     if bits:  # the loop slices the stacks as uint16 (see stacks_as_uint16)
       blocks = nn.map_variables(blocks, "params", trans_in_fn=_as_bits)
@@ -386,7 +415,7 @@ class VAR(nn.Module):
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
     scanned = blocks(cfg, self.train, decode_range, attn_patch_nums, name="blocks")
     if decode_range is None:
-      x_BLC, _ = scanned(x_BLC, block_cond, drop_rates, layers)
+      x_BLC, _ = scanned(x_BLC, block_cond, drop_rates, layers, None)
     else:
       cache_shape = (cfg.depth, B, cfg.num_heads, attention_ops.kv_cache_len(cfg.patch_nums),
                      cfg.head_dim)
@@ -394,10 +423,15 @@ class VAR(nn.Module):
       cache_dtype = jnp.uint16 if bits and cache_as_uint16(cfg) else dtype
       cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, cache_dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, cache_dtype)
-      (x_BLC, (cached_k.value, cached_v.value)), _ = scanned(
-          (x_BLC, (cached_k.value, cached_v.value)), block_cond, drop_rates, layers)
+      (x_BLC, (cached_k.value, cached_v.value)), ada_NB6C = scanned(
+          (x_BLC, (cached_k.value, cached_v.value)), block_cond, drop_rates, layers,
+          cached_ada_NB6C)
+      if not reuse_adaln:
+        self.put_variable("cache", "block_adaln",
+                          nn.with_logical_constraint(ada_NB6C, ("layers", "cache_batch", None, None)))
 
-    h = AdaLNBeforeHead(cfg, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD)
+    adaln_cache = None if decode_range is None else ("read" if reuse_adaln else "fill")
+    h = AdaLNBeforeHead(cfg, adaln_cache, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD)
     logits = _dense(cfg.vocab_size, name="head", dtype=dtype,
                       kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
                       bias_init=_zeros(("vocab",)))(h.astype(dtype))
