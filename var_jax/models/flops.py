@@ -29,8 +29,9 @@ visible.
 
 Sampling (`sampler_flops_per_image`) is the forward pass of each sequence (two per image with
 classifier-free guidance), the network applied once per scale, except the AdaLN projections: they
-depend on the label only and the sampler computes them once per call. `kernel_attention_flops_per_example` is the hardware count of a flash kernel's
-attention in training (it recomputes QK^T in the backward, and the forward again under remat).
+depend on the label only and the sampler computes them once per call.
+`kernel_attention_flops_per_example` is the hardware count of a flash kernel's attention in
+training (it recomputes QK^T in the backward, and the forward again under remat).
 """
 from __future__ import annotations
 
