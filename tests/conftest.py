@@ -14,6 +14,10 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# A worker that dies under --dist loadfile: its unfinished tests go on, the one it died in gets one
+# more run (pytest-xdist 3.8 itself hangs there).
+pytest_plugins = ["xdist_crash"]
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
