@@ -38,8 +38,6 @@ from var_jax.models import var as var_model
 from var_jax.models.var import VAR
 from var_jax.ops import attention
 
-BATCH_AXES = ("data", "fsdp")
-
 # Param leaves that the model only ever uses after casting them to its compute dtype (the
 # einsum weights of attention and the kernels of Dense layers with an explicit dtype). Storing
 # them in that dtype changes no result. `word_embed` has no compute dtype (it runs in float32).
@@ -95,11 +93,11 @@ def inference_rules(mesh: Mesh) -> sharding.LogicalRules:
 
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces the batch is split into: the product of the mesh's batch axes."""
-  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
   return NamedSharding(mesh, PartitionSpec(axes or None))
 
 

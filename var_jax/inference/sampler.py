@@ -58,14 +58,9 @@ def image_keys(rng: jax.Array, batch: int) -> jax.Array:
   return rng
 
 
-def _batch_axes_in_context() -> tuple[str, ...]:
-  mesh = jax.sharding.get_abstract_mesh()
-  return () if mesh.empty else tuple(a for a in placement.BATCH_AXES if a in mesh.axis_names)
-
-
 def _split_over_batch(x: jax.Array) -> jax.Array:
   """Keeps a batch-leading output split over the active mesh's batch axes (not gathered)."""
-  axes = _batch_axes_in_context()
+  axes = mesh_sharding.batch_axes()
   if not axes:
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))

@@ -16,8 +16,8 @@ import jax
 from jax.sharding import AxisType, PartitionSpec
 
 from var_jax.errors import ConfigError, InputError
+from var_jax.parallel.sharding import BATCH_AXES
 
-BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
 
@@ -27,11 +27,17 @@ def _usable_axes(mesh, names):
   return tuple(n for n in names if n in types and types[n] != AxisType.Manual)
 
 
-def batch_shards() -> int:
-  """How many shards the active mesh splits a batch into (its batch axes not yet manual; 1
-  without a mesh)."""
+def batch_axes() -> tuple[str, ...]:
+  """The active mesh's batch axes (`sharding.BATCH_AXES` it has) not yet manual; () without a
+  mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else math.prod(mesh.shape[n] for n in _usable_axes(mesh, BATCH_AXES))
+  return () if mesh.empty else _usable_axes(mesh, BATCH_AXES)
+
+
+def batch_shards() -> int:
+  """How many shards the active mesh splits a batch into (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[n] for n in batch_axes())
 
 
 def shard_map_over_batch_and_heads(per_device_fn: Callable, *arrays_BH, kernel: str = "kernel",
@@ -72,7 +78,7 @@ def _shard_map(per_device_fn, arrays, kernel, interpret, batch_dims, *, split_he
     return per_device_fn(*arrays)
   if mesh.size == 1 or all(t == AxisType.Manual for t in mesh.axis_types):
     return per_device_fn(*arrays)
-  batch_axes = _usable_axes(mesh, BATCH_AXES)
+  split_axes = batch_axes()
   head_axes = _usable_axes(mesh, (HEAD_AXIS,)) if split_heads else ()
   shards = batch_shards()
   head_shards = mesh.shape[HEAD_AXIS] if head_axes else 1
@@ -84,14 +90,14 @@ def _shard_map(per_device_fn, arrays, kernel, interpret, batch_dims, *, split_he
     if x.shape[bd] % shards:
       raise InputError(
           f"Batch {x.shape[bd]} (array shape {x.shape}) is not divisible by the {shards} "
-          f"shards of mesh axes {batch_axes}; pick a batch that is a multiple of {shards}."
+          f"shards of mesh axes {split_axes}; pick a batch that is a multiple of {shards}."
       )
     if split_heads and x.shape[bd + 1] % head_shards:
       raise InputError(
           f"{x.shape[bd + 1]} heads (array shape {x.shape}) are not divisible by the {head_shards} "
           f"shards of mesh axis {HEAD_AXIS!r}."
       )
-  split = (batch_axes or None,) + ((head_axes[0] if head_axes else None,) if split_heads else ())
+  split = (split_axes or None,) + ((head_axes[0] if head_axes else None,) if split_heads else ())
   specs = tuple(PartitionSpec() if bd is None else PartitionSpec(*((None,) * bd + split))
                 for bd in batch_dims)
   # Every axis not already manual becomes manual: XLA must not try to partition the Pallas call.

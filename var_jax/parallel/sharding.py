@@ -34,13 +34,16 @@ LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 DEFAULT_MESH: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
 
+# The mesh axes a batch is split over (in this order); "tensor" splits weights, never the batch.
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
 # Batch dims go over every data-like axis; weights are split over "fsdp" along their embed dim
 # (ZeRO-3 style) and over "tensor" along mlp/heads/vocab (Megatron style). Flax applies the rules
 # in order and skips a rule whose mesh axis is already taken in the same array, so an activation
 # (batch, length, embed) gets P(("data", "fsdp"), None, None) while a weight (embed, mlp) gets
 # P("fsdp", "tensor").
 DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("vae_embed", None),
     ("mlp", "tensor"),
@@ -52,7 +55,7 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("scales", None),
     ("classes", None),
     ("norm", None),
-    ("cache_batch", ("data", "fsdp")),
+    ("cache_batch", BATCH_AXES),
     ("cache_heads", "tensor"),
     ("cache_sequence", None),
     ("cache_kv", None),
@@ -295,13 +298,13 @@ def init_sharded(
 # Global batches.
 
 
-def batch_sharding(mesh: Mesh, batch_axes: MeshAxes = ("data", "fsdp")) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_axes: MeshAxes = BATCH_AXES) -> NamedSharding:
   """Sharding that splits the leading (batch) dim over `batch_axes` and replicates the rest."""
   return NamedSharding(mesh, PartitionSpec(batch_axes))
 
 
 def make_global_batch(
-    local_batch: Any, mesh: Mesh, batch_axes: MeshAxes = ("data", "fsdp"),
+    local_batch: Any, mesh: Mesh, batch_axes: MeshAxes = BATCH_AXES,
 ) -> Any:
   """Turns this host's numpy batch (a pytree) into global arrays split over `batch_axes`.
 
