@@ -32,6 +32,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from var_jax import mesh_axes
 from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models import var as var_model
@@ -93,11 +94,11 @@ def inference_rules(mesh: Mesh) -> sharding.LogicalRules:
 
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces the batch is split into: the product of the mesh's batch axes."""
-  return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in mesh_axes.BATCH_AXES if a in mesh.shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  axes = tuple(a for a in mesh_axes.BATCH_AXES if a in mesh.axis_names)
   return NamedSharding(mesh, PartitionSpec(axes or None))
 
 

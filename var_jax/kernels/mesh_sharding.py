@@ -16,9 +16,7 @@ import jax
 from jax.sharding import AxisType, PartitionSpec
 
 from var_jax.errors import ConfigError, InputError
-from var_jax.parallel.sharding import BATCH_AXES
-
-HEAD_AXIS = "tensor"
+from var_jax.mesh_axes import BATCH_AXES, HEAD_AXIS
 
 
 def _usable_axes(mesh, names):
@@ -28,7 +26,7 @@ def _usable_axes(mesh, names):
 
 
 def batch_axes() -> tuple[str, ...]:
-  """The active mesh's batch axes (`sharding.BATCH_AXES` it has) not yet manual; () without a
+  """The active mesh's batch axes (`mesh_axes.BATCH_AXES` it has) not yet manual; () without a
   mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   return () if mesh.empty else _usable_axes(mesh, BATCH_AXES)

@@ -28,14 +28,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from var_jax.errors import ConfigError
+from var_jax.mesh_axes import BATCH_AXES
 
 MeshAxes = None | str | tuple[str, ...]
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 DEFAULT_MESH: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
-
-# The mesh axes a batch is split over (in this order); "tensor" splits weights, never the batch.
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 # Batch dims go over every data-like axis; weights are split over "fsdp" along their embed dim
 # (ZeRO-3 style) and over "tensor" along mlp/heads/vocab (Megatron style). Flax applies the rules
