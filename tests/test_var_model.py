@@ -136,7 +136,7 @@ def test_decode_keeps_the_labels_adaln_from_the_first_scale(tag):
     want = (np.einsum("bc,lcd->lbd", act, lin["kernel"]) + lin["bias"][:, None]).reshape(-1, 2, 6, C)
   np.testing.assert_allclose(np.asarray(cache["block_adaln"]), want, rtol=1e-5, atol=1e-6)
   head = params["head_nm"]["ada_lin"]
-  np.testing.assert_allclose(np.asarray(cache["head_nm"]["adaln"]),
+  np.testing.assert_allclose(np.asarray(cache["head_adaln"]),
                              (act @ head["kernel"] + head["bias"]).reshape(2, 2, C),
                              rtol=1e-5, atol=1e-6)
 

@@ -283,19 +283,17 @@ def _remat_policy(name: str):
 
 
 class AdaLNBeforeHead(nn.Module):
-  """LN(x)(1 + scale) + shift, (scale, shift) projected from the class condition.
-
-  `adaln_cache` (decode mode): "fill" keeps the projection in the "cache" collection, "read"
-  takes it from there instead of projecting again (the condition is the same at every scale)."""
+  """LN(x)(1 + scale) + shift, (scale, shift) projected from the class condition."""
   config: VARConfig
-  adaln_cache: str | None = None
 
   @nn.compact
-  def __call__(self, x_BLC, cond_BD):
+  def __call__(self, x_BLC, cond_BD, cached_ada_B2C=None):
+    """Returns (output, ada): ada the (B, 2, C) float32 projection, projected here or
+    `cached_ada_B2C` (a decode pass after the first, see `VAR`), which then skips the projection."""
     cfg = self.config
     C = cfg.embed_dim
-    if self.adaln_cache == "read":
-      ada = self.get_variable("cache", "adaln")
+    if cached_ada_B2C is not None:
+      ada_B2C = cached_ada_B2C
     else:
       ada = _dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
                      kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
@@ -303,12 +301,9 @@ class AdaLNBeforeHead(nn.Module):
       # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
       # tensor-sharded axis (ada[:, :C] with 2C split over "tensor" gave wrong gradients on a
       # 2x2x2 mesh; tests/test_train_var.py::test_sharded_step_equals_unsharded guards this).
-      ada = ada.reshape(-1, 2, C)
-      if self.adaln_cache == "fill":
-        self.put_variable("cache", "adaln",
-                          nn.with_logical_constraint(ada, ("cache_batch", None, None)))
-    scale, shift = ada[:, None, 0], ada[:, None, 1]
-    return _LN(cfg.norm_eps)(x_BLC) * (1.0 + scale) + shift
+      ada_B2C = ada.reshape(-1, 2, C)
+    scale, shift = ada_B2C[:, None, 0], ada_B2C[:, None, 1]
+    return _LN(cfg.norm_eps)(x_BLC) * (1.0 + scale) + shift, ada_B2C
 
 
 class VAR(nn.Module):
@@ -380,12 +375,13 @@ class VAR(nn.Module):
     # the prefill) keeps them in the cache and later scales read them back instead of reading
     # their weights (a third of VAR-d16's block weights) once more per scale.
     reuse_adaln = decode_range is not None and not self.prefill and self.decode_scale > 0
-    cached_ada_NB6C = None
+    cached_ada_NB6C = cached_ada_B2C = None
     if reuse_adaln:
       if not self.has_variable("cache", "block_adaln"):
         raise ValueError(f"decode_scale={self.decode_scale} needs the cache that scale 0 (or a "
                          "prefill) filled: pass the 'cache' collection it returned.")
       cached_ada_NB6C = self.get_variable("cache", "block_adaln")
+      cached_ada_B2C = self.get_variable("cache", "head_adaln")
       block_cond = None
     elif cfg.shared_aln:
       shared = _dense(6 * C, name="shared_ada_lin", dtype=dtype,
@@ -430,8 +426,11 @@ class VAR(nn.Module):
         self.put_variable("cache", "block_adaln",
                           nn.with_logical_constraint(ada_NB6C, ("layers", "cache_batch", None, None)))
 
-    adaln_cache = None if decode_range is None else ("read" if reuse_adaln else "fill")
-    h = AdaLNBeforeHead(cfg, adaln_cache, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD)
+    h, head_ada_B2C = AdaLNBeforeHead(cfg, name="head_nm")(x_BLC.astype(jnp.float32), cond_BD,
+                                                           cached_ada_B2C)
+    if decode_range is not None and not reuse_adaln:
+      self.put_variable("cache", "head_adaln",
+                        nn.with_logical_constraint(head_ada_B2C, ("cache_batch", None, None)))
     logits = _dense(cfg.vocab_size, name="head", dtype=dtype,
                       kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
                       bias_init=_zeros(("vocab",)))(h.astype(dtype))
