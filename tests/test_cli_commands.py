@@ -83,6 +83,10 @@ def test_convert_out_that_is_a_file_fails_before_reading(tmp_path, capsys):
     ["sample", "--out", "gs://bucket/grid.png"],
     ["sample", "--out", "", "--out-dir", "gs://bucket/samples"],
     ["edit", "--image", "a.png", "--mask", "m.png", "--out", "gs://bucket/edited.png"],
+    ["evaluate", "--out", "gs://bucket/metrics.json"],
+    ["evaluate", "--save-samples", "gs://bucket/samples.npz"],
+    ["evaluate", "--features-dir", "gs://bucket/features"],
+    ["fid-stats", "--shapes", "8", "--fid-inception", "no.pth", "--out", "gs://bucket/ref.npz"],
 ])
 def test_local_only_outputs_refuse_a_url_before_any_work(argv, tmp_path, monkeypatch,
                                                          no_model_loading, capsys):

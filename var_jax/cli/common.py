@@ -74,9 +74,10 @@ def _check_remote(path, flag: str, remote_ok: bool) -> bool:
   return True
 
 
-def check_output_file(path, flag: str, *, remote_ok: bool = True) -> None:
+def check_output_file(path, flag: str, *, remote_ok: bool) -> None:
   """Raises InputError, before any work, if `path` cannot be written as a file (or is a URL
-  where `remote_ok` is False)."""
+  where `remote_ok` is False: every caller says whether it writes through etils/Orbax, which take
+  gs://..., or to local disk)."""
   if not path or _check_remote(path, flag, remote_ok):
     return
   p = pathlib.Path(path)
@@ -87,9 +88,9 @@ def check_output_file(path, flag: str, *, remote_ok: bool = True) -> None:
     raise InputError(f"{flag} {shown(p)}: {shown(parent)} is a file, not a directory.")
 
 
-def check_output_dir(path, flag: str, *, remote_ok: bool = True) -> None:
+def check_output_dir(path, flag: str, *, remote_ok: bool) -> None:
   """Raises InputError, before any work, if `path` exists and is not a directory (or is a URL
-  where `remote_ok` is False)."""
+  where `remote_ok` is False, as in `check_output_file`)."""
   if not path or _check_remote(path, flag, remote_ok):
     return
   p = pathlib.Path(path)

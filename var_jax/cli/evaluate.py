@@ -78,8 +78,10 @@ def build_parser():
 
 
 def _check_args(args) -> None:
-  common.check_output_file(args.out, "--out")
-  common.check_output_file(args.save_samples, "--save-samples")
+  # The metrics, the sample batch and the features go through pathlib / numpy: local disk only.
+  common.check_output_file(args.out, "--out", remote_ok=False)
+  common.check_output_file(args.save_samples, "--save-samples", remote_ok=False)
+  common.check_output_dir(args.features_dir, "--features-dir", remote_ok=False)
   if args.sample_batch and args.save_samples:
     raise InputError("--save-samples goes with --model (the images of --sample-batch are already a batch).")
   if bool(args.ref) != bool(args.fid_inception):

@@ -53,7 +53,7 @@ def build_parser():
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   args = build_parser().parse_args(argv[1:])
-  common.check_output_file(args.out, "--out")
+  common.check_output_file(args.out, "--out", remote_ok=False)  # adm.write_reference: local disk
   import jax.numpy as jnp
   import numpy as np
   from var_jax.eval import adm, inception, reference_images

@@ -218,7 +218,7 @@ def main(argv=None) -> int:
   if args.config is None:
     parser.error("the following arguments are required: --config (or --convert-from V1_DIR)")
   args, config = common.parse_with_config(parser, argv[1:])
-  common.check_output_dir(args.out, "--out")
+  common.check_output_dir(args.out, "--out", remote_ok=True)  # token shards go through etils
   try:
     result = pretokenize(
         config, args.out, tokenizer=args.tokenizer, patch_nums=args.patch_nums,
@@ -256,7 +256,7 @@ def _convert(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
   if encoding_flags:
     parser.error(f"--convert-from keeps the tokens as they are: drop {', '.join(encoding_flags)}")
   try:
-    common.check_output_dir(args.out, "--out")
+    common.check_output_dir(args.out, "--out", remote_ok=True)  # token shards go through etils
     result = token_shards.convert_v1(args.convert_from, args.out, process_index=args.process_index,
                                      process_count=args.process_count)
   except VarJaxError as e:

@@ -23,7 +23,7 @@ def build_parser(prog: str, what: str):
 
 def _run(argv, prog: str, what: str, module: str) -> int:
   args, config = common.parse_with_config(build_parser(prog, what), argv[1:])
-  common.check_output_dir(args.workdir, "--workdir")
+  common.check_output_dir(args.workdir, "--workdir", remote_ok=True)
   common.set_up_logging(args.verbose)
   import importlib
   trainer = importlib.import_module(module)
