@@ -18,6 +18,8 @@ from typing import Mapping
 
 from absl import logging
 
+from var_jax import paths
+
 ENV_VAR = "VAR_JAX_COMPILATION_CACHE"
 SUBDIR = "jax_compilation_cache"  # inside `cache_root`
 OFF = ("off", "none", "0", "false")
@@ -50,7 +52,7 @@ def enable(directory: str | os.PathLike | None) -> str | None:
     return None
   import jax  # pylint: disable=import-outside-toplevel
   path = os.fspath(directory)
-  if "://" not in path:
+  if not paths.is_url(path):
     path = os.path.abspath(os.path.expanduser(path))
     try:
       pathlib.Path(path).mkdir(parents=True, exist_ok=True)

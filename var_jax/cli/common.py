@@ -8,6 +8,7 @@ import os
 import pathlib
 from typing import Sequence
 
+from var_jax import paths
 from var_jax.errors import ConfigError, InputError
 
 DEFAULT_MODEL = "shapes-tiny"
@@ -60,13 +61,13 @@ def mesh_sizes(text: str) -> tuple[int, int, int]:
 def shown(path) -> str:
   """A path as printed to the user: absolute and normalised (remote URLs as given)."""
   text = os.fspath(path)
-  return text if "://" in text else os.path.normpath(os.path.abspath(text))
+  return text if paths.is_url(text) else os.path.normpath(os.path.abspath(text))
 
 
 def _check_remote(path, flag: str, remote_ok: bool) -> bool:
   """Whether `path` is a URL (gs://...); raises InputError for one where the command writes local
   files only (pathlib would make a local folder named 'gs:' of it)."""
-  if "://" not in os.fspath(path):
+  if not paths.is_url(path):
     return False
   if not remote_ok:
     raise InputError(f"{flag} {path}: this command writes to local disk only; write to a local "

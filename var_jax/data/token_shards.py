@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from etils import epath
 
-from var_jax import scales
+from var_jax import paths, scales
 from var_jax.data import augment
 from var_jax.data.records import UnreadableRecordError
 from var_jax.errors import ConfigError, InputError
@@ -90,7 +90,7 @@ def write_json_atomically(path: epath.Path, value: dict) -> None:
 
 
 def _is_local(path: epath.Path) -> bool:
-  return "://" not in os.fspath(path)
+  return not paths.is_url(path)
 
 
 def write_shard(path: epath.Path, records: Iterable[bytes]) -> int:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import paths
 from var_jax.errors import CheckpointError, InputError
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.inference.var_model import VARModel
@@ -28,7 +29,7 @@ def as_path(path):
   """A model directory's path: gs:// and other URLs through etils (Orbax and the config reads
   take either), local paths absolute. (pathlib alone would turn gs://b/m into a local 'gs:/b/m'.)"""
   text = str(path)
-  if "://" in text:
+  if paths.is_url(text):
     from etils import epath  # pylint: disable=import-outside-toplevel
     return epath.Path(text)
   return pathlib.Path(path).absolute()

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import ml_collections
 
+from var_jax import paths
 from var_jax.data.config import default_data_config
 from var_jax.errors import ConfigError
 from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512
@@ -177,7 +178,7 @@ def resolve_config_path(path: str) -> str:
   Raises:
     ConfigError: neither a file nor a shipped config; the message lists the shipped ones.
   """
-  if os.path.isfile(path) or "://" in path:
+  if os.path.isfile(path) or paths.is_url(path):
     return path
   name = pathlib.PurePath(path).name
   name = name if name.endswith(".py") else name + ".py"
