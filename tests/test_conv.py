@@ -5,8 +5,6 @@ on an activation computed with numpy, and from flax's own nn.GroupNorm / nn.Conv
 XLA path of the tokenizer), never from the kernel's helpers. Its TPU lowering is compiled in
 tests/test_aot_sampling.py through the public sampler.
 """
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

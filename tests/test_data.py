@@ -1,7 +1,6 @@
 """Tests of var_jax/data: sources, augmentation, global order, resume, hosts, pre-tokenized data."""
 import json
 import logging
-import os
 
 import ml_collections
 import numpy as np
@@ -10,11 +9,10 @@ from PIL import Image
 
 from var_jax.data import augment
 from var_jax.data import default_data_config, make_input_iterator, scale_to_model_range
-from var_jax.data import token_shards
 from var_jax.data.order import GlobalOrder
 from var_jax.data.pretokenize import write_pretokenized
 from var_jax.errors import ConfigError, InputError
-from helpers import read_token_shard, write_v1_token_set
+from helpers import read_token_shard
 
 IMAGE_SIZE = 16
 PATCH_NUMS = (1, 2, 3)

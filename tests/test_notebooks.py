@@ -1,5 +1,4 @@
 """Both Colab demos run headlessly (nbclient) against the shipped `shapes-tiny` model."""
-import os
 import pathlib
 
 import nbformat

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import var_jax
-from helpers import TAGS, concat_tokens, model, reference, split_tokens, tokenizer
+from helpers import TAGS, concat_tokens, model, reference, tokenizer
 from var_jax.inference import filters, sampler
 from var_jax.errors import InputError
 
