@@ -340,8 +340,8 @@ def compile_sampler(var_cfg: VARConfig, vae_cfg: VQVAEConfig, mesh: Mesh, batch:
 def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledProgram:
   """AOT-compiles the tokenizer decode of `batch` f_hat maps (the sampler's last step) alone.
 
-  Its cost is what the sampler spends after the transformer; `benchmarks/aot_tpu.py` uses it for
-  the decode's share of the sampler's ideal roofline. The batch is split over ("data", "fsdp").
+  Its cost is what the sampler spends after the transformer (tests/test_aot_tpu.py compiles it
+  alone). The batch is split over ("data", "fsdp").
   """
   vae_params = abstract_tokenizer_params(vae_cfg, mesh)
   size = vae_cfg.latent_size
