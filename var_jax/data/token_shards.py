@@ -89,10 +89,6 @@ def write_json_atomically(path: epath.Path, value: dict) -> None:
   temporary.rename(path)
 
 
-def _is_local(path: epath.Path) -> bool:
-  return not paths.is_url(path)
-
-
 def write_shard(path: epath.Path, records: Iterable[bytes]) -> int:
   """Writes `records` as the array_record file `path` (local or gs://), all or nothing.
 
@@ -103,8 +99,8 @@ def write_shard(path: epath.Path, records: Iterable[bytes]) -> int:
   path = epath.Path(path)
   temporary = path.parent / f".{path.name}.tmp"
   # array_record writes local files only: a gs:// shard is written locally, then copied.
-  local = (os.fspath(temporary) if _is_local(path)
-           else tempfile.NamedTemporaryFile(suffix=".array_record", delete=False).name)
+  local = (tempfile.NamedTemporaryFile(suffix=".array_record", delete=False).name
+           if paths.is_url(path) else os.fspath(temporary))
   count = 0
   try:
     writer = array_record_module.ArrayRecordWriter(local, WRITER_OPTIONS)
@@ -114,11 +110,11 @@ def write_shard(path: epath.Path, records: Iterable[bytes]) -> int:
         count += 1
     finally:
       writer.close()
-    if not _is_local(path):
+    if paths.is_url(path):
       epath.Path(local).copy(temporary, overwrite=True)
     temporary.rename(path)
   finally:
-    if not _is_local(path):
+    if paths.is_url(path):
       epath.Path(local).unlink(missing_ok=True)
   return count
 
@@ -192,7 +188,7 @@ class TokenExamples:
     self.num_variants = int(self.meta["num_variants"])
     self.num_classes = int(self.meta["num_classes"])
     self._dtype = meta_record_dtype(self.meta)
-    if not _is_local(self.directory):
+    if paths.is_url(self.directory):
       raise InputError(
           f"{directory}: array_record reads local files only; mount the bucket with gcsfuse (e.g. "
           "`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and set data.data_dir to the mounted "

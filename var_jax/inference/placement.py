@@ -92,14 +92,18 @@ def inference_rules(mesh: Mesh) -> sharding.LogicalRules:
   return tuple((name, keep(axes)) for name, axes in sharding.DEFAULT_LOGICAL_AXIS_RULES)
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The batch axes (`mesh_axes.BATCH_AXES`) that `mesh` has."""
+  return tuple(a for a in mesh_axes.BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces the batch is split into: the product of the mesh's batch axes."""
-  return math.prod(mesh.shape[a] for a in mesh_axes.BATCH_AXES if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  axes = tuple(a for a in mesh_axes.BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, PartitionSpec(axes or None))
+  return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
