@@ -196,15 +196,19 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
     assert len(held_stacks) >= 4, held_stacks  # the blocks' kernels at least
     return [s for s in held_stacks if f"f32[{dims(s)}]" in hlo]
 
+  def ran(m):
+    """The program `sample` just ran: lowering the same call again hits jit's caches."""
+    return sampler.build_sample_call(m, labels, **kw).lower().compile().as_text()
+
   with mock.patch.object(var_module, "stacks_as_uint16", lambda cfg, platform=None: False):
-    plain_hlo = sampler.build_sample_call(m_plain, labels, **kw).lower(fresh=True).compile().as_text()
     plain = var_jax.sample(m_plain, labels, return_tokens=True, **kw)
+    plain_hlo = ran(m_plain)
   assert f32_stacks(plain_hlo, "bf16"), "XLA:CPU no longer widens bf16 stacks: stacks_as_uint16 may go"
-  hlo = sampler.build_sample_call(m, labels, **kw).lower(fresh=True).compile().as_text()
+  images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
+  hlo = ran(m)
   # The placement holds the stacks as uint16 already: none enters the program as bfloat16.
   assert not f32_stacks(hlo, "u16")
   assert not [s for s in stacked if f"bf16[{dims(s)}]" in entry(hlo)]
-  images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
   np.testing.assert_array_equal(np.asarray(images), np.asarray(plain[0]))
   for got, want in zip(tokens, plain[1]):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
