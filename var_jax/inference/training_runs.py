@@ -89,8 +89,11 @@ def tokenizer_from_spec(spec: Mapping[str, Any], patch_nums) -> Tokenizer:
   if path == "random":
     cfg = VQVAEConfig.from_mapping({**overrides, "patch_nums": patch_nums})
     size = cfg.image_size
-    params = VQVAE(cfg).init(jax.random.key(spec.get("seed", 0)), jnp.zeros((1, size, size, 3)))["params"]
-    return Tokenizer(cfg, params)
+    # Jitted: one program instead of ~300 op-by-op compiles (16 s instead of 26 s for var_tiny's
+    # tokenizer on 2 cores, and the commands' compilation cache keeps it); the weights are those
+    # of the op-by-op init bit for bit (checked for var_tiny's), so earlier runs load as before.
+    init = jax.jit(lambda key: VQVAE(cfg).init(key, jnp.zeros((1, size, size, 3)))["params"])
+    return Tokenizer(cfg, init(jax.random.key(spec.get("seed", 0))))
   if path.endswith(".pth"):
     if not epath.Path(path).exists():
       raise CheckpointError(f"tokenizer.path {path!r}: no such file.")

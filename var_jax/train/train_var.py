@@ -344,6 +344,7 @@ def progressive_schedule(config: ml_collections.ConfigDict,
 
 
 def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARConfig]:
+  fid_settings = fid_hook.fid_eval_settings(config)  # a bad fid_eval fails before any loading
   reference = None
   if guidance_free.check_config(config) == "cca":
     from var_jax.inference.pretrained import load_pretrained
@@ -381,7 +382,6 @@ def build_task(config: ml_collections.ConfigDict) -> tuple[loop.TrainTask, VARCo
   hooks = {}
   if config.get("sample_every", 0):
     hooks["samples"] = (config.sample_every, make_sample_hook(var_cfg, vae_cfg, vae_params, config))
-  fid_settings = fid_hook.fid_eval_settings(config)
   if fid_settings is not None:
     from var_jax.inference.tokenizer import Tokenizer
     hooks["fid"] = (fid_settings.every,
