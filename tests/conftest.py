@@ -7,19 +7,37 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The var-jax commands the tests run (in process and in subprocesses) keep no compilation cache
-# in the user's home; tests/test_cli.py turns it on in a temporary directory where it tests it.
+# in the user's home; tests/test_compile_cache.py turns it on in a temporary directory where it
+# tests it.
 os.environ.setdefault("VAR_JAX_COMPILATION_CACHE", "off")
+
+# One JAX persistent compilation cache for this run, shared by the workers and the processes the
+# tests start (notebook kernels, CLI subprocesses): many files compile the same programs (the tiny
+# models' samplers, train steps, tokenizers), and each file starts with empty in-memory caches
+# (_release_compiled_programs). A program loaded from it is the one the compiler built, as for a
+# user whose `var-jax` commands keep their cache. The process that starts the run makes a fresh
+# folder (workers inherit its environment) and removes it at the end: nothing carries over from
+# one run to the next. `jax_compilation_cache_max_size` turns on JAX's file lock around reads and
+# writes, which two workers writing the same entry need.
+_CACHE_ENV = "VAR_JAX_TEST_COMPILATION_CACHE"
+_OWN_CACHE = _CACHE_ENV not in os.environ
+if _OWN_CACHE:
+  import tempfile  # noqa: E402
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="var_jax_test_compilation_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import ctypes  # noqa: E402
 import gc  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 # A worker that dies under --dist loadfile: its unfinished tests go on, the one it died in gets one
-# more run (pytest-xdist 3.8 itself hangs there).
-pytest_plugins = ["xdist_crash"]
+# more run (pytest-xdist 3.8 itself hangs there). Files are handed out longest first.
+pytest_plugins = ["xdist_order", "xdist_crash"]
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -50,3 +68,9 @@ def _release_compiled_programs():
   gc.collect()
   if _LIBC is not None:  # hand the freed heap back to the system (glibc keeps it otherwise)
     _LIBC.malloc_trim(0)
+
+
+def pytest_unconfigure(config):
+  """The run's compilation cache goes with the process that made it (the controller under xdist)."""
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)

@@ -21,7 +21,15 @@ def _count_compile(event, duration, **kwargs):
     _COMPILES.append(event)
 
 
+def _count_cache_hit(event, **kwargs):
+  """A program loaded from the persistent compilation cache (conftest) counts as compiled."""
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    _COMPILES.append(event)
+
+
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
+jax.monitoring.register_event_listener(_count_cache_hit)
 
 
 @pytest.fixture(name="model_dir", scope="module")
