@@ -22,15 +22,28 @@ import collections
 import pytest
 from xdist.scheduler import LoadFileScheduling as _XdistLoadFileScheduling
 
+import xdist_order
+
 RETRIES = 1
 
 
 class LoadFileScheduling(_XdistLoadFileScheduling):
-  """xdist's file-at-a-time scheduling with a dead worker's unfinished tests re-queued."""
+  """xdist's file-at-a-time scheduling with a dead worker's unfinished tests re-queued, and the
+  files handed out longest first (`xdist_order`)."""
 
   def __init__(self, config, log=None):
     super().__init__(config, log)
     self.crashes: collections.Counter[str] = collections.Counter()
+    self.file_seconds = xdist_order.load(config.getoption("file_seconds", xdist_order.FILE_SECONDS))
+    self.ordered = False
+
+  def _assign_work_unit(self, node):
+    """xdist's, with the queue put in `xdist_order` the first time (xdist fills it and hands out
+    the first files in one call, `schedule`)."""
+    if not self.ordered:
+      self.workqueue = xdist_order.longest_first(self.workqueue, self.file_seconds)
+      self.ordered = True
+    super()._assign_work_unit(node)
 
   def remove_node(self, node):
     """Called when `node` finished (returns None) or died (returns the test it died in)."""
