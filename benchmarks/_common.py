@@ -384,12 +384,10 @@ def var_model_from_official(official: Official, tokenizer):
 def random_tokenizer(seed: int, **overrides):
   """The released 256 px tokenizer config (with `overrides`) with random weights (no torch)."""
   import var_jax
-  from var_jax.models.vqvae import VQVAE
+  from var_jax.models import vqvae
   from var_jax.models.vqvae_config import VQVAEConfig
   cfg = VQVAEConfig(**overrides)
-  size = cfg.image_size
-  init = jax.jit(lambda key: VQVAE(cfg).init(key, jnp.zeros((1, size, size, cfg.in_channels)))["params"])
-  return var_jax.Tokenizer(cfg, init(jax.random.key(seed)))
+  return var_jax.Tokenizer(cfg, jax.jit(vqvae.init_params, static_argnums=0)(cfg, jax.random.key(seed)))
 
 
 def var_config_for(depth: int, tokenizer_config, **overrides):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Iterator
@@ -35,7 +36,7 @@ from var_jax.inference import placement
 from var_jax.errors import ConfigError
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
-from var_jax.models.vqvae import VQVAE
+from var_jax.models import vqvae
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.train import guidance_free, optim, train_var
@@ -69,12 +70,8 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
 
 def abstract_tokenizer_params(vae_cfg: VQVAEConfig, mesh: Mesh):
   """The tokenizer's params as ShapeDtypeStructs, replicated (as `loop.run` places them)."""
-  size = vae_cfg.image_size
-
-  def init(key):
-    return VQVAE(vae_cfg).init(key, jnp.zeros((1, size, size, vae_cfg.in_channels)))["params"]
-
-  return _with_sharding(meta.unbox(jax.eval_shape(init, jax.random.key(0))), replicated(mesh))
+  abstract = jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0))
+  return _with_sharding(meta.unbox(abstract), replicated(mesh))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, var_cfg: VARConfig, global_batch: int,
@@ -260,17 +257,13 @@ def abstract_model(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> VARModel:
   `var_jax.sample` does for a model of that dtype.
   """
   L = var_cfg.seq_len
-  size = vae_cfg.image_size
 
   def var_init(key):
     return VAR(dataclasses.replace(var_cfg, attention_impl="xla")).init(
         key, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"]
 
-  def vae_init(key):
-    return VQVAE(vae_cfg).init(key, jnp.zeros((1, size, size, vae_cfg.in_channels)))["params"]
-
   var_params = meta.unbox(jax.eval_shape(var_init, jax.random.key(0)))
-  vae_params = meta.unbox(jax.eval_shape(vae_init, jax.random.key(0)))
+  vae_params = meta.unbox(jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0)))
   return VARModel(var_cfg, var_params, Tokenizer(vae_cfg, vae_params))
 
 
@@ -347,7 +340,7 @@ def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledPro
   size = vae_cfg.latent_size
   f_hat = jax.ShapeDtypeStruct((batch, size, size, vae_cfg.z_channels), jnp.float32,
                                sharding=sharding.batch_sharding(mesh))
-  decode = lambda p, f: VQVAE(vae_cfg).apply({"params": p}, f, method=VQVAE.decode_fhat)
+  decode = lambda p, f: vqvae.VQVAE(vae_cfg).apply({"params": p}, f, method=vqvae.VQVAE.decode_fhat)
   with jax.set_mesh(mesh):
     compiled, lower_s, compile_s = _lower_and_compile(jax.jit(decode), vae_params, f_hat)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(vae_params)))

@@ -112,9 +112,9 @@ def _vqvae_path(key: str) -> Path:
 
 def vqvae_params_from_torch(sd: Mapping[str, np.ndarray], config: VQVAEConfig) -> dict:
   """Official VQVAE state dict -> Flax params of `var_jax.models.vqvae.VQVAE(config)`."""
+  import functools
   from var_jax.models import vqvae  # local: keeps this module light for config inference
   import jax
-  import jax.numpy as jnp
 
   converted: dict[Path, np.ndarray] = {}
   for key, value in sd.items():
@@ -131,10 +131,8 @@ def vqvae_params_from_torch(sd: Mapping[str, np.ndarray], config: VQVAEConfig) -
       elif value.ndim == 1:
         path = path[:-1] + ("scale",)
     converted[path] = value
-  size = config.image_size
-  abstract = jax.eval_shape(
-      lambda: vqvae.VQVAE(config).init(jax.random.key(0), jnp.zeros((1, size, size, config.in_channels))))
-  return check_and_assign(converted, abstract["params"], "VQVAE")
+  abstract = jax.eval_shape(functools.partial(vqvae.init_params, config), jax.random.key(0))
+  return check_and_assign(converted, abstract, "VQVAE")
 
 
 

@@ -5,6 +5,7 @@ configs) and `params/` (an Orbax checkpoint); reading one needs neither torch no
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -90,9 +91,8 @@ def read_meta(d: pathlib.Path) -> dict | None:
 
 
 def _abstract_vae_params(vae_cfg: VQVAEConfig):
-  from var_jax.models.vqvae import VQVAE
-  size = vae_cfg.image_size
-  return jax.eval_shape(lambda: VQVAE(vae_cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+  from var_jax.models import vqvae
+  return jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0))
 
 
 def load_tokenizer_dir(directory) -> Tokenizer:
@@ -134,13 +134,11 @@ def load_converted(directory, **overrides) -> VARModel:
     raise InputError(f"cannot override {unknown} when loading; allowed: {list(RUNTIME_FIELDS)}.")
   vae_cfg = VQVAEConfig.from_mapping(meta["vae"])
   var_cfg = VARConfig.from_mapping({**meta["var"], **overrides})
-  from var_jax.models.vqvae import VQVAE
   from var_jax.models.var import VAR
   import jax.numpy as jnp
   from flax.core import meta as flax_meta
-  size = vae_cfg.image_size
   abstract = {
-      "vae": jax.eval_shape(lambda: VQVAE(vae_cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"],
+      "vae": _abstract_vae_params(vae_cfg),
       "var": flax_meta.unbox(jax.eval_shape(lambda: VAR(var_cfg).init(
           jax.random.key(0), jnp.zeros((1,), jnp.int32),
           jnp.zeros((1, var_cfg.seq_len - var_cfg.first_l, var_cfg.z_channels))))["params"]),

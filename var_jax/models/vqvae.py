@@ -262,3 +262,11 @@ class VQVAE(nn.Module):
     f = self.encode_to_latent(img_BHWC)
     f_hat, vq_loss, hits_SV = self.quantize(f)
     return self.decode_fhat_unclamped(f_hat), vq_loss, hits_SV
+
+
+def init_params(config: VQVAEConfig, key: jax.Array):
+  """Fresh VQVAE params for `config` (the official init). Under `jax.jit` it computes them as one
+  program (op by op it compiles a few hundred small ones); under `jax.eval_shape` it gives their
+  shapes, the target a loaded checkpoint is checked against."""
+  size = config.image_size
+  return VQVAE(config).init(key, jnp.zeros((1, size, size, config.in_channels)))["params"]
