@@ -305,6 +305,12 @@ class Official:
     if self.device == "cuda":
       self.torch.cuda.synchronize()
 
+  def release_memory(self) -> None:
+    """Hands torch's cached GPU blocks back to the driver (nothing on CPU): JAX, which runs next
+    in the same process, cannot use memory that torch's caching allocator keeps."""
+    if self.device == "cuda":
+      self.torch.cuda.empty_cache()
+
   def autocast(self, dtype: str):
     """torch.autocast to `dtype` on the models' device; nothing for float32."""
     if dtype == "float32":

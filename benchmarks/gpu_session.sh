@@ -13,6 +13,7 @@
 #            torch.autocast on the same GPU, batch 1 and 64
 #   d16f32   the same in float32, both sides at true float32 (no TF32 in cuBLAS/cuDNN)
 #   d30bf16  VAR-d30 in bfloat16, batch 1 and 64
+#   d16big   VAR-d16 bf16 against the official at batch 256 (BBIG), the official timed first
 #   d16max   VAR-d16 bf16 alone at batch 512 (the largest batch: the official at 64 is in d16bf16)
 #   check    gpu_check.py's attention numerics (xla and the Pallas Triton kernel, at d16 sizes)
 #   paths    gpu_check.py's var_jax.sample per attention path (bf16, batch 64)
@@ -22,7 +23,8 @@
 #            overhead? (d16bf16's batch-1 row is the baseline)
 #   unroll   the same with XLA's full unrolling of while loops (the 16-layer scan of each scale)
 #
-# A step's limit (seconds) can be set as LIMIT_<STEP>, e.g. LIMIT_CHECK=150.
+# A step's limit (seconds) can be set as LIMIT_<STEP>, e.g. LIMIT_CHECK=150; the batch sizes as
+# B16 (d16bf16, d16f32), B30 (d30bf16), BBIG (d16big), BMAX (d16max), e.g. B16=1 BBIG=128.
 # Each step's output goes to $OUT/<step>.log; every JSON line of all steps to $OUT/rows.jsonl.
 # A step that runs past its limit is killed (the rows it printed stay) and the next one starts.
 # JAX does not preallocate the GPU here, so the official models (torch, same process) find room
@@ -34,14 +36,14 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 PY=${PYTHON:-python3}
-STEPS=${*:-d16bf16 d16f32 d30bf16 d16max check paths train cmdbuf unroll}
+STEPS=${*:-d16bf16 d16f32 d30bf16 d16big d16max check paths train cmdbuf unroll}
 if [ "${SMOKE:-0}" = 1 ]; then
   # Tiny sizes, to try the script itself where there is no GPU: timings mean nothing.
-  CHECK=(--allow-cpu --tiny) D16=(--depth 2) D30=(--depth 3) B16="1,2" B30="1" BMAX="3"
-  PATHS_BATCH=2 ITERS=1
+  CHECK=(--allow-cpu --tiny) D16=(--depth 2) D30=(--depth 3) B16=${B16:-1,2} B30=${B30:-1}
+  BBIG=${BBIG:-4} BMAX=${BMAX:-3} PATHS_BATCH=2 ITERS=1
 else
-  CHECK=() D16=(--depth 16) D30=(--depth 30) B16="1,64" B30="1,64" BMAX="512" PATHS_BATCH=64
-  ITERS=3
+  CHECK=() D16=(--depth 16) D30=(--depth 30) B16=${B16:-1,64} B30=${B30:-1,64} BBIG=${BBIG:-256}
+  BMAX=${BMAX:-512} PATHS_BATCH=64 ITERS=3
 fi
 CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
 UNROLL=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL
@@ -66,6 +68,7 @@ for s in $STEPS; do
     d16f32) NVIDIA_TF32_OVERRIDE=0 JAX_DEFAULT_MATMUL_PRECISION=highest step d16f32 ${LIMIT_D16F32:-280} "$PY" \
               "${SAMPLE[@]}" "${D16[@]}" --dtype float32 --batch-sizes "$B16" ;;
     d30bf16) step d30bf16 ${LIMIT_D30BF16:-330} "$PY" "${SAMPLE[@]}" "${D30[@]}" --dtype bfloat16 --batch-sizes "$B30" ;;
+    d16big) step d16big ${LIMIT_D16BIG:-330} "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --batch-sizes "$BBIG" ;;
     d16max) step d16max ${LIMIT_D16MAX:-330} "$PY" "${SAMPLE[@]}" "${D16[@]}" --dtype bfloat16 --no-official \
               --batch-sizes "$BMAX" ;;
     check) step check ${LIMIT_CHECK:-240} "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --skip sampler,train \
@@ -78,7 +81,7 @@ for s in $STEPS; do
               "${D16[@]}" --dtype bfloat16 --no-official --batch-sizes 1 ;;
     unroll) XLA_FLAGS="${XLA_FLAGS:-} $UNROLL" step unroll ${LIMIT_UNROLL:-300} "$PY" "${SAMPLE[@]}" \
               "${D16[@]}" --dtype bfloat16 --no-official --batch-sizes 1 ;;
-    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16max check paths train cmdbuf unroll)"; exit 2 ;;
+    *) echo "unknown step $s (d16bf16 d16f32 d30bf16 d16big d16max check paths train cmdbuf unroll)"; exit 2 ;;
   esac
 done
 grep -h '^{' "$OUT"/*.log >"$OUT/rows.jsonl" 2>/dev/null
