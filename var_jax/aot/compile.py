@@ -117,6 +117,7 @@ class CompiledProgram:
       transformer's matmuls; decoder: None).
     lower_s: seconds to trace and lower.
     compile_s: seconds XLA took to compile.
+    lowered: the `jax.stages.Lowered` it was compiled from (its StableHLO: what was traced).
   """
   compiled: Any
   mesh: Mesh
@@ -126,6 +127,7 @@ class CompiledProgram:
   model_flops: float | None
   lower_s: float
   compile_s: float
+  lowered: Any = None
 
 
 @contextlib.contextmanager
@@ -186,13 +188,13 @@ def _step_sliced_scan(lax_scan):
   return scan
 
 
-def _lower_and_compile(jitted, *args, unroll: int = 1) -> tuple[Any, float, float]:
+def _lower_and_compile(jitted, *args, unroll: int = 1) -> tuple[Any, Any, float, float]:
   t0 = time.perf_counter()
   with scan_unroll(unroll):
     lowered = jitted.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  return compiled, t1 - t0, time.perf_counter() - t1
+  return lowered, compiled, t1 - t0, time.perf_counter() - t1
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
@@ -242,10 +244,10 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, *,
                      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                    frozen_shardings, repl),
                      out_shardings=(state_shardings, repl), donate_argnums=0)
-    compiled, lower_s, compile_s = _lower_and_compile(jitted, state, batch, frozen,
-                                                      abstract_key(mesh), unroll=unroll)
+    lowered, compiled, lower_s, compile_s = _lower_and_compile(
+        jitted, state, batch, frozen, abstract_key(mesh), unroll=unroll)
   return CompiledProgram(compiled, mesh, var_cfg, global_batch, num_params, model_flops,
-                         lower_s, compile_s)
+                         lower_s, compile_s, lowered)
 
 
 # -- the sampler ---------------------------------------------------------------------------------
@@ -327,7 +329,7 @@ def compile_sampler(var_cfg: VARConfig, vae_cfg: VQVAEConfig, mesh: Mesh, batch:
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(model.params)))
   model_flops = var_flops.sampler_flops_per_image(model.config)["total"] * batch
   return CompiledProgram(compiled, mesh, model.config, batch, num_params, model_flops, t1 - t0,
-                         time.perf_counter() - t1)
+                         time.perf_counter() - t1, lowered)
 
 
 def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledProgram:
@@ -342,6 +344,6 @@ def compile_decoder(vae_cfg: VQVAEConfig, mesh: Mesh, batch: int) -> CompiledPro
                                sharding=sharding.batch_sharding(mesh))
   decode = lambda p, f: vqvae.VQVAE(vae_cfg).apply({"params": p}, f, method=vqvae.VQVAE.decode_fhat)
   with jax.set_mesh(mesh):
-    compiled, lower_s, compile_s = _lower_and_compile(jax.jit(decode), vae_params, f_hat)
+    lowered, compiled, lower_s, compile_s = _lower_and_compile(jax.jit(decode), vae_params, f_hat)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(vae_params)))
-  return CompiledProgram(compiled, mesh, None, batch, num_params, None, lower_s, compile_s)
+  return CompiledProgram(compiled, mesh, None, batch, num_params, None, lower_s, compile_s, lowered)

@@ -65,6 +65,8 @@ class ProgramReport:
       correction (`analysis.loop_corrected`), the sampler's from its fully unrolled program.
     cost_note: how the costs were obtained, for the printed lines.
     unroll_compile_s: seconds of that second compile (None without it).
+    unrolled: the program of that second compile (the sampler with its block scans fully
+      unrolled, the train step's unrolled by 2), or None without it.
   """
   kind: str
   program: CompiledProgram
@@ -75,6 +77,7 @@ class ProgramReport:
   loop_corrected: bool
   cost_note: str
   unroll_compile_s: float | None
+  unrolled: CompiledProgram | None = None
 
   @property
   def chips(self) -> int:
@@ -200,7 +203,7 @@ def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipS
   raw = analysis.analyze(program.compiled, chip)
   log(f"compiled the {kind} in {program.lower_s + program.compile_s:.1f} s")
   depth = program.var_config.depth
-  cost, corrected, unroll_s = raw, False, None
+  cost, corrected, unroll_s, unrolled_program = raw, False, None, None
   if not raw.fits:
     note = "as compiled, scanned blocks counted once; no correction for a program that does not fit"
   elif not loop_correction:
@@ -217,7 +220,8 @@ def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipS
     log(f"compiling the {kind} again with the block scan unrolled by {unroll}, to count every block")
     t0 = time.perf_counter()
     try:
-      unrolled = analysis.analyze(_compile(compile_fn, unroll, kind, chip).compiled, chip)
+      unrolled_program = _compile(compile_fn, unroll, kind, chip)
+      unrolled = analysis.analyze(unrolled_program.compiled, chip)
     except DoesNotFitError:
       note = (f"as compiled: XLA counts each scanned block once; the unroll-{unroll} compile did "
               "not fit")
@@ -235,7 +239,8 @@ def _report(kind: str, compile_fn: Callable[[int], CompiledProgram], chip: ChipS
       corrected = True
   added = kernel_flops(raw, program)
   cost = dataclasses.replace(cost, flops=cost.flops + added)
-  return ProgramReport(kind, program, chip, raw, cost, added, corrected, note, unroll_s)
+  return ProgramReport(kind, program, chip, raw, cost, added, corrected, note, unroll_s,
+                       unrolled_program)
 
 
 def train_step_report(config: ml_collections.ConfigDict, mesh: Mesh, chip: ChipSpec, *,
