@@ -8,8 +8,9 @@ import pytest
 
 import var_jax
 from helpers import TAGS, concat_tokens, model, reference, tokenizer
-from var_jax.inference import filters, sampler
+from var_jax import aot
 from var_jax.errors import InputError
+from var_jax.inference import filters, sampler
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -80,15 +81,18 @@ def test_top_k_keeps_ties_at_threshold():
   assert np.isfinite(got).tolist() == [[[True, True, True, False]]]
 
 
+@pytest.mark.parametrize("looped", [False, True], ids=["unrolled", "looped"])
 @pytest.mark.parametrize("bits_per_pass", [1, 2, 4, 5])
-def test_filter_matches_official_semantics_at_full_vocabulary(bits_per_pass):
+def test_filter_matches_official_semantics_at_full_vocabulary(bits_per_pass, looped):
   # The released models' setting (k 900 of 4096, p 0.96) and edge values, on logits with the
   # spread the official sampler sees, some tied; under jit with traced k and p; with each radix
-  # width (4 is TPU's, 1 CPU's; 5 leaves a 2-bit last pass).
+  # width (4 is TPU's, 1 CPU's; 5 leaves a 2-bit pass: the last unrolled, the first looped), the
+  # passes unrolled (TPU, GPU) and in a loop (CPU).
   rng = np.random.default_rng(1)
   logits = (rng.standard_normal((3, 5, 4096)) * 3).astype(np.float32)
   logits[:, :, :64] = np.round(logits[:, :, :64])
-  jitted = jax.jit(functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass))
+  jitted = jax.jit(functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass,
+                                     looped=looped))
   for top_k, top_p in [(900, 0.96), (4096, 0.96), (1, 0.5), (900, 0.0), (0, 0.3), (2, 1.0),
                        (100, 0.0)]:
     want = np.isfinite(_official_filter(logits, top_k, top_p))
@@ -102,10 +106,12 @@ def test_filter_radix_width_is_checked():
       filters.filter_top_k_top_p(logits, 2, 0.5, bits_per_pass=bad)
 
 
+@pytest.mark.parametrize("looped", [False, True], ids=["unrolled", "looped"])
 @pytest.mark.parametrize("bits_per_pass", [1, 4])
-def test_filter_on_negative_infinities_and_signed_zeros(bits_per_pass):
+def test_filter_on_negative_infinities_and_signed_zeros(bits_per_pass, looped):
   logits = jnp.asarray([[[-np.inf, -0.0, 0.0, -1.0, -np.inf, 2.0]]], jnp.float32)
-  filter_ = functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass)
+  filter_ = functools.partial(filters.filter_top_k_top_p, bits_per_pass=bits_per_pass,
+                              looped=looped)
   np.testing.assert_array_equal(  # k-th largest (3rd) is -0.0 == 0.0: both survive
       np.isfinite(filter_(logits, 3, 0.0)),
       [[[False, True, True, False, False, True]]])
@@ -115,6 +121,18 @@ def test_filter_on_negative_infinities_and_signed_zeros(bits_per_pass):
   np.testing.assert_array_equal(  # everything below the maximum carries < 0.5 of the mass
       np.isfinite(filter_(logits, 0, 0.5)),
       [[[False, False, False, False, False, True]]])
+
+
+def test_filter_passes_loop_on_cpu_and_unroll_on_tpu():
+  """CPU: the radix passes in a loop (a few fusions to compile instead of 64 per scale); a TPU
+  mesh (compile-only devices here): unrolled, so that XLA's cost analysis counts every pass."""
+  logits = jax.ShapeDtypeStruct((2, 3, 64), jnp.float32)
+  jaxpr = lambda: str(jax.make_jaxpr(filters.filter_top_k_top_p)(logits, 5, 0.9))
+  assert jax.default_backend() == "cpu" and jaxpr().count("scan[") == 2  # top-k, top-p
+  if not aot.libtpu_available():
+    pytest.skip("the TPU half needs libtpu (pip install .[tpu])")
+  with jax.set_mesh(aot.topology_mesh("v5e:2x2")):
+    assert "scan[" not in jaxpr()
 
 
 def test_filter_keeps_the_dtype_and_does_not_sort():

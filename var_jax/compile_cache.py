@@ -3,7 +3,7 @@
 The folder (`cache_root`: $VAR_JAX_CACHE, default ~/.cache/var_jax) holds the released models
 (`load_pretrained`: hub/, torch/, converted/) and the compiled programs (SUBDIR).
 
-A command's first sampling call compiles the whole sampler: ~17 s for the shipped model on a
+A command's first sampling call compiles the whole sampler: ~11 s for the shipped model on a
 2-core CPU, 67-129 s per batch size for VAR-d16 on an H200. With the cache on, a later process
 that compiles the same program (same model shapes, batch, options, backend and JAX version)
 loads it from disk instead. JAX keys and validates the entries itself; this module only picks the

@@ -30,35 +30,61 @@ def radix_bits_per_pass() -> int:
   return 4 if computation_platform() == "tpu" else 1
 
 
-def _radix_select(count_holding, shape, bits_per_pass: int) -> jax.Array:
+def radix_passes_looped() -> bool:
+  """Whether `filter_top_k_top_p` runs its radix passes in a loop (CPU) or unrolled (TPU, GPU).
+
+  Unrolled, each pass is its own fusions: with 1-bit passes, 64 per scale (two thresholds), 640
+  in a VAR-d16 call, which XLA:CPU compiles slowly while a loop trip costs the CPU next to
+  nothing. On 2 cores, the 4-scale test model's sampler compiles in 5.6 s looped against 12.7 s;
+  VAR-d16's first call at batch 1 takes 21-22 s against 37-41 s, its steady calls the same
+  (6.1-6.7 s looped, 6.2-6.3 s unrolled, within the runs' spread), the tokens equal. TPU keeps
+  them unrolled: its AOT report takes the sampler's costs from XLA's cost analysis, which charges
+  a loop body once. GPU too: a while loop there synchronises with the host on every trip.
+  """
+  return computation_platform() == "cpu"
+
+
+def _radix_select(count_holding, shape, bits_per_pass: int, looped: bool) -> jax.Array:
   """The largest uint32 t (per row, keepdims) for which a predicate holds, where the predicate
   holds for every t up to some bound and fails above it (0 when it holds nowhere: callers check).
 
   Found from the top bit down, `bits_per_pass` bits per pass: each pass forms the 2**w - 1
   candidates t | j << low (j = 1 .. 2**w - 1) and `count_holding(candidates)` says for how many
-  the predicate holds, which by monotonicity is the best j. Unrolled, not a `fori_loop`: the
-  sampler then has no while loop but the layer scans, and XLA's cost analysis (which charges a
-  loop body once) counts every pass.
+  the predicate holds, which by monotonicity is the best j. `looped`: the passes of full width in
+  a `fori_loop` (after a first, narrower pass when bits_per_pass does not divide 32), else
+  unrolled.
 
   Args:
     count_holding: (..., n) uint32 candidates (a row's n candidates along the last axis) ->
       (..., 1) int32, the number of candidates of each row for which the predicate holds.
     shape: the rows' shape, (..., 1).
     bits_per_pass: 1 to 16.
+    looped: see `radix_passes_looped`.
   """
+  def one_pass(t, width, low):
+    candidates = t | (jnp.arange(1, 2**width, dtype=jnp.uint32) << low)
+    return t | (count_holding(candidates).astype(jnp.uint32) << low)
+
   t = jnp.zeros(shape, jnp.uint32)
   high = 32
-  while high > 0:
-    width = min(bits_per_pass, high)
-    low = high - width
-    candidates = t | (jnp.arange(1, 2**width, dtype=jnp.uint32) << low)
-    t = t | (count_holding(candidates).astype(jnp.uint32) << low)
-    high = low
-  return t
+  if not looped:
+    while high > 0:
+      width = min(bits_per_pass, high)
+      t, high = one_pass(t, width, high - width), high - width
+    return t
+  if high % bits_per_pass:  # the narrower pass first: the loop's passes then share one width
+    width = high % bits_per_pass
+    t, high = one_pass(t, width, high - width), high - width
+  w = bits_per_pass
+
+  def trip(i, t):  # pass i decides bits [low, low + w)
+    return one_pass(t, w, jnp.uint32(high - w) - jnp.uint32(w) * i.astype(jnp.uint32))
+
+  return jax.lax.fori_loop(0, high // w, trip, t)
 
 
 def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
-                       bits_per_pass: int | None = None) -> jax.Array:
+                       bits_per_pass: int | None = None, looped: bool | None = None) -> jax.Array:
   """The official `sample_with_top_k_top_p_` filter, as a function: removed logits become -inf.
 
   top-k (k > 0): drop logits strictly below the k-th largest (ties at the threshold survive).
@@ -67,8 +93,9 @@ def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
 
   No sort: each threshold is a radix select over the float's bit pattern (32 bits, decided
   `bits_per_pass` at a time by counts or masked sums over the vocabulary; default
-  `radix_bits_per_pass()`, the backend's choice), so `top_k` and `top_p` may be traced values and
-  the cost is linear in V. (A full sort of every row's 4096 logits was the sampler's costliest
+  `radix_bits_per_pass()`, the backend's choice; the passes in a loop or unrolled as `looped`,
+  default `radix_passes_looped()`), so `top_k` and `top_p` may be traced values and the cost is
+  linear in V. (A full sort of every row's 4096 logits was the sampler's costliest
   non-matmul op on CPU; `lax.top_k` needs a static k, and `approx_max_k` is not exact.)
   """
   if bits_per_pass is None:
@@ -76,6 +103,8 @@ def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
   if (isinstance(bits_per_pass, bool) or not isinstance(bits_per_pass, int)
       or not 1 <= bits_per_pass <= 16):
     raise InputError(f"bits_per_pass must be an int in [1, 16], got {bits_per_pass!r}.")
+  if looped is None:
+    looped = radix_passes_looped()
   neg_inf = jnp.asarray(-jnp.inf, logits_BlV.dtype)
   top_k = jnp.asarray(top_k, jnp.int32)
   top_p = jnp.asarray(top_p, jnp.float32)
@@ -89,7 +118,7 @@ def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
     at_or_above_n = jnp.sum(key_V1 >= t_n[..., None], axis=-1, dtype=jnp.int32)
     return jnp.sum(at_or_above_n >= top_k, axis=-1, keepdims=True, dtype=jnp.int32)
 
-  kth = _radix_select(count_top_k, rows, bits_per_pass)
+  kth = _radix_select(count_top_k, rows, bits_per_pass, looped)
   logits_BlV = jnp.where((top_k > 0) & (key < kth), neg_inf, logits_BlV)
 
   # top-p: the removed tokens are those at or below the largest key t whose mass (its own and that
@@ -105,7 +134,7 @@ def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
     mass_n = jnp.sum(jnp.where(key_V1 <= t_n[..., None], probs_V1, 0.0), axis=-1)
     return jnp.sum(mass_n <= budget, axis=-1, keepdims=True, dtype=jnp.int32)
 
-  cut = _radix_select(count_top_p, rows, bits_per_pass)
+  cut = _radix_select(count_top_p, rows, bits_per_pass, looped)
   removed = key <= cut
   is_max = logits_BlV >= jnp.max(logits_BlV, axis=-1, keepdims=True)
   return jnp.where((top_p > 0) & removed & ~is_max, neg_inf, logits_BlV)
