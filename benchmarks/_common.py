@@ -410,11 +410,10 @@ def random_var_model(depth: int, tokenizer, seed: int, **overrides):
   as in `var_config_for`."""
   import flax
   import var_jax
-  from var_jax.models.var import VAR
+  from var_jax.models import var as var_model
   cfg = var_config_for(depth, tokenizer.config, **overrides)
-  x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.z_channels))
-  init = jax.jit(lambda key: VAR(cfg).init(key, jnp.zeros((1,), jnp.int32), x)["params"])
-  params = flax.core.meta.unbox(init(jax.random.key(seed + 1)))
+  init = jax.jit(var_model.init_params, static_argnums=0)
+  params = flax.core.meta.unbox(init(cfg, jax.random.key(seed + 1)))
   return var_jax.VARModel(cfg, params, tokenizer)
 
 

@@ -34,7 +34,7 @@ from var_jax.parallel import sharding
 from var_jax.inference import edit, sampler
 from var_jax.inference import placement
 from var_jax.errors import ConfigError
-from var_jax.models.var import VAR
+from var_jax.models import var as var_model
 from var_jax.models.var_config import VARConfig
 from var_jax.models import vqvae
 from var_jax.models.vqvae_config import VQVAEConfig
@@ -258,13 +258,8 @@ def abstract_model(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> VARModel:
   `var_cfg.dtype` is the compute dtype; the placement stores the matmul weights in it, as
   `var_jax.sample` does for a model of that dtype.
   """
-  L = var_cfg.seq_len
-
-  def var_init(key):
-    return VAR(dataclasses.replace(var_cfg, attention_impl="xla")).init(
-        key, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"]
-
-  var_params = meta.unbox(jax.eval_shape(var_init, jax.random.key(0)))
+  var_params = meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
+                                         jax.random.key(0)))
   vae_params = meta.unbox(jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0)))
   return VARModel(var_cfg, var_params, Tokenizer(vae_cfg, vae_params))
 

@@ -7,6 +7,7 @@ once.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -229,9 +230,8 @@ def _var_leaf(key: str, value: np.ndarray, config) -> tuple[Path, np.ndarray] | 
 def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
   """Official VAR state dict -> Flax params of `var_jax.models.var.VAR(config)` (blocks stacked)."""
   import jax
-  import jax.numpy as jnp
   from flax.core import meta
-  from var_jax.models.var import VAR
+  from var_jax.models import var as var_model
 
   _check_var_buffers(sd, config)
   per_layer: dict[Path, dict[int, np.ndarray]] = {}
@@ -256,7 +256,5 @@ def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
       raise CheckpointError(f"VAR checkpoint has mis-shaped {'/'.join(path)} across blocks (block 0: "
                             f"{first}; {', '.join(odd)}): the file is corrupt or mixes two models.")
     converted[path] = np.stack([layers[i] for i in range(config.depth)])
-  L = config.seq_len
-  abstract = jax.eval_shape(lambda: VAR(config).init(
-      jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - config.first_l, config.z_channels))))
-  return check_and_assign(converted, meta.unbox(abstract["params"]), "VAR")
+  abstract = jax.eval_shape(functools.partial(var_model.init_params, config), jax.random.key(0))
+  return check_and_assign(converted, meta.unbox(abstract), "VAR")

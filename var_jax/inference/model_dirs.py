@@ -134,14 +134,12 @@ def load_converted(directory, **overrides) -> VARModel:
     raise InputError(f"cannot override {unknown} when loading; allowed: {list(RUNTIME_FIELDS)}.")
   vae_cfg = VQVAEConfig.from_mapping(meta["vae"])
   var_cfg = VARConfig.from_mapping({**meta["var"], **overrides})
-  from var_jax.models.var import VAR
-  import jax.numpy as jnp
+  from var_jax.models import var as var_model
   from flax.core import meta as flax_meta
   abstract = {
       "vae": _abstract_vae_params(vae_cfg),
-      "var": flax_meta.unbox(jax.eval_shape(lambda: VAR(var_cfg).init(
-          jax.random.key(0), jnp.zeros((1,), jnp.int32),
-          jnp.zeros((1, var_cfg.seq_len - var_cfg.first_l, var_cfg.z_channels))))["params"]),
+      "var": flax_meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
+                                            jax.random.key(0))),
   }
   try:
     params = ocp.StandardCheckpointer().restore(d / "params", abstract)

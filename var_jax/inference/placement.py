@@ -36,7 +36,6 @@ from var_jax import mesh_axes
 from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models import var as var_model
-from var_jax.models.var import VAR
 from var_jax.ops import attention
 
 # Param leaves that the model only ever uses after casting them to its compute dtype (the
@@ -171,14 +170,7 @@ class Placement:
 
 def var_param_shardings(var_config, mesh: Mesh) -> Any:
   """NamedShardings of the VAR params (an unboxed tree like `model.params`) on `mesh`."""
-  L = var_config.seq_len
-  var_config = dataclasses.replace(var_config, attention_impl="xla")  # shapes only: no kernel
-
-  def init(key):
-    return VAR(var_config).init(key, jnp.zeros((1,), jnp.int32),
-                                jnp.zeros((1, L - var_config.first_l, var_config.z_channels)))["params"]
-
-  boxed = jax.eval_shape(init, jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(var_model.init_params, var_config), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   return meta.unbox(nn.logical_to_mesh_sharding(specs, mesh, inference_rules(mesh)))
 

@@ -14,7 +14,6 @@ import functools
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 from flax.core import meta as flax_meta
 
@@ -22,7 +21,7 @@ from var_jax.checkpoints import runs
 from var_jax.errors import CheckpointError, ConfigError
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.inference.var_model import VARModel
-from var_jax.models.var import VAR
+from var_jax.models import var as var_model
 from var_jax.models.var_config import VARConfig
 from var_jax.models import vqvae
 from var_jax.models.vqvae_config import VQVAEConfig
@@ -139,9 +138,8 @@ def model_and_origin_from_run(workdir, *, step: int | None = None, use_ema: bool
   model_cfg = dict(config["model"])
   model_cfg.update(runtime)
   var_cfg = var_config_of({**config, "model": model_cfg}, tokenizer.config)
-  abstract = flax_meta.unbox(jax.eval_shape(lambda: VAR(var_cfg).init(
-      jax.random.key(0), jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1, var_cfg.seq_len - var_cfg.first_l, var_cfg.z_channels))))["params"])
+  abstract = flax_meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
+                                            jax.random.key(0)))
   key = _weights_key(path, use_ema, workdir)
   params = runs.restore_subtree(path, abstract, key, hint=" Check that the run's config.json is "
                                 "the one it was trained with.")

@@ -22,6 +22,7 @@ per scale (14 GiB of XLA temp for VAR-d16 at batch 8 on CPU, and two full copies
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -445,3 +446,16 @@ class VAR(nn.Module):
       raise ValueError(f"prog_si must be in [0, {cfg.num_scales - 1}] or None, "
                        f"got {self.prog_si!r}.")
     return scales.begin_ends(cfg.patch_nums)[self.prog_si][1]
+
+
+def init_params(config: VARConfig, key: jax.Array):
+  """Fresh VAR params for `config` (the official init), boxed with their logical axis names
+  (`flax.core.meta.unbox` gives the arrays, `nn.get_partition_spec` the names). Under `jax.jit` one
+  program computes them; under `jax.eval_shape` it gives their shapes, the target a loaded
+  checkpoint is checked against. The attention implementation creates no params, so the init
+  traces the XLA path whatever `config.attention_impl` says (a kernel for another backend would
+  not trace here)."""
+  config = dataclasses.replace(config, attention_impl="xla")
+  labels = jnp.zeros((1,), jnp.int32)
+  x = jnp.zeros((1, config.seq_len - config.first_l, config.z_channels), jnp.float32)
+  return VAR(config).init(key, labels, x)["params"]

@@ -10,6 +10,7 @@ prefix of scales, one compiled step per stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from var_jax import scales
 from var_jax.models import flops
 from var_jax.data.augment import scale_to_model_range
 from var_jax.errors import ConfigError
+from var_jax.models import var as var_model
 from var_jax.models.var import VAR
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae import VQVAE
@@ -266,19 +268,12 @@ def reference_params(config: ml_collections.ConfigDict, reference, var_cfg: VARC
 
 
 def _abstract_params(var_cfg: VARConfig):
-  L = var_cfg.seq_len
-  return jax.eval_shape(lambda k: VAR(var_cfg).init(
-      k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels)))["params"],
-      jax.random.key(0))
+  return jax.eval_shape(functools.partial(var_model.init_params, var_cfg), jax.random.key(0))
 
 
 def make_init_state(var_cfg: VARConfig, tx, ema: bool):
-  L = var_cfg.seq_len
-
   def init(rng):
-    variables = VAR(var_cfg).init(rng, jnp.zeros((1,), jnp.int32),
-                                  jnp.zeros((1, L - var_cfg.first_l, var_cfg.z_channels), jnp.float32))
-    params = variables["params"]  # boxed: the loop reads the logical axes off it
+    params = var_model.init_params(var_cfg, rng)  # boxed: the loop reads the logical axes off it
     return TrainState.create(params, tx, ema=ema)
 
   return init
