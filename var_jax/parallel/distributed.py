@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 from typing import Callable, Mapping
@@ -17,9 +18,7 @@ def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
   """True on a Cloud TPU VM (libtpu installed and TPU chips visible), but not on Colab."""
   if "COLAB_RELEASE_TAG" in environ:
     return False
-  try:
-    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("libtpu") is None:  # found, not imported: loading it is JAX's job
     return False
   # v2-v4 and v5p expose /dev/accel*, v5e/v6e expose VFIO groups.
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
