@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from typing import Any, Iterator
@@ -70,7 +69,7 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
 
 def abstract_tokenizer_params(vae_cfg: VQVAEConfig, mesh: Mesh):
   """The tokenizer's params as ShapeDtypeStructs, replicated (as `loop.run` places them)."""
-  abstract = jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0))
+  abstract = vqvae.param_shapes(vae_cfg)
   return _with_sharding(meta.unbox(abstract), replicated(mesh))
 
 
@@ -258,9 +257,8 @@ def abstract_model(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> VARModel:
   `var_cfg.dtype` is the compute dtype; the placement stores the matmul weights in it, as
   `var_jax.sample` does for a model of that dtype.
   """
-  var_params = meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
-                                         jax.random.key(0)))
-  vae_params = meta.unbox(jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0)))
+  var_params = meta.unbox(var_model.param_shapes(var_cfg))
+  vae_params = meta.unbox(vqvae.param_shapes(vae_cfg))
   return VARModel(var_cfg, var_params, Tokenizer(vae_cfg, vae_params))
 
 

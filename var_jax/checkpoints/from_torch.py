@@ -7,7 +7,6 @@ once.
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Mapping
 
@@ -113,9 +112,7 @@ def _vqvae_path(key: str) -> Path:
 
 def vqvae_params_from_torch(sd: Mapping[str, np.ndarray], config: VQVAEConfig) -> dict:
   """Official VQVAE state dict -> Flax params of `var_jax.models.vqvae.VQVAE(config)`."""
-  import functools
   from var_jax.models import vqvae  # local: keeps this module light for config inference
-  import jax
 
   converted: dict[Path, np.ndarray] = {}
   for key, value in sd.items():
@@ -132,7 +129,7 @@ def vqvae_params_from_torch(sd: Mapping[str, np.ndarray], config: VQVAEConfig) -
       elif value.ndim == 1:
         path = path[:-1] + ("scale",)
     converted[path] = value
-  abstract = jax.eval_shape(functools.partial(vqvae.init_params, config), jax.random.key(0))
+  abstract = vqvae.param_shapes(config)
   return check_and_assign(converted, abstract, "VQVAE")
 
 
@@ -229,7 +226,6 @@ def _var_leaf(key: str, value: np.ndarray, config) -> tuple[Path, np.ndarray] | 
 
 def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
   """Official VAR state dict -> Flax params of `var_jax.models.var.VAR(config)` (blocks stacked)."""
-  import jax
   from flax.core import meta
   from var_jax.models import var as var_model
 
@@ -256,5 +252,5 @@ def var_params_from_torch(sd: Mapping[str, np.ndarray], config) -> dict:
       raise CheckpointError(f"VAR checkpoint has mis-shaped {'/'.join(path)} across blocks (block 0: "
                             f"{first}; {', '.join(odd)}): the file is corrupt or mixes two models.")
     converted[path] = np.stack([layers[i] for i in range(config.depth)])
-  abstract = jax.eval_shape(functools.partial(var_model.init_params, config), jax.random.key(0))
+  abstract = var_model.param_shapes(config)
   return check_and_assign(converted, meta.unbox(abstract), "VAR")

@@ -5,7 +5,6 @@ configs) and `params/` (an Orbax checkpoint); reading one needs neither torch no
 """
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 
@@ -90,21 +89,17 @@ def read_meta(d: pathlib.Path) -> dict | None:
     raise CheckpointError(f"{cfg_path} is not valid JSON ({e}).") from None
 
 
-def _abstract_vae_params(vae_cfg: VQVAEConfig):
-  from var_jax.models import vqvae
-  return jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0))
-
-
 def load_tokenizer_dir(directory) -> Tokenizer:
   """Reads a directory written by `save_tokenizer` (or the tokenizer of a converted model)."""
   import orbax.checkpoint as ocp
+  from var_jax.models import vqvae
   d = as_path(directory)
   meta = read_meta(d)
   if meta is None or meta.get("format") not in (TOKENIZER_FORMAT, FORMAT) or not (d / "params").is_dir():
     raise CheckpointError(f"{d} is not an exported var-jax tokenizer (needs config.json of format "
                           f"'{TOKENIZER_FORMAT}' and params/); make one with `var-jax export`.")
   vae_cfg = VQVAEConfig.from_mapping(meta["vae"])
-  abstract = _abstract_vae_params(vae_cfg)
+  abstract = vqvae.param_shapes(vae_cfg)
   if meta["format"] == FORMAT:
     return load_converted(d).tokenizer
   try:
@@ -135,11 +130,11 @@ def load_converted(directory, **overrides) -> VARModel:
   vae_cfg = VQVAEConfig.from_mapping(meta["vae"])
   var_cfg = VARConfig.from_mapping({**meta["var"], **overrides})
   from var_jax.models import var as var_model
+  from var_jax.models import vqvae
   from flax.core import meta as flax_meta
   abstract = {
-      "vae": _abstract_vae_params(vae_cfg),
-      "var": flax_meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
-                                            jax.random.key(0))),
+      "vae": vqvae.param_shapes(vae_cfg),
+      "var": flax_meta.unbox(var_model.param_shapes(var_cfg)),
   }
   try:
     params = ocp.StandardCheckpointer().restore(d / "params", abstract)

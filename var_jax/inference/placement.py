@@ -170,7 +170,7 @@ class Placement:
 
 def var_param_shardings(var_config, mesh: Mesh) -> Any:
   """NamedShardings of the VAR params (an unboxed tree like `model.params`) on `mesh`."""
-  boxed = jax.eval_shape(functools.partial(var_model.init_params, var_config), jax.random.key(0))
+  boxed = var_model.param_shapes(var_config)
   specs = nn.get_partition_spec(boxed)
   return meta.unbox(nn.logical_to_mesh_sharding(specs, mesh, inference_rules(mesh)))
 

@@ -10,7 +10,6 @@ overrides), an official .pth, an exported or converted directory, or a tokenizer
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -69,7 +68,7 @@ def tokenizer_from_run(workdir, *, step: int | None = None, use_ema: bool = True
                       f"not {tuple(patch_nums)}.")
   step, path = runs.step_dir(workdir, step)
   key = _weights_key(path, use_ema, workdir)
-  abstract = jax.eval_shape(functools.partial(vqvae.init_params, vae_cfg), jax.random.key(0))
+  abstract = vqvae.param_shapes(vae_cfg)
   return Tokenizer(vae_cfg, runs.restore_subtree(path, abstract, key)), step, key
 
 
@@ -138,8 +137,7 @@ def model_and_origin_from_run(workdir, *, step: int | None = None, use_ema: bool
   model_cfg = dict(config["model"])
   model_cfg.update(runtime)
   var_cfg = var_config_of({**config, "model": model_cfg}, tokenizer.config)
-  abstract = flax_meta.unbox(jax.eval_shape(functools.partial(var_model.init_params, var_cfg),
-                                            jax.random.key(0)))
+  abstract = flax_meta.unbox(var_model.param_shapes(var_cfg))
   key = _weights_key(path, use_ema, workdir)
   params = runs.restore_subtree(path, abstract, key, hint=" Check that the run's config.json is "
                                 "the one it was trained with.")

@@ -23,6 +23,7 @@ per scale (14 GiB of XLA temp for VAR-d16 at batch 8 on CPU, and two full copies
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -459,3 +460,9 @@ def init_params(config: VARConfig, key: jax.Array):
   labels = jnp.zeros((1,), jnp.int32)
   x = jnp.zeros((1, config.seq_len - config.first_l, config.z_channels), jnp.float32)
   return VAR(config).init(key, labels, x)["params"]
+
+
+def param_shapes(config: VARConfig):
+  """`init_params(config, key)` as ShapeDtypeStructs, boxed likewise (nothing is computed): the
+  target a loaded checkpoint is checked against, and the logical axes the placement reads."""
+  return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))

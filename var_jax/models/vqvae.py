@@ -5,6 +5,7 @@ Module names follow the PyTorch state dict with list indices folded in (`down.0.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -270,3 +271,9 @@ def init_params(config: VQVAEConfig, key: jax.Array):
   shapes, the target a loaded checkpoint is checked against."""
   size = config.image_size
   return VQVAE(config).init(key, jnp.zeros((1, size, size, config.in_channels)))["params"]
+
+
+def param_shapes(config: VQVAEConfig):
+  """`init_params(config, key)` as ShapeDtypeStructs (nothing is computed): the target a loaded
+  checkpoint is checked against."""
+  return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))

@@ -10,7 +10,6 @@ prefix of scales, one compiled step per stage.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -246,7 +245,7 @@ def reference_params(config: ml_collections.ConfigDict, reference, var_cfg: VARC
   """The params of the CCA reference (a VARModel), checked against the run's model and tokenizer."""
   from var_jax.inference.tokenizer import Tokenizer
   spec = config.cca.reference
-  wanted = meta.unbox(_abstract_params(var_cfg))
+  wanted = meta.unbox(var_model.param_shapes(var_cfg))
   if reference.config.num_classes != var_cfg.num_classes or \
       jax.tree.structure(reference.params) != jax.tree.structure(wanted):
     raise ConfigError(f"config.cca.reference {spec!r} is not this run's model: it has depth "
@@ -265,10 +264,6 @@ def reference_params(config: ml_collections.ConfigDict, reference, var_cfg: VARC
     raise ConfigError(f"config.cca.reference {spec!r} was trained on another tokenizer than "
                       f"config.tokenizer: point config.tokenizer at the reference's tokenizer.")
   return jax.tree.map(lambda x: np.asarray(x, np.float32), reference.params)
-
-
-def _abstract_params(var_cfg: VARConfig):
-  return jax.eval_shape(functools.partial(var_model.init_params, var_cfg), jax.random.key(0))
 
 
 def make_init_state(var_cfg: VARConfig, tx, ema: bool):
