@@ -50,9 +50,9 @@ def _radix_select(count_holding, shape, bits_per_pass: int, looped: bool) -> jax
 
   Found from the top bit down, `bits_per_pass` bits per pass: each pass forms the 2**w - 1
   candidates t | j << low (j = 1 .. 2**w - 1) and `count_holding(candidates)` says for how many
-  the predicate holds, which by monotonicity is the best j. `looped`: the passes of full width in
-  a `fori_loop` (after a first, narrower pass when bits_per_pass does not divide 32), else
-  unrolled.
+  the predicate holds, which by monotonicity is the best j. A first, narrower pass takes the
+  remainder when bits_per_pass does not divide 32; the passes of full width run in a `fori_loop`
+  when `looped`, else unrolled.
 
   Args:
     count_holding: (..., n) uint32 candidates (a row's n candidates along the last axis) ->
@@ -61,26 +61,22 @@ def _radix_select(count_holding, shape, bits_per_pass: int, looped: bool) -> jax
     bits_per_pass: 1 to 16.
     looped: see `radix_passes_looped`.
   """
-  def one_pass(t, width, low):
+  def one_pass(t, width, low):  # low: a Python int (unrolled) or a traced one (in the loop)
+    low = jnp.asarray(low).astype(jnp.uint32)
     candidates = t | (jnp.arange(1, 2**width, dtype=jnp.uint32) << low)
     return t | (count_holding(candidates).astype(jnp.uint32) << low)
 
   t = jnp.zeros(shape, jnp.uint32)
-  high = 32
-  if not looped:
-    while high > 0:
-      width = min(bits_per_pass, high)
-      t, high = one_pass(t, width, high - width), high - width
-    return t
-  if high % bits_per_pass:  # the narrower pass first: the loop's passes then share one width
-    width = high % bits_per_pass
-    t, high = one_pass(t, width, high - width), high - width
   w = bits_per_pass
-
-  def trip(i, t):  # pass i decides bits [low, low + w)
-    return one_pass(t, w, jnp.uint32(high - w) - jnp.uint32(w) * i.astype(jnp.uint32))
-
-  return jax.lax.fori_loop(0, high // w, trip, t)
+  high = 32 - 32 % w
+  if high < 32:  # the narrower pass first: the others then share one width
+    t = one_pass(t, 32 - high, high)
+  trip = lambda i, t: one_pass(t, w, high - w * (i + 1))  # pass i decides bits [low, low + w)
+  if looped:
+    return jax.lax.fori_loop(0, high // w, trip, t)
+  for i in range(high // w):
+    t = trip(i, t)
+  return t
 
 
 def filter_top_k_top_p(logits_BlV: jax.Array, top_k, top_p, *,
