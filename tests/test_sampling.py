@@ -86,8 +86,8 @@ def test_top_k_keeps_ties_at_threshold():
 def test_filter_matches_official_semantics_at_full_vocabulary(bits_per_pass, looped):
   # The released models' setting (k 900 of 4096, p 0.96) and edge values, on logits with the
   # spread the official sampler sees, some tied; under jit with traced k and p; with each radix
-  # width (4 is TPU's, 1 CPU's; 5 leaves a 2-bit pass: the last unrolled, the first looped), the
-  # passes unrolled (TPU, GPU) and in a loop (CPU).
+  # width (4 is TPU's, 1 CPU's; 5 leaves a first pass of 2 bits), the passes unrolled (TPU, GPU)
+  # and in a loop (CPU).
   rng = np.random.default_rng(1)
   logits = (rng.standard_normal((3, 5, 4096)) * 3).astype(np.float32)
   logits[:, :, :64] = np.round(logits[:, :, :64])
