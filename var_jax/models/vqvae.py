@@ -54,22 +54,23 @@ class Conv3x3Params(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
-def _fused_convs(cfg: VQVAEConfig, batch: int) -> bool:
-  """Whether the 3x3 convs of `batch` images go through ops.conv's kernel (decided where the
-  module is traced)."""
-  return conv_ops.resolve_impl(cfg.conv_impl, batch=batch) == "pallas_tpu"
+def _conv3x3_impl(cfg: VQVAEConfig, batch: int, dtype) -> str:
+  """How the 3x3 convs of `batch` images in `dtype` run (ops.conv.resolve_impl, decided where the
+  module is traced): "xla" through the flax modules, else through ops.conv.conv3x3."""
+  return conv_ops.resolve_impl(cfg.conv_impl, batch=batch, dtype=dtype)
 
 
 def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
   """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and nn.Conv `conv_name`'s
-  parameters: those modules on the XLA path, one fused kernel otherwise."""
-  if not _fused_convs(cfg, x.shape[0]):
+  parameters: those modules on the XLA path, ops.conv.conv3x3 (one fused kernel on TPU)
+  otherwise."""
+  impl = _conv3x3_impl(cfg, x.shape[0], dtype)
+  if impl == "xla":
     return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
   gamma, beta = GroupNormParams(name=norm_name)(x.shape[-1])
   kernel, bias = Conv3x3Params(features, name=conv_name)(x.shape[-1])
   scale, shift = conv_ops.group_norm_affine(x, gamma, beta, groups=cfg.num_groups, eps=_NORM_EPS)
-  return conv_ops.conv3x3(x, kernel.astype(dtype), bias.astype(dtype), scale, shift,
-                          impl="pallas_tpu")
+  return conv_ops.conv3x3(x, kernel.astype(dtype), bias.astype(dtype), scale, shift, impl=impl)
 
 
 class ResnetBlock(nn.Module):
@@ -121,12 +122,13 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    if not _fused_convs(self.cfg, x.shape[0]):
+    impl = _conv3x3_impl(self.cfg, x.shape[0], self.dtype)
+    if impl == "xla":
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       return _conv(x.shape[-1], "conv", self.dtype)(x)
     kernel, bias = Conv3x3Params(x.shape[-1], name="conv")(x.shape[-1])
     return conv_ops.conv3x3(x, kernel.astype(self.dtype), bias.astype(self.dtype), upsample=True,
-                            impl="pallas_tpu")
+                            impl=impl)
 
 
 class Level(nn.Module):

@@ -36,8 +36,9 @@ class VQVAEConfig(FromMapping):
   share_quant_resi: int = 4     # 0: one Phi per scale, 1: one shared, n: n partially shared.
   patch_nums: tuple[int, ...] = PATCH_NUMS_256
   dtype: str = "float32"        # Compute dtype (COMPUTE_DTYPES); parameters are always float32.
-  # How the resnet blocks' and heads' 3x3 convolutions run (ops.conv.CONV_IMPLS): "auto" is the
-  # fused GroupNorm-SiLU-conv Pallas kernel on TPU for small per-chip batches, XLA elsewhere.
+  # How the resnet blocks', upsamplers' and heads' 3x3 convolutions run (ops.conv.CONV_IMPLS):
+  # "auto" is the fused GroupNorm-SiLU-conv Pallas kernel on TPU for small per-chip batches, row-
+  # block matmuls for bfloat16 on CPU (ops/conv_rows.py), XLA's convolution elsewhere.
   conv_impl: str = "auto"
 
   def __post_init__(self):

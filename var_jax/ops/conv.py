@@ -8,8 +8,11 @@ official tokenizer feeds its convolutions.
 * "pallas_tpu": one Pallas kernel (`kernels/tpu_conv`) that reads x once, activates it in VMEM and
   writes the output once; differentiable (its custom vjp is the XLA path's), run under shard_map
   over the active mesh's batch axes (shapes the kernel cannot hold, `tpu_conv.fits`, take XLA);
-* "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that
-  and on other backends (the active mesh's devices decide, else jax.default_backend()).
+* "row_blocks": matmuls over blocks of output rows (`ops/conv_rows.py`), XLA:CPU's fast path for
+  bfloat16 (differentiable; its gradient is the XLA path's);
+* "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that;
+  on CPU "row_blocks" for bfloat16 and XLA for float32; XLA on GPU (the active mesh's devices
+  decide, else jax.default_backend()).
 `upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
 which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
 interpret mode on any backend (slow; for tests).
@@ -26,9 +29,10 @@ import jax.numpy as jnp
 
 from var_jax.errors import ConfigError, InputError
 from var_jax.kernels import mesh_sharding, tpu_conv
+from var_jax.ops import conv_rows
 from var_jax.ops.attention import computation_platform
 
-CONV_IMPLS = ("auto", "xla", "pallas_tpu")
+CONV_IMPLS = ("auto", "xla", "pallas_tpu", "row_blocks")
 
 # XLA's TPU cost analysis of VAR-d16's released decoder in bf16 on one v5e chip, GB for the
 # kernel path / the XLA convs: 2 images 4.2 / 18.8, 4 images 6.9 / 40.5, 8 images 13.7 / 11.6,
@@ -39,13 +43,18 @@ CONV_IMPLS = ("auto", "xla", "pallas_tpu")
 AUTO_KERNEL_MAX_IMAGES = 4
 
 
-def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None) -> str:
-  """The implementation ("xla" or "pallas_tpu") a call with `impl` on `batch` images (None: any)
-  uses where it is traced."""
+def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None,
+                 dtype=None) -> str:
+  """The implementation ("xla", "pallas_tpu" or "row_blocks") a call with `impl` on `batch`
+  images (None: any) in `dtype` (the kernel's compute dtype; None: float32) uses where it is
+  traced."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
   platform = computation_platform()
   if impl == "auto":
+    if platform == "cpu":
+      bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+      return "row_blocks" if bf16 else "xla"
     if platform != "tpu":
       return "xla"
     per_device = None if batch is None else -(-batch // mesh_sharding.batch_shards())
@@ -105,6 +114,19 @@ def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   return y.astype(dtype) + bias_O.astype(dtype)
 
 
+def _row_blocks_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
+  a_BHWC = _activated(x_BHWC, scale_BC, shift_BC, kernel_HWIO.dtype)
+  per_device = lambda a, k, b: conv_rows.conv3x3_row_blocks(a, k, b, upsample)
+  if a_BHWC.shape[0] % mesh_sharding.batch_shards():
+    # A batch the mesh cannot split evenly: XLA partitions the loop (correct, not fast).
+    return per_device(a_BHWC, kernel_HWIO, bias_O)
+  # Each device loops over its own images' row blocks (XLA would otherwise gather the batch to
+  # index it). `interpret=True`: plain XLA ops, which a jit may also partition without a mesh.
+  return mesh_sharding.shard_map_over_batch(per_device, a_BHWC, kernel_HWIO, bias_O,
+                                            kernel="row_blocks conv", interpret=True,
+                                            batch_dims=[0, None, None])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _kernel_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, interpret):
   per_device = functools.partial(tpu_conv.conv3x3, upsample=upsample, interpret=interpret)
@@ -140,7 +162,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
     x_BHWC: input images (float32 or bfloat16).
     kernel_HWIO: (3, 3, Cin, Cout) in the compute dtype; bias_O: (Cout,).
     scale_BC, shift_BC: (B, Cin) float32 affine before the SiLU, together or neither.
-    impl: "auto", "xla" or "pallas_tpu" (module docstring).
+    impl: "auto", "xla", "pallas_tpu" or "row_blocks" (module docstring).
     interpret: run the kernel in interpret mode (any backend; slow).
 
   Returns:
@@ -159,7 +181,10 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
                      f"got {scale_BC.shape} and {shift_BC.shape}.")
   B, H, W, Cin = x_BHWC.shape
   out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
-  if (resolve_impl(impl, interpret, batch=B) == "xla"
+  resolved = resolve_impl(impl, interpret, batch=B, dtype=kernel_HWIO.dtype)
+  if resolved == "row_blocks":
+    return _row_blocks_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)
+  if (resolved == "xla"
       or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], x_BHWC.dtype,
                            kernel_HWIO.dtype, upsample=upsample)):
     return _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)

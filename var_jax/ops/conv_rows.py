@@ -1,0 +1,112 @@
+"""3x3 convolutions (stride 1, zero padding 1, NHWC, HWIO) as matmuls over blocks of output rows.
+
+XLA's CPU backend runs a bfloat16 convolution no faster than a float32 one: 180-210 GFLOP/s for
+the decoder's 256 x 256 x 160 -> 160 conv on a 2-core Intel Xeon with AMX, where a bf16 matmul
+reaches 600-1200 GFLOP/s, provided its K and N are a few hundred wide and its output is small
+enough to stay in cache (the same dot over all 66k rows of a 256 x 256 image at once falls to
+~350). So here one conv is a loop over blocks of R output rows of one image. Per block:
+
+  cols  = the block's R + 2 padded input rows with the three horizontal taps side by side on the
+          channel axis, ((R + 2) * W, 3 * Cin);
+  z     = cols @ kernel arranged as (3 * Cin, 3 * Cout): one column group per vertical tap dy;
+  y[r]  = z[r, group 0] + z[r + 1, group 1] + z[r + 2, group 2] (+ bias), float32, then cast.
+
+All nine taps are summed in float32 (the dot accumulates in float32, and the three partial sums
+are float32), so the result differs from XLA's convolution only by summation order. The data
+movement (padding, the side-by-side copy, the loop's slices) runs on the values' bit patterns as
+unsigned integers: XLA:CPU moves bfloat16 arrays through float32 converts, which made the
+copies 1.7x slower (measured). Measured on that host, bf16, per conv (`benchmarks/
+bench_conv.py`): 256 x 256 x 160 -> 160 143 -> 45 ms, 128 x 128 x 320 -> 160 58 -> 18 ms,
+64 x 64 x 320 -> 320 28 -> 8 ms. In float32 XLA's own convolution is faster (245 against 204
+GFLOP/s), so `ops.conv` takes this path for bfloat16 on CPU only.
+
+The gradient is the XLA convolution's (a custom vjp), so training through this path is the same
+computation as through XLA's convolution.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Rows per block: the largest divisor of the image height up to this. 32 rows of a 256-wide image
+# is a (8704, 480) x (480, 480) dot with a 17 MB float32 output for 160 channels; 8 and 16 were
+# slower or equal at every decoder shape measured.
+MAX_BLOCK_ROWS = 32
+
+_BITS = {2: jnp.uint16, 4: jnp.uint32}
+
+
+def block_rows(height: int, max_rows: int = MAX_BLOCK_ROWS) -> int:
+  """The rows per block for images `height` rows high: its largest divisor <= max_rows."""
+  return max(r for r in range(1, min(height, max_rows) + 1) if height % r == 0)
+
+
+def _to_bits(x):
+  return jax.lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize])
+
+
+def _from_bits(bits, dtype):
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample: bool, max_rows: int):
+  dtype = kernel_HWIO.dtype
+  bits_BHWC = _to_bits(x_BHWC.astype(dtype))
+  if upsample:
+    bits_BHWC = jnp.repeat(jnp.repeat(bits_BHWC, 2, axis=1), 2, axis=2)
+  B, H, W, C = bits_BHWC.shape
+  O = kernel_HWIO.shape[3]
+  R = block_rows(H, max_rows)
+  blocks_per_image = H // R
+  padded = jnp.pad(bits_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # (dy, dx, cin, cout) -> rows (dx, cin), columns (dy, cout).
+  kernel_KN = kernel_HWIO.transpose(1, 2, 0, 3).reshape(3 * C, 3 * O)
+  bias_O = bias_O.astype(jnp.float32)
+
+  def block(i):
+    image, first_row = i // blocks_per_image, (i % blocks_per_image) * R
+    rows = jax.lax.dynamic_slice(padded, (image, first_row, 0, 0), (1, R + 2, W + 2, C))[0]
+    cols = jnp.concatenate([rows[:, dx:dx + W] for dx in range(3)], axis=-1)
+    cols_MK = _from_bits(cols, dtype).reshape((R + 2) * W, 3 * C)
+    z = jnp.dot(cols_MK, kernel_KN, preferred_element_type=jnp.float32).reshape(R + 2, W, 3, O)
+    y = z[0:R, :, 0] + z[1:R + 1, :, 1] + z[2:R + 2, :, 2] + bias_O
+    return _to_bits(y.astype(dtype))
+
+  out = jax.lax.map(block, jnp.arange(B * blocks_per_image))
+  return _from_bits(out, dtype).reshape(B, H, W, O)
+
+
+def _xla_conv(x_BHWC, kernel_HWIO, bias_O, upsample: bool):
+  """The same function through XLA's convolution (this path's gradient)."""
+  dtype = kernel_HWIO.dtype
+  x_BHWC = x_BHWC.astype(dtype)
+  if upsample:
+    x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+  y = jax.lax.conv_general_dilated(x_BHWC, kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   preferred_element_type=jnp.float32)
+  return (y + bias_O.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
+                       max_rows: int = MAX_BLOCK_ROWS):
+  """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
+  neighbour first with `upsample`; shapes as `ops.conv.conv3x3` (the caller checks them)."""
+  return _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows)
+
+
+def _fwd(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows):
+  out = _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows)
+  return out, (x_BHWC, kernel_HWIO, bias_O)
+
+
+def _bwd(upsample, max_rows, residuals, g_BHWO):
+  del max_rows
+  _, vjp = jax.vjp(functools.partial(_xla_conv, upsample=upsample), *residuals)
+  return vjp(g_BHWO)
+
+
+conv3x3_row_blocks.defvjp(_fwd, _bwd)
