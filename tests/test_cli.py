@@ -112,6 +112,31 @@ def test_sample_images_do_not_depend_on_the_batch_size(model_dir, tmp_path):
   assert not np.array_equal(one[0], one[1])  # same class, different keys
 
 
+def test_sample_tokenizer_dtype_decodes_the_same_tokens_in_bfloat16(model_dir, tmp_path, monkeypatch):
+  """--tokenizer-dtype reaches the model `sample` builds: the same tokens (float32 transformer),
+  decoded by a bf16 tokenizer, give images within a few 8-bit levels of the float32 ones."""
+  loaded = []
+  load = cli_common.load_model
+
+  def recording(*args):
+    loaded.append(load(*args))
+    return loaded[-1]
+
+  monkeypatch.setattr(cli_common, "load_model", recording)
+
+  def run(extra, name):
+    out_dir = tmp_path / name
+    assert cli.main(["sample", "--model", model_dir, "--classes", "1,2", "--per-class", "2",
+                     "--seed", "3", "--out", "", "--out-dir", str(out_dir), *extra]) == 0
+    with np.load(out_dir / "samples.npz") as npz:
+      return npz["arr_0"].astype(np.int16)
+  f32, bf16 = run([], "f32"), run(["--tokenizer-dtype", "bfloat16"], "bf16")
+  assert [m.tokenizer.config.dtype for m in loaded] == ["float32", "bfloat16"]
+  assert loaded[1].config.dtype == "float32"
+  diff = np.abs(bf16 - f32)
+  assert diff.max() <= 8 and diff.mean() < 1.5, (diff.max(), diff.mean())
+
+
 @pytest.mark.slow  # ~50 s: five CLI runs (tests/test_fast_sampling.py checks the API the same way)
 def test_sample_with_a_refiner_at_the_ends_equals_each_model(model_dir, refiner_dir, tmp_path):
   """--refiner with --draft-scales 4 (all of the fixture's scales) is --model alone; with 0 it is
@@ -159,6 +184,7 @@ def test_host_share_splits_the_images_once():
     (["--per-class", "0"], "--per-class must be >= 1"),
     (["--mesh=-1,3,1"], "which does not divide the 8 available devices"),
     (["--model", "d17"], "'d17' is neither a shipped model"),
+    (["--tokenizer-dtype", "float16"], "tokenizer_dtype must be one of ('float32', 'bfloat16')"),
 ])
 def test_sample_bad_input_exits_2_before_compiling(model_dir, tmp_path, capsys, args, message):
   argv = ["sample", "--model", model_dir, "--classes", "1,2", "--per-class", "2",

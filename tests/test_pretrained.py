@@ -1,4 +1,5 @@
 """Released-checkpoint handling: convert once, load by directory or name (hub cache, torch/), errors."""
+import dataclasses
 import json
 import os
 import shutil
@@ -85,6 +86,24 @@ def test_runtime_overrides_apply_and_others_are_rejected(converted):
     convert_files(VAE, VAR, patch_nums=PATCH_NUMS, no_such_field=1)
   with pytest.raises(ConfigError, match=r"Unknown VQVAE config fields \['no_such_field'\]"):
     convert_files(VAE, VAR, patch_nums=PATCH_NUMS, vae_no_such_field=1)
+
+
+def test_tokenizer_dtype_sets_the_tokenizer_alone(converted):
+  model, directory = converted
+  loaded = load_pretrained(str(directory), dtype="bfloat16", tokenizer_dtype="bfloat16")
+  assert loaded.config.dtype == "bfloat16" and loaded.tokenizer.config.dtype == "bfloat16"
+  assert load_pretrained(str(directory), dtype="bfloat16").tokenizer.config.dtype == "float32"
+  # Only the dtype changes: the same weights (kept float32), the same other fields.
+  assert dataclasses.replace(loaded.tokenizer.config, dtype="float32") == model.tokenizer.config
+  _assert_same_params(model.tokenizer.params, loaded.tokenizer.params)
+  # A bf16 decode of the fixture's tokens is the float32 one to within a few bf16 steps.
+  idx = helpers.split_tokens(helpers.reference("tiny")["vae_idx_BL"])
+  want = np.asarray(model.tokenizer.decode(idx))
+  got = np.asarray(loaded.tokenizer.decode(idx), np.float32)
+  # (bf16 steps are 2^-8 to 2^-7 of values in [0.5, 1); a few layers add a few of them.)
+  assert np.abs(got - want).max() < 0.08 and np.abs(got - want).mean() < 0.01, np.abs(got - want).mean()
+  with pytest.raises(ConfigError, match=r"tokenizer_dtype must be one of \('float32', 'bfloat16'\), got 'float16'"):
+    load_pretrained(str(directory), tokenizer_dtype="float16")
 
 
 def test_bfloat16_storage_loads_as_float32(converted, tmp_path):

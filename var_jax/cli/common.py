@@ -103,13 +103,15 @@ def check_output_dir(path, flag: str, *, remote_ok: bool) -> None:
       return
 
 
-def load_model(name: str, dtype: str | None = None):
+def load_model(name: str, dtype: str | None = None, tokenizer_dtype: str | None = None):
   """A VARModel by shipped/released name or converted directory (`load_pretrained`)."""
   from var_jax.inference.pretrained import load_pretrained
-  return load_pretrained(name, **({"dtype": dtype} if dtype else {}))
+  return load_pretrained(name, tokenizer_dtype=tokenizer_dtype,
+                         **({"dtype": dtype} if dtype else {}))
 
 
-def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str | None = None):
+def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str | None = None,
+                 tokenizer_dtype: str | None = None):
   """(refiner VARModel or None, checked draft_scales) from --refiner / --draft-scales.
 
   A refiner whose tokenizer equals the drafter's is rebuilt on the drafter's Tokenizer object,
@@ -119,7 +121,7 @@ def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str |
   from var_jax.inference.var_model import VARModel
   refiner = None
   if name:
-    refiner = load_model(name, dtype)
+    refiner = load_model(name, dtype, tokenizer_dtype)
     if same_tokenizer(model.tokenizer, refiner.tokenizer):
       refiner = VARModel(refiner.config, refiner.params, model.tokenizer)
   elif draft_scales is not None:

@@ -21,7 +21,7 @@ def cmd_edit(args) -> int:
   common.check_output_file(args.out, "--out", remote_ok=False)
   from var_jax.parallel.distributed import maybe_initialize_distributed
   maybe_initialize_distributed("auto")  # every host of a pod joins before any JAX call
-  model = common.load_model(args.model, args.dtype)
+  model = common.load_model(args.model, args.dtype, args.tokenizer_dtype)
   size = model.tokenizer.config.image_size
   image = image_io.load_image(args.image, size)
   mask = image_io.load_image(args.mask, size, mode="L").astype(np.float32) / 255.0

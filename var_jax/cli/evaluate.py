@@ -61,6 +61,8 @@ def build_parser():
   s.add_argument("--draft-scales", type=int, default=None, metavar="N",
                  help="scales --model drafts before --refiner (default: all but the last two)")
   s.add_argument("--dtype", default=None, help="model compute dtype override, e.g. bfloat16")
+  s.add_argument("--tokenizer-dtype", default=None,
+                 help="the tokenizer's compute dtype (float32 or bfloat16; default: as saved)")
   s.add_argument("--mesh", type=common.mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR")
   s.add_argument("--batch-size", type=int, default=0,
                  help="images per sampling call over all local devices (0: %s per device)"
@@ -185,9 +187,10 @@ def _evaluate_model(args, network) -> dict | None:
                if network and jax.process_index() == 0 else None)
   if network is not None and args.num_samples <= 3:
     raise InputError(f"--num-samples must be > 3 for precision and recall, got {args.num_samples}.")
-  model = common.load_model(name, args.dtype)
+  model = common.load_model(name, args.dtype, args.tokenizer_dtype)
   check_sampling_options(model, args.cfg, args.top_k, args.top_p)
-  refiner, draft_scales = common.load_refiner(args.refiner, args.draft_scales, model, args.dtype)
+  refiner, draft_scales = common.load_refiner(args.refiner, args.draft_scales, model, args.dtype,
+                                              args.tokenizer_dtype)
   is_shapes = model.config.num_classes == shapes.NUM_CLASSES and model.tokenizer.config.image_size == 64
   if network is None and not is_shapes:
     raise InputError("FID and the other ADM metrics need --ref REF.npz and --fid-inception W.pth "

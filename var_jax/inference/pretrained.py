@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from var_jax import compile_cache, scales
-from var_jax.errors import CheckpointError, InputError
+from var_jax.errors import CheckpointError, ConfigError, InputError
 from var_jax.models.var_config import VARConfig
-from var_jax.models.vqvae_config import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
+from var_jax.models.vqvae_config import COMPUTE_DTYPES, PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
 from var_jax.inference.tokenizer import Tokenizer
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
 from var_jax.inference.var_model import VARModel
@@ -89,7 +89,7 @@ def _hub_file(filename: str, cache_dir: pathlib.Path, allow_download: bool) -> p
 
 
 def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=None, allow_download=True,
-                    **overrides) -> VARModel:
+                    tokenizer_dtype: str | None = None, **overrides) -> VARModel:
   """Loads a VAR model by name ("shapes-tiny" ships with the package; "d16" ... "d36" are the
   released ImageNet models), converted or exported directory, `var-jax train` workdir, or a
   (vae.pth, var.pth) pair.
@@ -101,7 +101,22 @@ def load_pretrained(name_or_path: str | os.PathLike | Sequence, *, cache_dir=Non
   A training workdir gives its latest step's EMA weights (its params when it kept no EMA), with
   the tokenizer its config names; for a workdir only, `step=N` picks another checkpoint and
   `use_ema=False` the raw params.
+
+  `tokenizer_dtype` ("float32" or "bfloat16") sets the tokenizer's compute dtype, which `dtype`
+  leaves at its saved value (float32 for every released and shipped model); a bf16 decoder is
+  2.5-3.6x faster on CPUs with AMX (README, sampling speed) and moves decoded pixels by ~1/255.
   """
+  if tokenizer_dtype is not None and tokenizer_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"tokenizer_dtype must be one of {COMPUTE_DTYPES}, got {tokenizer_dtype!r}.")
+  model = _load(name_or_path, cache_dir, allow_download, **overrides)
+  if tokenizer_dtype is None or tokenizer_dtype == model.tokenizer.config.dtype:
+    return model
+  tok = model.tokenizer
+  tokenizer = Tokenizer(dataclasses.replace(tok.config, dtype=tokenizer_dtype), tok.params)
+  return VARModel(model.config, model.params, tokenizer)
+
+
+def _load(name_or_path, cache_dir, allow_download, **overrides) -> VARModel:
   if isinstance(name_or_path, (list, tuple)):
     if len(name_or_path) != 2:
       raise InputError("give the released files as (vae.pth, var.pth).")
