@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="sampling dtype of ours (and torch.autocast of the official for bf16)")
   parser.add_argument("--tokenizer-dtype", choices=("float32", "bfloat16"), default=None,
-                      help="the decoder's dtype (default: --dtype; on XLA's CPU backend bf16 "
-                           "convolutions are no faster than float32)")
+                      help="the decoder's dtype (default: --dtype; a bf16 decoder on CPU runs "
+                           "its convs as row-block matmuls, ops/conv_rows.py)")
   parser.add_argument("--greedy-batch", type=int, default=8,
                       help="with --dtype bfloat16: labels of the greedy float32-vs-bf16 token "
                            "check (0: skip)")
