@@ -15,10 +15,11 @@ All nine taps are summed in float32 (the dot accumulates in float32, and the thr
 are float32), so the result differs from XLA's convolution only by summation order. The data
 movement (padding, the side-by-side copy, the loop's slices) runs on the values' bit patterns as
 unsigned integers: XLA:CPU moves bfloat16 arrays through float32 converts, which made the
-copies 1.7x slower (measured). Measured on that host, bf16, per conv (`benchmarks/
-bench_conv.py`): 256 x 256 x 160 -> 160 143 -> 45 ms, 128 x 128 x 320 -> 160 58 -> 18 ms,
-64 x 64 x 320 -> 320 28 -> 8 ms. In float32 XLA's own convolution is faster (245 against 204
-GFLOP/s), so `ops.conv` takes this path for bfloat16 on CPU only.
+copies 1.7x slower (measured). On that host, bf16, one image, XLA's convolution against this
+(`benchmarks/bench_conv.py`): 256 x 256 x 160 -> 160 150 -> 47-56 ms, 128 x 128 x 320 -> 160
+63 -> 24 ms, 64 x 64 x 320 -> 320 28-30 -> 8-9 ms; all the decoder's convs 1805 -> 574 ms. In
+float32 XLA's own convolution is faster (1818 against 2215 ms), so `ops.conv` takes this path
+for bfloat16 on CPU only.
 
 The gradient is the XLA convolution's (a custom vjp), so training through this path is the same
 computation as through XLA's convolution.
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 
 # Rows per block: the largest divisor of the image height up to this. 32 rows of a 256-wide image
 # is a (8704, 480) x (480, 480) dot with a 17 MB float32 output for 160 channels; 8 and 16 were
-# slower or equal at every decoder shape measured.
+# slower, or equal within noise, at every decoder shape measured.
 MAX_BLOCK_ROWS = 32
 
 _BITS = {2: jnp.uint16, 4: jnp.uint32}
