@@ -95,7 +95,8 @@ def test_row_blocks_are_differentiable_like_the_convolution(upsample):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST) + bias
 
-  rows = lambda x, kernel, bias: conv_rows.conv3x3_row_blocks(x, kernel, bias, upsample, 2)
+  rows = lambda x, kernel, bias: conv_ops.conv3x3(x, kernel, bias, upsample=upsample,
+                                                 impl="row_blocks")
   got = jax.grad(loss, argnums=(1, 2, 3))(rows, x, kernel, bias)
   want = jax.grad(loss, argnums=(1, 2, 3))(reference, x, kernel, bias)
   for g, w in zip(got, want):

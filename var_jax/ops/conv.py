@@ -9,7 +9,7 @@ official tokenizer feeds its convolutions.
   writes the output once; differentiable (its custom vjp is the XLA path's), run under shard_map
   over the active mesh's batch axes (shapes the kernel cannot hold, `tpu_conv.fits`, take XLA);
 * "row_blocks": matmuls over blocks of output rows (`ops/conv_rows.py`), XLA:CPU's fast path for
-  bfloat16 (differentiable; its gradient is the XLA path's);
+  bfloat16; differentiable (its custom vjp is the XLA path's);
 * "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that;
   on CPU "row_blocks" for bfloat16 and XLA for float32; XLA on GPU (the active mesh's devices
   decide, else jax.default_backend()).
@@ -114,9 +114,28 @@ def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   return y.astype(dtype) + bias_O.astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample):
+  return conv_rows.conv3x3_row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample)
+
+
+def _row_blocks_fwd(a_BHWC, kernel_HWIO, bias_O, upsample):
+  return _row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample), (a_BHWC, kernel_HWIO, bias_O)
+
+
+def _row_blocks_bwd(upsample, residuals, g_BHWO):
+  # The XLA path's vjp on the activated input (its activation is differentiated outside).
+  conv = lambda a, k, b: _xla_conv3x3(a, k, b, None, None, upsample)
+  _, vjp = jax.vjp(conv, *residuals)
+  return vjp(g_BHWO)
+
+
+_row_blocks.defvjp(_row_blocks_fwd, _row_blocks_bwd)
+
+
 def _row_blocks_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   a_BHWC = _activated(x_BHWC, scale_BC, shift_BC, kernel_HWIO.dtype)
-  per_device = lambda a, k, b: conv_rows.conv3x3_row_blocks(a, k, b, upsample)
+  per_device = lambda a, k, b: _row_blocks(a, k, b, upsample)
   if a_BHWC.shape[0] % mesh_sharding.batch_shards():
     # A batch the mesh cannot split evenly: XLA partitions the loop (correct, not fast).
     return per_device(a_BHWC, kernel_HWIO, bias_O)

@@ -21,12 +21,10 @@ copies 1.7x slower (measured). On that host, bf16, one image, XLA's convolution 
 float32 XLA's own convolution is faster (1818 against 2215 ms), so `ops.conv` takes this path
 for bfloat16 on CPU only.
 
-The gradient is the XLA convolution's (a custom vjp), so training through this path is the same
-computation as through XLA's convolution.
+`ops.conv.conv3x3(impl="row_blocks")` differentiates it as XLA's convolution (a custom vjp, as
+for the TPU kernel), so training through this path is the same computation as through XLA's.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +50,11 @@ def _from_bits(bits, dtype):
   return jax.lax.bitcast_convert_type(bits, dtype)
 
 
-def _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample: bool, max_rows: int):
+def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
+                       max_rows: int = MAX_BLOCK_ROWS):
+  """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
+  neighbour first with `upsample`; shapes as `ops.conv.conv3x3` (the caller checks them). The
+  forward only: `ops.conv.conv3x3(impl="row_blocks")` gives it the XLA convolution's gradient."""
   dtype = kernel_HWIO.dtype
   bits_BHWC = _to_bits(x_BHWC.astype(dtype))
   if upsample:
@@ -77,37 +79,3 @@ def _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample: bool, max_rows: int):
 
   out = jax.lax.map(block, jnp.arange(B * blocks_per_image))
   return _from_bits(out, dtype).reshape(B, H, W, O)
-
-
-def _xla_conv(x_BHWC, kernel_HWIO, bias_O, upsample: bool):
-  """The same function through XLA's convolution (this path's gradient)."""
-  dtype = kernel_HWIO.dtype
-  x_BHWC = x_BHWC.astype(dtype)
-  if upsample:
-    x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-  y = jax.lax.conv_general_dilated(x_BHWC, kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   preferred_element_type=jnp.float32)
-  return (y + bias_O.astype(jnp.float32)).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
-                       max_rows: int = MAX_BLOCK_ROWS):
-  """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
-  neighbour first with `upsample`; shapes as `ops.conv.conv3x3` (the caller checks them)."""
-  return _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows)
-
-
-def _fwd(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows):
-  out = _row_block_conv(x_BHWC, kernel_HWIO, bias_O, upsample, max_rows)
-  return out, (x_BHWC, kernel_HWIO, bias_O)
-
-
-def _bwd(upsample, max_rows, residuals, g_BHWO):
-  del max_rows
-  _, vjp = jax.vjp(functools.partial(_xla_conv, upsample=upsample), *residuals)
-  return vjp(g_BHWO)
-
-
-conv3x3_row_blocks.defvjp(_fwd, _bwd)
