@@ -19,6 +19,7 @@ from var_jax.kernels import splash_block_causal
 from var_jax.kernels import splash_masks
 from var_jax.kernels import tpu_prefix
 from var_jax.kernels import xla_reference
+from var_jax.ops import host_cpu
 
 SMALL = (1, 2, 3, 4)  # L = 30
 D16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
@@ -581,3 +582,36 @@ def test_cpu_prefix_attention_batch_chunks_equal_whole(monkeypatch):
   monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * 2 * 9 * 14)  # two sequences
   chunked = jax.jit(lambda q, k, v: attention.prefix_attention(q, k, v, kv_len=14, impl="xla"))(q, k, v)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+def _dot_operand_dtypes(fn, *args):
+  """The operand dtypes of every dot_general in fn's jaxpr, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(var.aval.dtype) for var in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_prefix_attention_takes_bf16_operands_only_on_amx_hosts(monkeypatch, amx):
+  """On CPU a bf16 call multiplies bf16 operands where the host has AMX and float32 ones elsewhere
+  (host_cpu); both agree with float64 attention to bf16 accuracy. float32 stays float32."""
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: amx)
+  q, k, v = _qkv(12, 3, 2, 9, 64, jnp.bfloat16, kv_len=20)
+  sample = lambda q, k, v: attention.prefix_attention(q, k, v, kv_len=14, impl="xla")
+  expected_dtype = "bfloat16" if amx else "float32"
+  dtypes = _dot_operand_dtypes(sample, q, k, v)
+  assert len(dtypes) == 2 and all(d == (expected_dtype, expected_dtype) for d in dtypes), dtypes
+  out = jax.jit(sample)(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  expected = _naive(q, k[:, :, :14], v[:, :, :14], np.ones((9, 14), bool))
+  _assert_close(out, expected, TOL[jnp.bfloat16], f"CPU prefix attention, amx={amx}")
+  q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+  assert all(d == ("float32", "float32") for d in _dot_operand_dtypes(sample, q32, k32, v32))

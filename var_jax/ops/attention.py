@@ -42,6 +42,7 @@ from var_jax.kernels import mesh_sharding
 from var_jax.kernels import splash_block_causal
 from var_jax.kernels import tpu_prefix
 from var_jax.kernels import xla_reference
+from var_jax.ops import host_cpu
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -267,12 +268,15 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     layer = None
   if chosen == "xla":
     if computation_platform() == "cpu":
-      # In float32: XLA's CPU backend runs these batched per-head matmuls several times slower
-      # from bf16 operands (27 GFLOP/s for VAR-d16's last scale in a profile); they are 6% of
-      # the FLOPs, and a bf16 VAR-d16 call at batch 1 went from 6.9 to 6.6 s this way.
-      f32 = lambda x: x.astype(jnp.float32)
+      # bf16 operands (float32 logits and softmax either way) only where the CPU has AMX: without
+      # it XLA's CPU backend runs these batched per-head matmuls several times slower from bf16
+      # than from float32 operands (27 GFLOP/s for VAR-d16's last scale in a profile on an AMD
+      # host; a bf16 VAR-d16 call at batch 1 went 6.9 -> 6.6 s in float32), with it about twice
+      # as fast (an Intel AMX host: 5.5 -> 3.0 s of attention in a batch-8 call; host_cpu).
+      operand = q_BHlD.dtype if host_cpu.has_amx_bf16() else jnp.float32
+      cast = lambda x: x.astype(operand)
       out = _batch_chunked(functools.partial(xla_reference.prefix_attention, kv_len=kv_len),
-                           f32(q_BHlD), f32(k_BHSD), f32(v_BHSD),
+                           cast(q_BHlD), cast(k_BHSD), cast(v_BHSD),
                            logits_bytes=4 * q_BHlD.shape[1] * q_BHlD.shape[2] * kv_len)
       return out.astype(q_BHlD.dtype)
     return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
