@@ -254,3 +254,19 @@ def test_bf16_ffn_gelu_is_float32_rounded_once():
   # Below x = -3 the formula's 1 + tanh cancels in float32 (in torch too): compare above it.
   exact = (out == rounded)[x64 > -3]
   assert exact.mean() > 0.995, exact.mean()  # measured 0.9986; bf16 op by op: 0.63
+
+
+def test_bf16_ffn_backward_saves_no_float32_activation(capsys):
+  """The float32 GELU is recomputed in the backward: the residuals a bf16 FFN keeps for its
+  gradient (JAX's printed list) hold no float32 array of the (batch, length, mlp) activation."""
+  from var_jax.models.var import FFN  # pylint: disable=import-outside-toplevel
+  cfg = VARConfig(depth=2, embed_dim=128, num_heads=2, dtype="bfloat16")
+  x = jnp.ones((2, 30, cfg.embed_dim), jnp.bfloat16)
+  params = FFN(cfg).init(jax.random.PRNGKey(0), x)["params"]
+  loss = lambda p, x: jnp.sum(FFN(cfg).apply({"params": p}, x).astype(jnp.float32))
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, params, x)
+  lines = capsys.readouterr().out.splitlines()
+  activation = f"[2,30,{cfg.mlp_dim}]"
+  assert any(line.startswith("bf16" + activation) for line in lines), lines
+  assert not [line for line in lines if line.startswith("f32" + activation)], lines
