@@ -232,6 +232,48 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_bfloat16_on_cpu_attention_batch_chunks_carry_16_bit_values(monkeypatch):
+  """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands, over batch chunks
+  once the logits outgrow CPU_LOGITS_CHUNK_BYTES; those chunks cross the compiled loop as 16-bit
+  values (`ops.float_bits`), where XLA:CPU would carry float32 copies of q, k and v. Checked on the
+  program of the public call: no loop carries a float32 array of the attention's (heads, rows,
+  head_dim) shape, and the tokens and images equal those of the unchunked attention."""
+  import dataclasses
+  import re
+  from var_jax.ops import attention, host_cpu
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: True)
+  m32 = model("tiny")
+  bf16 = lambda: var_jax.VARModel(dataclasses.replace(m32.config, dtype="bfloat16"), m32.params,
+                                  m32.tokenizer)
+  labels = np.array([1, 2, 3, 4])
+  # one device, so that the loop's shapes are the whole batch's (no batch padding or partitioning)
+  kw = dict(rng=jax.random.key(5), cfg=1.5, top_k=20, top_p=0.9,
+            mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]))
+  whole = var_jax.sample(bf16(), labels, return_tokens=True, **kw)
+  # 2 sequences per chunk at the second scale (logits of 2 x heads x pn^2 x kv_len float32), one
+  # after it; the module constant is read at trace time, so jit's trace caches are cleared
+  cfg = m32.config
+  monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * cfg.num_heads * 4 * 5)
+  jax.clear_caches()
+  m = bf16()
+  images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
+  hlo = sampler.build_sample_call(m, labels, **kw).lower().compile().as_text()
+  carries = re.findall(r"= \(([^)]*)\) while\(", hlo)
+  head_dim, rows = cfg.embed_dim // cfg.num_heads, 2 * len(labels)  # guidance doubles the batch
+
+  def chunks(dtype):
+    """The loop-carried (chunks, sequences per chunk, heads, length, head_dim) arrays of dtype."""
+    found = (tuple(map(int, dims.split(","))) for carry in carries
+             for dims in re.findall(dtype + r"\[(\d+,\d+,\d+,\d+,\d+)\]", carry))
+    return [d for d in found if d[0] * d[1] == rows and (d[2], d[4]) == (cfg.num_heads, head_dim)]
+
+  assert chunks("(?:u16|bf16|f32)"), "the attention runs over no batch chunks: nothing is checked"
+  assert not chunks("f32"), chunks("f32")
+  np.testing.assert_array_equal(np.asarray(images), np.asarray(whole[0]))
+  for got, want in zip(tokens, whole[1]):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_decode_mode_initialises_and_applies_in_bfloat16():
   """A decode-mode VAR initialises as before (its params created, not sliced as uint16); applied to
   bfloat16 params on CPU, its cache comes back as the uint16 bit patterns of the bf16 keys."""

@@ -35,6 +35,7 @@ from var_jax import scales
 from var_jax.models import precision
 from var_jax.models.var_config import VARConfig
 from var_jax.ops import attention as attention_ops
+from var_jax.ops import float_bits
 
 _MAX_LOG_SCALE_MUL = math.log(100.0)
 
@@ -81,14 +82,13 @@ def cache_as_uint16(cfg: VARConfig) -> bool:
 
 def _as_bits(tree):
   """bfloat16 leaves as their uint16 bit patterns (exact); other leaves as they are."""
-  return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
-                      if x.dtype == jnp.bfloat16 else x, tree)
+  return jax.tree.map(lambda x: float_bits.to_bits(x) if x.dtype == jnp.bfloat16 else x, tree)
 
 
 def _from_bits(tree):
   """uint16 bit patterns back to the bfloat16 values they hold; other leaves as they are."""
-  return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
-                      if x.dtype == jnp.uint16 else x, tree)
+  return jax.tree.map(lambda x: float_bits.from_bits(x, jnp.bfloat16) if x.dtype == jnp.uint16
+                      else x, tree)
 
 
 def _normal(std: float, names, multiplier=None):

@@ -29,25 +29,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from var_jax.ops import float_bits
+
 # Rows per block: the largest divisor of the image height up to this. 32 rows of a 256-wide image
 # is a (8704, 480) x (480, 480) dot with a 17 MB float32 output for 160 channels; 8 and 16 were
 # slower, or equal within noise, at every decoder shape measured.
 MAX_BLOCK_ROWS = 32
 
-_BITS = {2: jnp.uint16, 4: jnp.uint32}
-
 
 def block_rows(height: int, max_rows: int = MAX_BLOCK_ROWS) -> int:
   """The rows per block for images `height` rows high: its largest divisor <= max_rows."""
   return max(r for r in range(1, min(height, max_rows) + 1) if height % r == 0)
-
-
-def _to_bits(x):
-  return jax.lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize])
-
-
-def _from_bits(bits, dtype):
-  return jax.lax.bitcast_convert_type(bits, dtype)
 
 
 def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
@@ -56,7 +48,7 @@ def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
   neighbour first with `upsample`; shapes as `ops.conv.conv3x3` (the caller checks them). The
   forward only: `ops.conv.conv3x3(impl="row_blocks")` gives it the XLA convolution's gradient."""
   dtype = kernel_HWIO.dtype
-  bits_BHWC = _to_bits(x_BHWC.astype(dtype))
+  bits_BHWC = float_bits.to_bits(x_BHWC.astype(dtype))
   if upsample:
     bits_BHWC = jnp.repeat(jnp.repeat(bits_BHWC, 2, axis=1), 2, axis=2)
   B, H, W, C = bits_BHWC.shape
@@ -72,10 +64,10 @@ def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
     image, first_row = i // blocks_per_image, (i % blocks_per_image) * R
     rows = jax.lax.dynamic_slice(padded, (image, first_row, 0, 0), (1, R + 2, W + 2, C))[0]
     cols = jnp.concatenate([rows[:, dx:dx + W] for dx in range(3)], axis=-1)
-    cols_MK = _from_bits(cols, dtype).reshape((R + 2) * W, 3 * C)
+    cols_MK = float_bits.from_bits(cols, dtype).reshape((R + 2) * W, 3 * C)
     z = jnp.dot(cols_MK, kernel_KN, preferred_element_type=jnp.float32).reshape(R + 2, W, 3, O)
     y = z[0:R, :, 0] + z[1:R + 1, :, 1] + z[2:R + 2, :, 2] + bias_O
-    return _to_bits(y.astype(dtype))
+    return float_bits.to_bits(y.astype(dtype))
 
   out = jax.lax.map(block, jnp.arange(B * blocks_per_image))
-  return _from_bits(out, dtype).reshape(B, H, W, O)
+  return float_bits.from_bits(out, dtype).reshape(B, H, W, O)
