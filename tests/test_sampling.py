@@ -249,15 +249,16 @@ def test_bfloat16_on_cpu_attention_batch_chunks_carry_16_bit_values(monkeypatch)
   # one device, so that the loop's shapes are the whole batch's (no batch padding or partitioning)
   kw = dict(rng=jax.random.key(5), cfg=1.5, top_k=20, top_p=0.9,
             mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]))
-  whole = var_jax.sample(bf16(), labels, return_tokens=True, **kw)
+  whole = var_jax.sample(bf16(), labels, return_tokens=True, **kw)  # never chunked at this size
   # 2 sequences per chunk at the second scale (logits of 2 x heads x pn^2 x kv_len float32), one
-  # after it; the module constant is read at trace time, so jit's trace caches are cleared
+  # after it. The constant is read at trace time: the public call's program is traced anew
+  # (`Call.lower(fresh=True)`, past jit's trace cache) and run compiled.
   cfg = m32.config
   monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * cfg.num_heads * 4 * 5)
-  jax.clear_caches()
-  m = bf16()
-  images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
-  hlo = sampler.build_sample_call(m, labels, **kw).lower().compile().as_text()
+  call = sampler.build_sample_call(bf16(), labels, **kw)
+  compiled = call.lower(fresh=True).compile()
+  images, tokens = compiled(*call.args)
+  hlo = compiled.as_text()
   carries = re.findall(r"= \(([^)]*)\) while\(", hlo)
   head_dim, rows = cfg.embed_dim // cfg.num_heads, 2 * len(labels)  # guidance doubles the batch
 
