@@ -233,11 +233,12 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
 
 
 def test_bfloat16_on_cpu_attention_batch_chunks_carry_16_bit_values(monkeypatch):
-  """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands, over batch chunks
-  once the logits outgrow CPU_LOGITS_CHUNK_BYTES; those chunks cross the compiled loop as 16-bit
-  values (`ops.float_bits`), where XLA:CPU would carry float32 copies of q, k and v. Checked on the
-  program of the public call: no loop carries a float32 array of the attention's (heads, rows,
-  head_dim) shape, and the tokens and images equal those of the unchunked attention."""
+  """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands (`host_cpu`), over
+  batch chunks once the logits outgrow CPU_LOGITS_CHUNK_BYTES; those chunks cross the compiled
+  loop as 16-bit values (`ops.float_bits`), where XLA:CPU would carry float32 copies of q, k and v.
+  Checked on the program of the public call: the attention's matmuls take bf16 operands, no loop
+  carries a float32 array of the attention's (heads, rows, head_dim) shape, and the tokens and
+  images equal those of the unchunked attention."""
   import dataclasses
   import re
   from var_jax.ops import attention, host_cpu
@@ -256,9 +257,16 @@ def test_bfloat16_on_cpu_attention_batch_chunks_carry_16_bit_values(monkeypatch)
   cfg = m32.config
   monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * cfg.num_heads * 4 * 5)
   call = sampler.build_sample_call(bf16(), labels, **kw)
-  compiled = call.lower(fresh=True).compile()
+  lowered = call.lower(fresh=True)
+  compiled = lowered.compile()
   images, tokens = compiled(*call.args)
   hlo = compiled.as_text()
+  # The attention's two matmuls, batched over (sequences, heads), take bf16 operands.
+  attention_dots = re.findall(
+      r"stablehlo\.dot_general .*batching_dims = \[0, 1\] x \[0, 1\].*: \((tensor<\d+x"
+      rf"{cfg.num_heads}x[^>]*>), (tensor<[^>]*>)\)", lowered.as_text())
+  assert attention_dots and all(t.endswith("xbf16>") for pair in attention_dots for t in pair), \
+      attention_dots
   carries = re.findall(r"= \(([^)]*)\) while\(", hlo)
   head_dim, rows = cfg.embed_dim // cfg.num_heads, 2 * len(labels)  # guidance doubles the batch
 
