@@ -107,6 +107,20 @@ def test_xla_prefix_matches_dense_numpy_and_ignores_the_cache_tail():
   np.testing.assert_array_equal(out, tail_changed)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_prefix_takes_q_with_queries_before_heads(dtype):
+  """q_layout="bqhd": q as (B, l, H, D), the projection's layout; the output is (B, H, l, D) and
+  equals dense numpy attention on the same q; anything else is refused."""
+  q, k, v = _qkv(4, 2, 3, 9, 16, dtype, kv_len=20)
+  q_BlHD = jnp.transpose(q, (0, 2, 1, 3))
+  out = xla_reference.prefix_attention(q_BlHD, k, v, kv_len=14, q_layout="bqhd")
+  assert out.shape == q.shape and out.dtype == dtype
+  expected = _naive(q, k[:, :, :14], v[:, :, :14], True)
+  _assert_close(out, expected, TOL[dtype] if dtype == jnp.bfloat16 else 2e-6, "q_layout bqhd")
+  with pytest.raises(ValueError, match="q_layout"):
+    xla_reference.prefix_attention(q, k, v, kv_len=14, q_layout="bhdq")
+
+
 @pytest.mark.parametrize("patch_nums", [SMALL, D16, P512])
 def test_splash_mask_equals_scales_mask_with_padding(patch_nums):
   seq_len = scales.seq_len(patch_nums)

@@ -1,5 +1,6 @@
 """var_jax.sample and var_jax.edit: greedy parity with the official sampler, filters, editing."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -232,49 +233,58 @@ def test_bfloat16_on_cpu_slices_16_bit_stacks_exactly():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_bfloat16_on_cpu_attention_batch_chunks_carry_16_bit_values(monkeypatch):
-  """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands (`host_cpu`), over
-  batch chunks once the logits outgrow CPU_LOGITS_CHUNK_BYTES; those chunks cross the compiled
-  loop as 16-bit values (`ops.float_bits`), where XLA:CPU would carry float32 copies of q, k and v.
-  Checked on the program of the public call: the attention's matmuls take bf16 operands, no loop
-  carries a float32 array of the attention's (heads, rows, head_dim) shape, and the tokens and
-  images equal those of the unchunked attention."""
+def _attention_dot_operands(hlo: str, num_heads: int) -> list:
+  """The operand types of every matmul batched over (sequences, heads) in a compiled program:
+  the attention's QK and PV, as XLA runs them (after its own widening of any operand)."""
+  types = dict(re.findall(r"\n\s*(?:ROOT )?%(\S+) = (\w+)\[", hlo))
+  dots = re.findall(r"= \w+\[\d+,(\d+),[\d,]*\]\S* dot\(%(\S+), %(\S+)\), lhs_batch_dims=\{0,1\}", hlo)
+  return [(types[a], types[b]) for heads, a, b in dots if int(heads) == num_heads]
+
+
+def test_bfloat16_on_cpu_attention_runs_bf16_matmuls_and_chunks_carry_16_bit_values(monkeypatch):
+  """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands (`host_cpu`): in the
+  compiled program of the public call both of its matmuls take bf16 operands, with the whole
+  batch at once and over batch chunks (XLA:CPU widened the QK matmul to float32 when its q was a
+  transpose: `xla_reference.masked_attention`'s q_layout). Batch chunks, once the logits outgrow
+  CPU_LOGITS_CHUNK_BYTES, cross the compiled loop as 16-bit values (`ops.float_bits`), where
+  XLA:CPU would carry float32 copies of q, k and v: no loop carries a float32 array of the
+  attention's (heads, rows, head_dim) shape, and the tokens and images equal the unchunked ones."""
   import dataclasses
-  import re
   from var_jax.ops import attention, host_cpu
   monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: True)
   m32 = model("tiny")
-  bf16 = lambda: var_jax.VARModel(dataclasses.replace(m32.config, dtype="bfloat16"), m32.params,
+  cfg = m32.config
+  bf16 = lambda: var_jax.VARModel(dataclasses.replace(cfg, dtype="bfloat16"), m32.params,
                                   m32.tokenizer)
   labels = np.array([1, 2, 3, 4])
   # one device, so that the loop's shapes are the whole batch's (no batch padding or partitioning)
   kw = dict(rng=jax.random.key(5), cfg=1.5, top_k=20, top_p=0.9,
             mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]))
-  whole = var_jax.sample(bf16(), labels, return_tokens=True, **kw)  # never chunked at this size
+  m = bf16()
+  whole = var_jax.sample(m, labels, return_tokens=True, **kw)  # never chunked at this size
+  whole_dots = _attention_dot_operands(
+      sampler.build_sample_call(m, labels, **kw).lower().compile().as_text(), cfg.num_heads)
+  assert len(whole_dots) >= 2 * (len(cfg.patch_nums) - 1), whole_dots  # QK and PV, every scale
+  assert all(pair == ("bf16", "bf16") for pair in whole_dots), whole_dots
   # 2 sequences per chunk at the second scale (logits of 2 x heads x pn^2 x kv_len float32), one
   # after it. The constant is read at trace time: the public call's program is traced anew
   # (`Call.lower(fresh=True)`, past jit's trace cache) and run compiled.
-  cfg = m32.config
   monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * cfg.num_heads * 4 * 5)
   call = sampler.build_sample_call(bf16(), labels, **kw)
-  lowered = call.lower(fresh=True)
-  compiled = lowered.compile()
+  compiled = call.lower(fresh=True).compile()
   images, tokens = compiled(*call.args)
   hlo = compiled.as_text()
-  # The attention's two matmuls, batched over (sequences, heads), take bf16 operands.
-  attention_dots = re.findall(
-      r"stablehlo\.dot_general .*batching_dims = \[0, 1\] x \[0, 1\].*: \((tensor<\d+x"
-      rf"{cfg.num_heads}x[^>]*>), (tensor<[^>]*>)\)", lowered.as_text())
-  assert attention_dots and all(t.endswith("xbf16>") for pair in attention_dots for t in pair), \
-      attention_dots
+  chunk_dots = _attention_dot_operands(hlo, cfg.num_heads)
+  assert chunk_dots and all(pair == ("bf16", "bf16") for pair in chunk_dots), chunk_dots
   carries = re.findall(r"= \(([^)]*)\) while\(", hlo)
   head_dim, rows = cfg.embed_dim // cfg.num_heads, 2 * len(labels)  # guidance doubles the batch
 
   def chunks(dtype):
-    """The loop-carried (chunks, sequences per chunk, heads, length, head_dim) arrays of dtype."""
+    """The loop-carried (chunks, sequences per chunk, heads or length, ..., head_dim) arrays."""
     found = (tuple(map(int, dims.split(","))) for carry in carries
              for dims in re.findall(dtype + r"\[(\d+,\d+,\d+,\d+,\d+)\]", carry))
-    return [d for d in found if d[0] * d[1] == rows and (d[2], d[4]) == (cfg.num_heads, head_dim)]
+    return [d for d in found if d[0] * d[1] == rows and d[4] == head_dim
+            and cfg.num_heads in (d[2], d[3])]
 
   assert chunks("(?:u16|bf16|f32)"), "the attention runs over no batch chunks: nothing is checked"
   assert not chunks("f32"), chunks("f32")

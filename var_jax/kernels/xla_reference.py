@@ -19,11 +19,20 @@ def _precision(dtype) -> jax.lax.Precision:
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def masked_attention(q_BHQD, k_BHKD, v_BHKD, visible_QK=None):
-  """softmax(q kᵀ) v over the keys where `visible_QK` (bool, broadcastable to (Q, K)) is True."""
+def masked_attention(q_BHQD, k_BHKD, v_BHKD, visible_QK=None, *, q_layout: str = "bhqd"):
+  """softmax(q kᵀ) v over the keys where `visible_QK` (bool, broadcastable to (Q, K)) is True.
+
+  q_layout "bqhd": q comes as (B, Q, H, D), queries before heads, the layout the q projection
+  produces; the output is (B, H, Q, D) either way. The CPU sampler passes q so: when the QK
+  matmul's q is a transpose, XLA:CPU runs that bf16 matmul in float32 (both operands widened, in
+  every layer), where from the projection's layout it stays bf16.
+  """
+  if q_layout not in ("bhqd", "bqhd"):
+    raise ValueError(f"q_layout must be 'bhqd' or 'bqhd', got {q_layout!r}")
   precision = _precision(q_BHQD.dtype)
   logits_BHQK = jnp.einsum(
-      "bhqd,bhkd->bhqk", q_BHQD, k_BHKD, precision=precision, preferred_element_type=jnp.float32
+      f"{q_layout},bhkd->bhqk", q_BHQD, k_BHKD, precision=precision,
+      preferred_element_type=jnp.float32
   )
   if visible_QK is not None:
     logits_BHQK = jnp.where(visible_QK, logits_BHQK, -jnp.inf)
@@ -44,7 +53,8 @@ def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int])
   return masked_attention(q_BHLD, k_BHLD, v_BHLD, visible_LL)
 
 
-def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int):
-  """Queries of one scale against the first `kv_len` entries of the KV cache, unmasked."""
-  return masked_attention(q_BHlD, k_BHSD[:, :, :kv_len], v_BHSD[:, :, :kv_len])
+def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, q_layout: str = "bhqd"):
+  """Queries of one scale against the first `kv_len` entries of the KV cache, unmasked (q as
+  `masked_attention`'s q_layout says)."""
+  return masked_attention(q_BHlD, k_BHSD[:, :, :kv_len], v_BHSD[:, :, :kv_len], q_layout=q_layout)
 

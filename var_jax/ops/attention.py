@@ -192,29 +192,30 @@ def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int],
 CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
 
 
-def _batch_chunked(fn, q_BHlD, k_BHSD, v_BHSD, *, logits_bytes: int):
-  """fn over batch chunks (lax.map) so each chunk's logits stay under CPU_LOGITS_CHUNK_BYTES.
+def _batch_chunked(fn, q, k_BHSD, v_BHSD, *, logits_bytes: int):
+  """fn over batch chunks (lax.map) so each chunk's logits stay under CPU_LOGITS_CHUNK_BYTES; q is
+  (B, H, l, D) or (B, l, H, D), batch first either way.
 
   bfloat16 operands travel through the map as uint16 bit patterns (`ops.float_bits`): XLA:CPU's
   float normalization otherwise makes the loop carry float32 copies of them, converted back to
   bfloat16 inside every chunk (VAR-d16's last scale at batch 8: 4 x 89 MB of float32 per layer;
   that scale's attention alone took 76-92 ms against 49-51 ms with the bit patterns).
   """
-  batch = q_BHlD.shape[0]
+  batch = q.shape[0]
   per_sequence = max(1, logits_bytes)
   chunk = max(1, min(batch, CPU_LOGITS_CHUNK_BYTES // per_sequence))
   while batch % chunk:
     chunk -= 1
   if chunk == batch:
-    return fn(q_BHlD, k_BHSD, v_BHSD)
-  dtype = q_BHlD.dtype
+    return fn(q, k_BHSD, v_BHSD)
+  dtype = q.dtype
   if dtype.itemsize == 2:
     to_bits, from_bits = float_bits.to_bits, lambda bits: float_bits.from_bits(bits, dtype)
   else:
     to_bits = from_bits = lambda x: x
   split = lambda x: to_bits(x).reshape((batch // chunk, chunk) + x.shape[1:])
   chunk_fn = lambda args: to_bits(fn(*(from_bits(x) for x in args)))
-  out = jax.lax.map(chunk_fn, (split(q_BHlD), split(k_BHSD), split(v_BHSD)))
+  out = jax.lax.map(chunk_fn, (split(q), split(k_BHSD), split(v_BHSD)))
   return from_bits(out.reshape((batch,) + out.shape[2:]))
 
 
@@ -288,8 +289,15 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
       # as fast (an Intel AMX host: 5.5 -> 3.0 s of attention in a batch-8 call; host_cpu).
       operand = q_BHlD.dtype if host_cpu.has_amx_bf16() else jnp.float32
       cast = lambda x: x.astype(operand)
-      out = _batch_chunked(functools.partial(xla_reference.prefix_attention, kv_len=kv_len),
-                           cast(q_BHlD), cast(k_BHSD), cast(v_BHSD),
+      q, q_layout = cast(q_BHlD), "bhqd"
+      if q.dtype == jnp.bfloat16:
+        # Back to the projection's (B, l, H, D) layout (the caller's transpose and this one
+        # cancel): XLA:CPU widens a bf16 QK matmul to float32 when its q is a transpose
+        # (`xla_reference.masked_attention`). A float32 QK was slower so (16.7 -> 22.6 ms).
+        q, q_layout = q.transpose(0, 2, 1, 3), "bqhd"
+      out = _batch_chunked(functools.partial(xla_reference.prefix_attention, kv_len=kv_len,
+                                             q_layout=q_layout),
+                           q, cast(k_BHSD), cast(v_BHSD),
                            logits_bytes=4 * q_BHlD.shape[1] * q_BHlD.shape[2] * kv_len)
       return out.astype(q_BHlD.dtype)
     return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
