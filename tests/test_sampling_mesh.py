@@ -120,6 +120,30 @@ def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits(
   np.testing.assert_array_equal(np.asarray(forward(stored)), np.asarray(forward(base.params)))
 
 
+def test_bfloat16_placement_of_on_device_params_holds_the_same_bit_patterns():
+  """Params already on device (a training state's, as the trainer's sample hook passes them) are
+  cast and bit-cast on device: the placed stacks hold the same uint16 bit patterns, and the other
+  weights the same values, as when the params come from the host."""
+  import dataclasses
+  base = model("tiny")
+  cfg = dataclasses.replace(base.config, dtype="bfloat16")
+  on_device = jax.tree.map(jnp.asarray, base.params)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(on_device))
+  ref = reference("tiny")
+  from helpers import split_tokens
+  maps = split_tokens(ref["vae_idx_BL"])
+  placed = []
+  for params in (base.params, on_device):
+    m = var_jax.VARModel(cfg, params, base.tokenizer)
+    m.logits(ref["tf_label"], maps)
+    placed.append(m.placements[placement.default_mesh()].var_params)
+  host, device = placed
+  assert device["blocks"]["attn"]["mat_qkv"].dtype == jnp.uint16
+  for got, want in zip(jax.tree.leaves(device), jax.tree.leaves(host)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_edit_on_8_devices_equals_one_device():
   m = model("tiny")
   images = reference("tiny")["inp_img"].transpose(0, 2, 3, 1)

@@ -37,6 +37,7 @@ from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models import var as var_model
 from var_jax.ops import attention
+from var_jax.ops import float_bits
 
 # Param leaves that the model only ever uses after casting them to its compute dtype (the
 # einsum weights of attention and the kernels of Dense layers with an explicit dtype). Storing
@@ -210,7 +211,7 @@ def _put_leaf(x: Any, target: NamedSharding, dtype: np.dtype, as_bits: bool = Fa
       return y
     cast = lambda a: a.astype(dtype)
     if as_bits:
-      cast = lambda a: jax.lax.bitcast_convert_type(a.astype(dtype), jnp.uint16)
+      cast = lambda a: float_bits.to_bits(a.astype(dtype))
     return jax.jit(cast, out_shardings=target)(y)
   host = np.asarray(x)
   if host.dtype != dtype:
