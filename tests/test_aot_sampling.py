@@ -181,10 +181,17 @@ def test_lower_sample_is_the_program_sample_runs():
   assert abstract == concrete
 
 
-def test_lower_sample_traces_anew_under_scan_unroll():
+def _unplaced(m):
+  """The same model without the placements `model()`'s cached instance holds."""
+  return var_jax.VARModel(m.config, m.params, m.tokenizer)
+
+
+def test_lower_sample_traces_anew_under_scan_unroll(monkeypatch):
   """`aot.scan_unroll` changes what lower_sample traces (the sampler's loop correction relies on
-  it): the lowering is a new trace, not jit's cached trace of the same call."""
-  m = model("tiny")
+  it): the lowering is a new trace, not jit's cached trace of the same call. On CPU devices with
+  TPU's layout (stacked weights): CPU's own is unrolled already (`placement.held_per_layer`)."""
+  monkeypatch.setattr(placement, "held_per_layer", lambda path, mesh: False)
+  m = _unplaced(model("tiny"))
   assert m.config.depth % 2 == 0
   mesh = placement.default_mesh()
   lower = lambda: aot.lower_sample(m, np.arange(5), mesh=mesh).as_text()
@@ -194,10 +201,12 @@ def test_lower_sample_traces_anew_under_scan_unroll():
   assert unrolled != once and lower() == once
 
 
-def test_step_sliced_unroll_samples_the_same_tokens():
+def test_step_sliced_unroll_samples_the_same_tokens(monkeypatch):
   """The loop correction's program (`scan_unroll(2, slice_each_step=True)`, each step's weights
-  and cache indexed from the whole stack) computes what the sampler computes: same tokens."""
-  m = model("tiny")
+  and cache indexed from the whole stack) computes what the sampler computes: same tokens. On CPU
+  devices with TPU's layout (stacked weights, which that correction is for)."""
+  monkeypatch.setattr(placement, "held_per_layer", lambda path, mesh: False)
+  m = _unplaced(model("tiny"))
   call = sampler.build_sample_call(m, np.arange(3), rng=jax.random.key(4), top_k=5,
                                    mesh=placement.default_mesh())
   with aot.scan_unroll(2, slice_each_step=True):

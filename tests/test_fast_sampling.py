@@ -187,7 +187,7 @@ def test_collaborative_sampling_on_a_2x2x2_mesh_equals_one_device():
                              mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]),
                              return_tokens=True)
   np.testing.assert_array_equal(concat_tokens(sharded), concat_tokens(single))
-  qkv = refiner.placements[mesh].var_params["blocks"]["attn"]["mat_qkv"]
+  qkv = refiner.placements[mesh].var_params["blocks"]["attn"]["mat_qkv"][0]  # layer 0 (on CPU)
   assert len(qkv.sharding.device_set) == 8 and qkv.sharding.shard_shape(qkv.shape) != qkv.shape
   with jax.transfer_guard("disallow"):
     _, again = var_jax.sample(drafter, labels, rng=key, refiner=refiner, draft_scales=2,

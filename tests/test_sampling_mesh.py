@@ -88,14 +88,19 @@ def test_weights_split_over_fsdp_and_tensor():
   m = model("tiny")
   mesh = var_jax.sampling_mesh(2, 2, 2)
   var_jax.sample(m, [1], rng=jax.random.key(0), mesh=mesh)
-  qkv = m.placements[mesh].var_params["blocks"]["attn"]["mat_qkv"]  # (depth, C, 3, H, D)
-  assert qkv.shape == (2, 128, 3, 2, 64)
-  assert qkv.sharding.shard_shape(qkv.shape) == (2, 64, 3, 1, 64)  # embed/fsdp, heads/tensor
+  # On CPU one array per layer (`placement.held_per_layer`), each split as a layer of the stack.
+  layers = m.placements[mesh].var_params["blocks"]["attn"]["mat_qkv"]  # depth x (C, 3, H, D)
+  assert isinstance(layers, tuple) and len(layers) == 2
+  stack = np.asarray(m.params["blocks"]["attn"]["mat_qkv"])
+  for i, qkv in enumerate(layers):
+    assert qkv.shape == (128, 3, 2, 64)
+    assert qkv.sharding.shard_shape(qkv.shape) == (64, 3, 1, 64)  # embed/fsdp, heads/tensor
+    np.testing.assert_array_equal(np.asarray(qkv), stack[i])
 
 
 def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits():
-  """Weights the model casts at use are stored in bf16 (the blocks' stacks as their uint16 bit
-  patterns): logits from them equal those from float32 storage, cast at use."""
+  """Weights the model casts at use are stored in bf16 (on CPU the blocks' weights one array per
+  layer): logits from them equal those from float32 storage, cast at use."""
   import dataclasses
   base = model("tiny")
   cfg = dataclasses.replace(base.config, dtype="bfloat16")
@@ -105,26 +110,33 @@ def test_bfloat16_model_stores_matmul_weights_in_bfloat16_with_identical_logits(
   maps = split_tokens(ref["vae_idx_BL"])
   m.logits(ref["tf_label"], maps)
   placed = m.placements[placement.default_mesh()].var_params
-  # The blocks' stacks as the uint16 bit patterns of their bfloat16 values (on CPU and TPU).
+  # The blocks' weights one bfloat16 array per layer (on CPU; TPU holds uint16 stacks).
   qkv = np.asarray(base.params["blocks"]["attn"]["mat_qkv"], np.float32)
-  np.testing.assert_array_equal(np.asarray(placed["blocks"]["attn"]["mat_qkv"]),
-                                qkv.astype(jnp.bfloat16).view(np.uint16))
-  assert placed["blocks"]["ffn"]["fc1"]["kernel"].dtype == jnp.uint16
+  layers = placed["blocks"]["attn"]["mat_qkv"]
+  assert len(layers) == cfg.depth
+  np.testing.assert_array_equal(np.stack([np.asarray(x) for x in layers]), qkv.astype(jnp.bfloat16))
+  assert all(x.dtype == jnp.bfloat16 for x in placed["blocks"]["ffn"]["fc1"]["kernel"])
   assert placed["head"]["kernel"].dtype == jnp.bfloat16
   assert placed["word_embed"]["kernel"].dtype == jnp.float32  # used in float32
-  assert placed["blocks"]["attn"]["scale_mul_1H11"].dtype == jnp.float32
-  # The same one-device program on the stored weights and on the float32 ones (cast at use).
+  assert all(x.dtype == jnp.float32 for x in placed["blocks"]["attn"]["scale_mul_1H11"])
+  # The same one-device program on the stored weights and on the float32 ones (cast at use), both
+  # one array per layer.
   x = m.tokenizer.apply(maps, method=var_jax.inference.tokenizer.VQVAE.indices_to_var_input)
   forward = jax.jit(lambda p: m.module.apply({"params": p}, jnp.asarray(ref["tf_label"], jnp.int32), x))
   stored = jax.device_get(placed)
-  np.testing.assert_array_equal(np.asarray(forward(stored)), np.asarray(forward(base.params)))
+  f32 = dict(base.params, blocks=jax.tree.map(lambda s: tuple(np.asarray(s)), base.params["blocks"]))
+  np.testing.assert_array_equal(np.asarray(forward(stored)), np.asarray(forward(f32)))
 
 
-def test_bfloat16_placement_of_on_device_params_holds_the_same_bit_patterns():
+@pytest.mark.parametrize("layout", ["per_layer", "uint16_stacks"])
+def test_bfloat16_placement_of_on_device_params_holds_the_same_bit_patterns(layout, monkeypatch):
   """Params already on device (a training state's, as the trainer's sample hook passes them) are
-  cast and bit-cast on device: the placed stacks hold the same uint16 bit patterns, and the other
-  weights the same values, as when the params come from the host."""
+  sliced, cast and bit-cast on device: the placed weights hold the same values (and bit
+  patterns) as when the params come from the host, in CPU's layout (one bfloat16 array per
+  layer) and in TPU's (uint16 stacks; here on CPU devices, with the per-layer choice off)."""
   import dataclasses
+  if layout == "uint16_stacks":
+    monkeypatch.setattr(placement, "held_per_layer", lambda path, mesh: False)
   base = model("tiny")
   cfg = dataclasses.replace(base.config, dtype="bfloat16")
   on_device = jax.tree.map(jnp.asarray, base.params)
@@ -138,7 +150,12 @@ def test_bfloat16_placement_of_on_device_params_holds_the_same_bit_patterns():
     m.logits(ref["tf_label"], maps)
     placed.append(m.placements[placement.default_mesh()].var_params)
   host, device = placed
-  assert device["blocks"]["attn"]["mat_qkv"].dtype == jnp.uint16
+  qkv = device["blocks"]["attn"]["mat_qkv"]
+  if layout == "uint16_stacks":
+    assert qkv.dtype == jnp.uint16 and qkv.shape[0] == cfg.depth
+  else:
+    assert len(qkv) == cfg.depth and all(x.dtype == jnp.bfloat16 for x in qkv)
+  assert jax.tree.structure(device) == jax.tree.structure(host)
   for got, want in zip(jax.tree.leaves(device), jax.tree.leaves(host)):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -10,8 +10,9 @@ slice are one program:
 * `place(model, mesh)`: the VAR params split by their logical axis names (`embed` over "fsdp",
   heads / mlp / vocab over "tensor"; replicated when those axes have size 1), the tokenizer params
   replicated. The matmul weights the model casts to its compute dtype at use are stored in that
-  dtype (bfloat16 models hold half the bytes, with bit-identical results; on CPU and TPU the
-  blocks' bfloat16 stacks are held as their uint16 bit patterns, `held_as_bits`). The placement
+  dtype (bfloat16 models hold half the bytes, with bit-identical results; on TPU the blocks'
+  bfloat16 stacks are held as their uint16 bit patterns, `held_as_bits`; on CPU each block weight
+  is held as one array per layer, `held_per_layer`, which the model reads in place). The placement
   is cached on the model per mesh, so later calls transfer no weights. With `jax.ShapeDtypeStruct` params
   (a model that was never materialised, for AOT compiles) the placement is abstract.
 * `pad_batch` / `batch_shards`: any batch on any device count: the batch is padded to a multiple of
@@ -190,14 +191,40 @@ def stored_dtype(path: tuple, leaf: Any, compute_dtype: str) -> np.dtype:
 
 def held_as_bits(path: tuple, dtype: np.dtype, var_config, mesh: Mesh) -> bool:
   """Whether a VAR param is held as the uint16 bit patterns of its bfloat16 values: the blocks'
-  bfloat16 stacks where the decode loop slices them as uint16 (`var.stacks_as_uint16`).
+  bfloat16 stacks where the decode loop slices them as uint16 (`var.stacks_as_uint16`): on TPU
+  (CPU holds them per layer, `held_per_layer`, as bfloat16).
 
   Held so, the sampling program starts from them as they are (bitcasting them in the program was
   a copy of every stack per call on TPU); the model reads uint16 block params as the bfloat16
   values they hold in every mode, so logits and editing take the same placement.
   """
   return (dtype == np.dtype(jnp.bfloat16) and _path_names(path)[:1] == ["blocks"]
+          and not held_per_layer(path, mesh)
           and var_model.stacks_as_uint16(var_config, attention.computation_platform(mesh)))
+
+
+def held_per_layer(path: tuple, mesh: Mesh) -> bool:
+  """Whether a VAR param is held as one array per layer (a tuple of `depth` arrays, each split
+  like a layer of the stack): the blocks' params where the model reads them in place that way
+  (`var.weights_per_layer`, on CPU). Such leaves are never held as uint16 bit patterns."""
+  return (_path_names(path)[:1] == ["blocks"]
+          and var_model.weights_per_layer(attention.computation_platform(mesh)))
+
+
+def _layer(x: Any, i: int) -> Any:
+  """Layer i of a stacked param (host, device or abstract)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i] if isinstance(x, jax.Array) else np.asarray(x)[i]
+
+
+def _put_var_leaf(path: tuple, x: Any, target: NamedSharding, dtype: np.dtype, var_config,
+                  mesh: Mesh) -> Any:
+  """A VAR param as `place` holds it: per layer, as bit patterns, or as it is (in `dtype`)."""
+  if held_per_layer(path, mesh):
+    layer_target = NamedSharding(mesh, PartitionSpec(*tuple(target.spec)[1:]))
+    return tuple(_put_leaf(_layer(x, i), layer_target, dtype) for i in range(x.shape[0]))
+  return _put_leaf(x, target, dtype, held_as_bits(path, dtype, var_config, mesh))
 
 
 def _put_leaf(x: Any, target: NamedSharding, dtype: np.dtype, as_bits: bool = False) -> Any:
@@ -256,7 +283,7 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
   treedef = jax.tree.structure(model.params)
   dtypes = [stored_dtype(path, x, model.config.dtype) for path, x in paths_leaves]
   var_params = jax.tree.unflatten(treedef, [
-      _put_leaf(x, s, dtype, held_as_bits(path, dtype, model.config, mesh))
+      _put_var_leaf(path, x, s, dtype, model.config, mesh)
       for (path, x), s, dtype in zip(paths_leaves, jax.tree.leaves(shardings), dtypes)])
   repl = replicated(mesh)
   vae_params = jax.tree.map(lambda x: _put_leaf(x, repl, np.dtype(x.dtype)), model.tokenizer.params)

@@ -16,6 +16,8 @@ One module, two modes chosen by attributes:
     rows [0, end of si), so decoding goes on at scale si + 1; returns the logits of all ed rows.
     Collaborative decoding hands a drafted prefix to a second model this way.
 Both modes share one parameter tree; blocks are stacked with `nn.scan` (leading "layers" axis).
+Given each block param as a tuple of per-layer arrays instead (the inference placement's layout
+on CPU, `weights_per_layer`), the scan over blocks is unrolled and reads each layer's in place.
 The cache travels through the layer scan as part of the carry, not as a scanned variable: a
 carried buffer is updated in place, whereas scanned outputs are a fresh (depth, B, H, S, D) buffer
 per scale (14 GiB of XLA temp for VAR-d16 at batch 8 on CPU, and two full copies per scale).
@@ -78,6 +80,41 @@ def cache_as_uint16(cfg: VARConfig) -> bool:
   analysis, ahead of time.
   """
   return stacks_as_uint16(cfg) and attention_ops.computation_platform() == "cpu"
+
+
+def weights_per_layer(platform: str | None = None) -> bool:
+  """Whether the inference placement holds every block weight as one array per layer (a tuple of
+  `depth` arrays, `placement.held_per_layer`) instead of one stack: on CPU.
+
+  Given such tuples, VAR stacks them again in the program and unrolls its scan over the blocks;
+  every layer then reads a constant slice of a stack XLA has just built from the layer arrays,
+  which its simplifier folds back to the layer's own array: the matmuls read the weights where
+  they lie. The loop over a stack (`nn.scan` as a while loop) copies each layer's slice out of it
+  at every step instead: XLA:CPU hands its matmul libraries whole buffers only. Those copies,
+  every weight once per scale (0.8 GB per scale for VAR-d16 in float32), were 13% of a VAR-d16
+  float32 sampling call at batch 1 (`VAR/dynamic_slice` in a profile of the call) and 18% in
+  bfloat16 (the slice fused with the uint16 -> bfloat16 bitcast, `stacks_as_uint16`). Without
+  them the call is x1.04 faster in float32 at batch 1, x1.07 in bfloat16 at batch 1 and x1.05 at
+  batch 8, identical images and tokens (`benchmarks/bench_weight_layout.py`); the cost is ten
+  unrolled scans to compile instead of ten loops (lower + compile 15 -> 24 s in bfloat16).
+  TPU and GPU keep the stacks: a TPU fuses the loop's dynamic slice into the matmul that reads it,
+  and unrolling would only lengthen the compile.
+  `platform` defaults to where the traced computation runs (`attention_ops.computation_platform`).
+  """
+  platform = attention_ops.computation_platform() if platform is None else platform
+  return platform == "cpu"
+
+
+def _stack_layers(tree):
+  """Per-layer tuples of arrays (`weights_per_layer`) stacked along a new leading axis."""
+  is_layers = lambda x: isinstance(x, tuple)
+  return jax.tree.map(lambda x: jnp.stack(x) if is_layers(x) else x, tree, is_leaf=is_layers)
+
+
+def _held_per_layer(blocks_params) -> bool:
+  """Whether the blocks' params arrive as per-layer tuples (`weights_per_layer`)."""
+  return any(isinstance(x, tuple)
+             for x in jax.tree.leaves(blocks_params, is_leaf=lambda x: isinstance(x, tuple)))
 
 
 def _as_bits(tree):
@@ -409,16 +446,23 @@ class VAR(nn.Module):
     if cfg.remat_policy != "none":
       block = nn.remat(AdaLNBlock, policy=policy, prevent_cse=False)
     # Not while initialising: the params are being created, not sliced.
-    bits = decode_range is not None and not self.is_initializing() and stacks_as_uint16(cfg)
+    applying = not self.is_initializing()
+    per_layer = (applying and self.has_variable("params", "blocks")
+                 and _held_per_layer(self.get_variable("params", "blocks")))
+    bits = decode_range is not None and applying and not per_layer and stacks_as_uint16(cfg)
     if bits:  # each block reads its weights back from the uint16 slices the loop hands it
       block = nn.map_variables(block, "params", trans_in_fn=_from_bits)
+    # unroll only when per layer: otherwise nn.scan's default, which `aot.scan_unroll` sets
+    unrolled = {"unroll": True} if per_layer else {}
     blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, 0, 0, 0), length=cfg.depth,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    if bits:  # the loop slices the stacks as uint16 (see stacks_as_uint16)
+                     metadata_params={nn.PARTITION_NAME: "layers"}, **unrolled)
+    if per_layer:  # one array per layer: unrolled, each block reads its own (weights_per_layer)
+      blocks = nn.map_variables(blocks, "params", trans_in_fn=_stack_layers)
+    elif bits:  # the loop slices the stacks as uint16 (see stacks_as_uint16)
       blocks = nn.map_variables(blocks, "params", trans_in_fn=_as_bits)
-    elif not self.is_initializing():  # stacks the placement holds as uint16, whole as bfloat16
+    elif applying:  # stacks the placement holds as uint16, whole as bfloat16
       blocks = nn.map_variables(blocks, "params", trans_in_fn=_from_bits)
     drop_rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.depth, dtype=jnp.float32)
     layers = jnp.arange(cfg.depth, dtype=jnp.int32)
@@ -430,7 +474,7 @@ class VAR(nn.Module):
       cache_shape = (cfg.depth, B, cfg.num_heads, attention_ops.kv_cache_len(cfg.patch_nums),
                      cfg.head_dim)
       # uint16: bfloat16 bit patterns (0 is +0.0)
-      cache_dtype = jnp.uint16 if bits and cache_as_uint16(cfg) else dtype
+      cache_dtype = jnp.uint16 if applying and cache_as_uint16(cfg) else dtype
       cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, cache_dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, cache_dtype)
       (x_BLC, (cached_k.value, cached_v.value)), ada_NB6C = scanned(
