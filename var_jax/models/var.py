@@ -62,9 +62,12 @@ def stacks_as_uint16(cfg: VARConfig, platform: str | None = None) -> bool:
   31.9 GB against 22.2 (batch 2 on one v5e chip, slim tokenizer), so the weights stay uint16.
   GPU keeps bfloat16 stacks until a GPU run shows the same.
 
-  The inference placement stores these stacks as uint16 already (`placement.place`): bitcasting
-  them inside the call was a copy of every stack on TPU (1.2 GB per call for VAR-d16). `platform`
-  defaults to where the traced computation runs (`attention_ops.computation_platform`).
+  On TPU the inference placement stores these stacks as uint16 already (`placement.place`):
+  bitcasting them inside the call was a copy of every stack on TPU (1.2 GB per call for VAR-d16).
+  On CPU it holds the weights one array per layer instead (`weights_per_layer`), which this loop
+  never slices; the uint16 weight stacks there serve stacked params applied directly (`VAR.apply`),
+  and the cache stays a uint16 stack. `platform` defaults to where the traced computation runs
+  (`attention_ops.computation_platform`).
   """
   platform = attention_ops.computation_platform() if platform is None else platform
   return jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16) and platform in ("cpu", "tpu")
@@ -105,16 +108,19 @@ def weights_per_layer(platform: str | None = None) -> bool:
   return platform == "cpu"
 
 
+def _is_layers(x) -> bool:
+  """Whether a params leaf is a tuple of per-layer arrays (`weights_per_layer`)."""
+  return isinstance(x, tuple)
+
+
 def _stack_layers(tree):
-  """Per-layer tuples of arrays (`weights_per_layer`) stacked along a new leading axis."""
-  is_layers = lambda x: isinstance(x, tuple)
-  return jax.tree.map(lambda x: jnp.stack(x) if is_layers(x) else x, tree, is_leaf=is_layers)
+  """Per-layer tuples of arrays stacked along a new leading axis; other leaves as they are."""
+  return jax.tree.map(lambda x: jnp.stack(x) if _is_layers(x) else x, tree, is_leaf=_is_layers)
 
 
 def _held_per_layer(blocks_params) -> bool:
   """Whether the blocks' params arrive as per-layer tuples (`weights_per_layer`)."""
-  return any(isinstance(x, tuple)
-             for x in jax.tree.leaves(blocks_params, is_leaf=lambda x: isinstance(x, tuple)))
+  return any(map(_is_layers, jax.tree.leaves(blocks_params, is_leaf=_is_layers)))
 
 
 def _as_bits(tree):
