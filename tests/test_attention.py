@@ -586,16 +586,51 @@ def test_gpu_kernels_lower_to_triton_without_a_gpu():
     assert "triton_kernel_call" in hlo or "__gpu$xla.gpu.triton" in hlo, hlo[:2000]
 
 
-def test_cpu_prefix_attention_batch_chunks_equal_whole(monkeypatch):
-  """The CPU XLA path's batch chunking (large logits) changes nothing but the schedule."""
-  rng = np.random.default_rng(3)
-  q = jnp.asarray(rng.standard_normal((6, 2, 9, 64)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((6, 2, 32, 64)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((6, 2, 32, 64)), jnp.float32)
-  whole = attention.prefix_attention(q, k, v, kv_len=14, impl="xla")
-  monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * 2 * 9 * 14)  # two sequences
-  chunked = jax.jit(lambda q, k, v: attention.prefix_attention(q, k, v, kv_len=14, impl="xla"))(q, k, v)
-  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+def _has_loop(fn, *args) -> bool:
+  """Whether fn's jaxpr (nested ones included) holds a loop (scan or while); traced anew (a fresh wrapper:
+  JAX caches traces by function, and the block size is read while tracing)."""
+  def walk(jaxpr):
+    return any(eqn.primitive.name in ("scan", "while") or any(
+        walk(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)) for eqn in jaxpr.eqns)
+  return walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_cpu_prefix_attention_in_blocks_matches_float64_attention(monkeypatch, dtype, stacked):
+  """Pairs with large logits on CPU run as a loop over blocks of (sequence, head) pairs: with
+  blocks of 3 of the 6 pairs (one block straddles two sequences) the output still equals float64
+  attention over the first kv_len cache rows (of the traced layer, for a stacked cache), and the
+  rows past kv_len stay unread. Small pairs run as one call, however small the block budget."""
+  q, k, v = _qkv(6, 3, 2, 9, 64, dtype, kv_len=32)
+  k_NBHSD = jnp.stack([k * 0.5, k, k * 2]).at[1, :, :, 14:].set(1e4)
+  v_NBHSD = jnp.stack([v * 0.5, v, v * 2]).at[1, :, :, 14:].set(1e4)
+  if stacked:
+    args = (q, k_NBHSD, v_NBHSD, jnp.int32(1))
+    fn = lambda q, k, v, layer: attention.prefix_attention(q, k, v, kv_len=14, impl="xla",
+                                                           layer=layer)
+  else:
+    args = (q, k_NBHSD[1], v_NBHSD[1])
+    fn = lambda q, k, v: attention.prefix_attention(q, k, v, kv_len=14, impl="xla")
+  assert not _has_loop(fn, *args)
+  monkeypatch.setattr(attention, "CPU_LOGITS_BLOCK_BYTES", 3 * 4 * 9 * 14)  # 3 pairs per block
+  assert not _has_loop(fn, *args)  # 504-byte pairs: under CPU_BLOCK_MIN_PAIR_LOGITS_BYTES
+  monkeypatch.setattr(attention, "CPU_BLOCK_MIN_PAIR_LOGITS_BYTES", 4 * 9 * 14)
+  assert _has_loop(fn, *args), "no block loop: nothing is checked"
+  out = jax.jit(lambda *a: fn(*a))(*args)
+  assert out.dtype == dtype and out.shape == q.shape
+  expected = _naive(q, k[:, :, :14], v[:, :, :14], np.ones((9, 14), bool))
+  _assert_close(out, expected, TOL[dtype], f"CPU prefix attention in blocks, {jnp.dtype(dtype)}")
+
+
+def test_cpu_pairs_per_block_divides_the_pairs_and_fits_the_budget(monkeypatch):
+  """The block is the most (sequence, head) pairs that divide the shard's pairs and whose float32
+  logits fit CPU_LOGITS_BLOCK_BYTES; a single pair's logits over it still make a block of 1."""
+  monkeypatch.setattr(attention, "CPU_LOGITS_BLOCK_BYTES", 1000)
+  assert attention._pairs_per_block(12, 100) == 6  # 10 fit, 6 is the largest divisor <= 10
+  assert attention._pairs_per_block(7, 100) == 7
+  assert attention._pairs_per_block(7, 150) == 1  # 6 would fit, but 7 is prime
+  assert attention._pairs_per_block(8, 5000) == 1
 
 
 def _dot_operand_dtypes(fn, *args):

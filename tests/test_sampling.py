@@ -239,22 +239,27 @@ def test_on_cpu_the_blocks_read_each_layers_weights_where_it_lies(dtype):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def _attention_dot_operands(hlo: str, num_heads: int) -> list:
+def _attention_dot_operands(hlo: str, num_heads: int, *, pairs_per_block: int | None = None) -> list:
   """The operand types of every matmul batched over (sequences, heads) in a compiled program:
-  the attention's QK and PV, as XLA runs them (after its own widening of any operand)."""
+  the attention's QK and PV, as XLA runs them (after its own widening of any operand). With
+  `pairs_per_block`, those of the CPU block loop instead: batched over that many (sequence, head)
+  pairs, as one batch axis (XLA drops the block's leading axis of 1)."""
   types = dict(re.findall(r"\n\s*(?:ROOT )?%(\S+) = (\w+)\[", hlo))
+  if pairs_per_block is not None:
+    dots = re.findall(r"= \w+\[(\d+),\d+,\d+\]\S* dot\(%(\S+), %(\S+)\), lhs_batch_dims=\{0\}", hlo)
+    return [(types[a], types[b]) for pairs, a, b in dots if int(pairs) == pairs_per_block]
   dots = re.findall(r"= \w+\[\d+,(\d+),[\d,]*\]\S* dot\(%(\S+), %(\S+)\), lhs_batch_dims=\{0,1\}", hlo)
   return [(types[a], types[b]) for heads, a, b in dots if int(heads) == num_heads]
 
 
-def test_bfloat16_on_cpu_attention_runs_bf16_matmuls_and_chunks_carry_16_bit_values(monkeypatch):
+def test_bfloat16_on_cpu_attention_runs_bf16_matmuls_and_blocks_carry_16_bit_values(monkeypatch):
   """On a CPU with AMX the bf16 sampler's attention multiplies bf16 operands (`host_cpu`): in the
-  compiled program of the public call both of its matmuls take bf16 operands, with the whole
-  batch at once and over batch chunks (XLA:CPU widened the QK matmul to float32 when its q was a
-  transpose: `xla_reference.masked_attention`'s q_layout). Batch chunks, once the logits outgrow
-  CPU_LOGITS_CHUNK_BYTES, cross the compiled loop as 16-bit values (`ops.float_bits`), where
-  XLA:CPU would carry float32 copies of q, k and v: no loop carries a float32 array of the
-  attention's (heads, rows, head_dim) shape, and the tokens and images equal the unchunked ones."""
+  compiled program of the public call both of its matmuls take bf16 operands, in one call and in
+  the loop over blocks of (sequence, head) pairs (XLA:CPU widened the QK matmul to float32 when
+  its q was a transpose: `xla_reference.masked_attention`'s q_layout). Blocks, once the logits
+  outgrow CPU_LOGITS_BLOCK_BYTES, cross the compiled loop as 16-bit values (`ops.float_bits`),
+  where XLA:CPU would carry float32 copies; no loop carries a whole cache stack (given the stacks,
+  XLA copied them into the loop per layer); the tokens and images equal the one-call ones."""
   import dataclasses
   from var_jax.ops import attention, host_cpu
   monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: True)
@@ -267,33 +272,40 @@ def test_bfloat16_on_cpu_attention_runs_bf16_matmuls_and_chunks_carry_16_bit_val
   kw = dict(rng=jax.random.key(5), cfg=1.5, top_k=20, top_p=0.9,
             mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]))
   m = bf16()
-  whole = var_jax.sample(m, labels, return_tokens=True, **kw)  # never chunked at this size
-  whole_dots = _attention_dot_operands(
-      sampler.build_sample_call(m, labels, **kw).lower().compile().as_text(), cfg.num_heads)
+  whole = var_jax.sample(m, labels, return_tokens=True, **kw)  # one call at every scale
+  whole_hlo = sampler.build_sample_call(m, labels, **kw).lower().compile().as_text()
+  whole_dots = _attention_dot_operands(whole_hlo, cfg.num_heads)
   assert len(whole_dots) >= 2 * (len(cfg.patch_nums) - 1), whole_dots  # QK and PV, every scale
   assert all(pair == ("bf16", "bf16") for pair in whole_dots), whole_dots
-  # 2 sequences per chunk at the second scale (logits of 2 x heads x pn^2 x kv_len float32), one
-  # after it. The constant is read at trace time: the public call's program is traced anew
+  attention_loop = r"while\([^\n]*op_name=\"[^\"]*/attn/while"
+  assert not re.search(attention_loop, whole_hlo)
+  # Blocks of 2 pairs from the second scale on (logits of pn^2 x kv_len float32 per pair; every
+  # pair counts as large). The
+  # constant is read at trace time: the public call's program is traced anew
   # (`Call.lower(fresh=True)`, past jit's trace cache) and run compiled.
-  monkeypatch.setattr(attention, "CPU_LOGITS_CHUNK_BYTES", 2 * 4 * cfg.num_heads * 4 * 5)
+  per_block = 2
+  monkeypatch.setattr(attention, "CPU_LOGITS_BLOCK_BYTES", per_block * 4 * 4 * 5)
+  monkeypatch.setattr(attention, "CPU_BLOCK_MIN_PAIR_LOGITS_BYTES", 0)
   call = sampler.build_sample_call(bf16(), labels, **kw)
   compiled = call.lower(fresh=True).compile()
   images, tokens = compiled(*call.args)
   hlo = compiled.as_text()
-  chunk_dots = _attention_dot_operands(hlo, cfg.num_heads)
-  assert chunk_dots and all(pair == ("bf16", "bf16") for pair in chunk_dots), chunk_dots
+  block_dots = _attention_dot_operands(hlo, cfg.num_heads, pairs_per_block=per_block)
+  assert block_dots and all(pair == ("bf16", "bf16") for pair in block_dots), block_dots
   carries = re.findall(r"= \(([^)]*)\) while\(", hlo)
-  head_dim, rows = cfg.embed_dim // cfg.num_heads, 2 * len(labels)  # guidance doubles the batch
+  head_dim, pairs = cfg.embed_dim // cfg.num_heads, 2 * len(labels) * cfg.num_heads  # guidance
 
-  def chunks(dtype):
-    """The loop-carried (chunks, sequences per chunk, heads or length, ..., head_dim) arrays."""
+  def blocks(dtype):
+    """The loop-carried (pairs, rows, head_dim) outputs of the block loop."""
     found = (tuple(map(int, dims.split(","))) for carry in carries
-             for dims in re.findall(dtype + r"\[(\d+,\d+,\d+,\d+,\d+)\]", carry))
-    return [d for d in found if d[0] * d[1] == rows and d[4] == head_dim
-            and cfg.num_heads in (d[2], d[3])]
+             for dims in re.findall(dtype + r"\[(\d+,\d+,\d+)\]", carry))
+    return [d for d in found if d[0] == pairs and d[2] == head_dim]
 
-  assert chunks("(?:u16|bf16|f32)"), "the attention runs over no batch chunks: nothing is checked"
-  assert not chunks("f32"), chunks("f32")
+  assert re.search(attention_loop, hlo)
+  assert blocks("(?:u16|bf16|f32)"), "the attention runs over no blocks: nothing is checked"
+  assert not blocks("f32"), blocks("f32")
+  stack = rf"\[{cfg.depth},(?:{2 * len(labels)},{cfg.num_heads}|{pairs}),\d+,{head_dim}\]"  # or flat
+  assert not any(re.search(stack, carry) for carry in carries), carries
   np.testing.assert_array_equal(np.asarray(images), np.asarray(whole[0]))
   for got, want in zip(tokens, whole[1]):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

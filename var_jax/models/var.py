@@ -228,16 +228,13 @@ class SelfAttention(nn.Module):
                                                       patch_nums=self.patch_nums,
                                                       impl=cfg.attention_impl)
       else:
-        if kv_cache[0].dtype == jnp.uint16:  # CPU: this layer's prefix [0, end) as bfloat16
-          k, v = (_from_bits(attention_ops.layer_prefix(c, layer, end)) for c in kv_cache)
-          at_layer = None
-        else:
-          # The stack and the layer: the TPU kernel reads the layer's rows out of the stack (a
-          # slice handed to a kernel would be copied per layer first); other paths slice it.
-          k, v = (c.astype(dtype) for c in kv_cache)
-          at_layer = layer
+        # The stacks and the layer: the TPU kernel reads the layer's rows out of the stack (a
+        # slice handed to a kernel would be copied per layer first); other paths slice it. CPU's
+        # uint16 stack goes in as its bfloat16 view, whose bit patterns the CPU path takes again
+        # (XLA cancels the two bitcasts).
+        k, v = (_from_bits(c) if c.dtype == jnp.uint16 else c.astype(dtype) for c in kv_cache)
         o_BHLD = attention_ops.prefix_attention(q_BHLD, k, v, kv_len=end, impl=cfg.attention_impl,
-                                                layer=at_layer)
+                                                layer=layer)
     o_BLHD = o_BHLD.transpose(0, 2, 1, 3)
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))

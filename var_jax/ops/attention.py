@@ -186,37 +186,86 @@ def block_causal_attention(q_BHLD, k_BHLD, v_BHLD, *, patch_nums: Sequence[int],
                                                       kernel=chosen, interpret=interpret)
 
 
-# On CPU, XLA's fused QK-softmax-PV slows down sharply once the float32 logits of a call outgrow
-# the caches (measured on d16's last scale at batch 16: 55 GFLOP/s whole vs 170 in 2-sequence
-# chunks), so the XLA path runs over batch chunks whose logits stay under this many bytes.
-CPU_LOGITS_CHUNK_BYTES = 24 * 2**20
+# On CPU the attention of a scale whose (sequence, head) pairs have large logits runs as a loop
+# over blocks of pairs whose float32 logits stay under CPU_LOGITS_BLOCK_BYTES
+# (`_cpu_prefix_attention`). As one batched call, XLA:CPU writes the logits of every pair to
+# memory, reads them back for the softmax and again for P·V; a block's logits stay in the caches
+# between its matmuls. Pairs with smaller logits than CPU_BLOCK_MIN_PAIR_LOGITS_BYTES run as one
+# call however many there are: their batched matmuls are efficient as they are, and a loop's
+# copies (q's transpose, the layer's cache prefix) and steps cost more than they save. Measured
+# with benchmarks/bench_cpu_attention.py (one layer of VAR-d16, identical outputs, Intel Xeon with
+# AMX, 2 cores), one call -> blocks of 6 MiB:
+#   bf16 batch 8:    13x13 (287 KB per pair) 80.2 -> 29.3 ms, 16x16 (696 KB) 204.1 -> 73.4 ms;
+#                    10x10 (102 KB) 9.6 -> 16.5 ms and 8x8 (40 KB) 4.7 -> 7.9 ms (so one call);
+#   bf16 batch 1:    13x13 5.3 -> 4.0 ms, 16x16 14.9 -> 9.4 ms;
+#   float32 batch 8: 13x13 105.3 -> 70.8 ms, 16x16 293.7 -> 143.7 ms; 8x8 17.0 -> 24.8 ms.
+# Blocks of 12 or 24 MiB were slower for the large pairs (13x13 at bf16 batch 8: 63 / 78 ms);
+# the small ones stay faster in one call at 64 sequences too (10x10: 46 ms, against 69 ms in
+# blocks of 32 MiB).
+CPU_LOGITS_BLOCK_BYTES = 6 * 2**20
+CPU_BLOCK_MIN_PAIR_LOGITS_BYTES = 128 * 2**10
 
 
-def _batch_chunked(fn, q, k_BHSD, v_BHSD, *, logits_bytes: int):
-  """fn over batch chunks (lax.map) so each chunk's logits stay under CPU_LOGITS_CHUNK_BYTES; q is
-  (B, H, l, D) or (B, l, H, D), batch first either way.
+def _pairs_per_block(pairs: int, pair_logits_bytes: int) -> int:
+  """The most (sequence, head) pairs, a divisor of `pairs` (all pairs of the shard), whose
+  float32 logits fit in CPU_LOGITS_BLOCK_BYTES; at least 1."""
+  per_block = max(1, min(pairs, CPU_LOGITS_BLOCK_BYTES // max(1, pair_logits_bytes)))
+  while pairs % per_block:
+    per_block -= 1
+  return per_block
 
-  bfloat16 operands travel through the map as uint16 bit patterns (`ops.float_bits`): XLA:CPU's
-  float normalization otherwise makes the loop carry float32 copies of them, converted back to
-  bfloat16 inside every chunk (VAR-d16's last scale at batch 8: 4 x 89 MB of float32 per layer;
-  that scale's attention alone took 76-92 ms against 49-51 ms with the bit patterns).
+
+def _cpu_prefix_attention(q_BHlD, k_NBHSD, v_NBHSD, layer, *, kv_len: int, dtype):
+  """One device's CPU attention of a sampling scale: q against rows [0, kv_len) of layer `layer`
+  of the cache stacks. 16-bit q and stacks come as uint16 bit patterns (`ops.float_bits`) of
+  `dtype`, so that XLA:CPU's float normalization does not carry float32 copies of them through
+  the block loop; the output is `dtype` (its bit patterns for 16-bit dtypes).
+
+  bf16 operands (float32 logits and softmax either way) only where the CPU has AMX: without it
+  XLA's CPU backend runs these batched per-head matmuls several times slower from bf16 than from
+  float32 operands (27 GFLOP/s for VAR-d16's last scale in a profile on an AMD host; a bf16
+  VAR-d16 call at batch 1 went 6.9 -> 6.6 s in float32), with it about twice as fast (an Intel
+  AMX host: 5.5 -> 3.0 s of attention in a batch-8 call; `host_cpu`).
   """
-  batch = q.shape[0]
-  per_sequence = max(1, logits_bytes)
-  chunk = max(1, min(batch, CPU_LOGITS_CHUNK_BYTES // per_sequence))
-  while batch % chunk:
-    chunk -= 1
-  if chunk == batch:
-    return fn(q, k_BHSD, v_BHSD)
-  dtype = q.dtype
-  if dtype.itemsize == 2:
-    to_bits, from_bits = float_bits.to_bits, lambda bits: float_bits.from_bits(bits, dtype)
-  else:
-    to_bits = from_bits = lambda x: x
-  split = lambda x: to_bits(x).reshape((batch // chunk, chunk) + x.shape[1:])
-  chunk_fn = lambda args: to_bits(fn(*(from_bits(x) for x in args)))
-  out = jax.lax.map(chunk_fn, (split(q), split(k_BHSD), split(v_BHSD)))
-  return from_bits(out.reshape((batch,) + out.shape[2:]))
+  bits = jnp.dtype(dtype).itemsize == 2
+  from_bits = (lambda x: float_bits.from_bits(x, dtype)) if bits else (lambda x: x)
+  to_bits = float_bits.to_bits if bits else (lambda x: x)
+  operand = jnp.dtype(dtype) if host_cpu.has_amx_bf16() else jnp.dtype(jnp.float32)
+  cast = lambda x: from_bits(x).astype(operand)
+  B, H, rows, D = q_BHlD.shape
+  pairs = B * H
+  pair_bytes = 4 * rows * kv_len
+  small = pair_bytes < CPU_BLOCK_MIN_PAIR_LOGITS_BYTES
+  per_block = pairs if small else _pairs_per_block(pairs, pair_bytes)
+  if per_block == pairs:  # one call
+    k, v = (cast(layer_prefix(c, layer, kv_len)) for c in (k_NBHSD, v_NBHSD))
+    q, q_layout = cast(q_BHlD), "bhqd"
+    if q.dtype == jnp.bfloat16:
+      # Back to the projection's (B, l, H, D) layout (the caller's transpose and this one cancel):
+      # XLA:CPU widens a bf16 QK matmul to float32 when its q is a transpose
+      # (`xla_reference.masked_attention`). A float32 QK was slower so (16.7 -> 22.6 ms).
+      q, q_layout = q.transpose(0, 2, 1, 3), "bqhd"
+    out = xla_reference.prefix_attention(q, k, v, kv_len=kv_len, q_layout=q_layout)
+    return to_bits(out.astype(dtype))
+  # (sequence, head) pairs flattened, so that every block reads contiguous rows: one copy of q
+  # (a transpose of the projection's layout) and of the layer's cache prefix. Given the whole
+  # stacks, XLA copied them whole into the loop at every layer, since the next layer's cache
+  # write updates them in place after it (10 s more in a VAR-d16 bf16 batch-8 call); carried
+  # through the loop and handed back, they were copied all the same.
+  q_PlD = q_BHlD.reshape(pairs, rows, D)
+  k_PLD, v_PLD = (layer_prefix(c, layer, kv_len).reshape(pairs, kv_len, D)
+                  for c in (k_NBHSD, v_NBHSD))
+
+  def block(i, out_PlD):
+    first = i * per_block
+    q, k, v = (cast(jax.lax.dynamic_slice_in_dim(x, first, per_block, axis=0))
+               for x in (q_PlD, k_PLD, v_PLD))
+    o = xla_reference.masked_attention(q[None], k[None], v[None])[0]
+    return jax.lax.dynamic_update_slice_in_dim(out_PlD, to_bits(o.astype(dtype)), first, axis=0)
+
+  out_PlD = jax.lax.fori_loop(0, pairs // per_block, block,
+                              jnp.zeros((pairs, rows, D), q_PlD.dtype))
+  return out_PlD.reshape(B, H, rows, D)
 
 
 def layer_prefix(cache_NBHSD, layer, kv_len: int):
@@ -275,31 +324,23 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
   chosen = _resolve_impl(impl, interpret)
   if chosen == "pallas_tpu" and impl == "auto" and q_BHlD.shape[2] < PREFIX_KERNEL_MIN_ROWS:
     chosen = "xla"
+  if chosen == "xla" and computation_platform() == "cpu":
+    dtype = q_BHlD.dtype
+    to_bits = float_bits.to_bits if dtype.itemsize == 2 else (lambda x: x)
+    if layer is None:
+      k_BHSD, v_BHSD, layer = k_BHSD[None], v_BHSD[None], 0
+    # Plain XLA: a jit without a mesh may partition it (`interpret=True` tells mesh_sharding so).
+    out = mesh_sharding.shard_map_over_batch_and_heads(
+        functools.partial(_cpu_prefix_attention, kv_len=kv_len, dtype=dtype),
+        to_bits(q_BHlD), to_bits(k_BHSD), to_bits(v_BHSD), jnp.asarray(layer, jnp.int32),
+        batch_dims=(0, 1, 1, None), kernel="CPU attention", interpret=True)
+    return float_bits.from_bits(out, dtype) if dtype.itemsize == 2 else out
   if layer is not None and chosen != "pallas_tpu":
     # The layer's first kv_len rows only: XLA:TPU copies a dynamically indexed slice whole (all
     # S rows, 768 for VAR-d16) before the attention reads kv_len of them.
     k_BHSD, v_BHSD = (layer_prefix(c, layer, kv_len) for c in (k_BHSD, v_BHSD))
     layer = None
   if chosen == "xla":
-    if computation_platform() == "cpu":
-      # bf16 operands (float32 logits and softmax either way) only where the CPU has AMX: without
-      # it XLA's CPU backend runs these batched per-head matmuls several times slower from bf16
-      # than from float32 operands (27 GFLOP/s for VAR-d16's last scale in a profile on an AMD
-      # host; a bf16 VAR-d16 call at batch 1 went 6.9 -> 6.6 s in float32), with it about twice
-      # as fast (an Intel AMX host: 5.5 -> 3.0 s of attention in a batch-8 call; host_cpu).
-      operand = q_BHlD.dtype if host_cpu.has_amx_bf16() else jnp.float32
-      cast = lambda x: x.astype(operand)
-      q, q_layout = cast(q_BHlD), "bhqd"
-      if q.dtype == jnp.bfloat16:
-        # Back to the projection's (B, l, H, D) layout (the caller's transpose and this one
-        # cancel): XLA:CPU widens a bf16 QK matmul to float32 when its q is a transpose
-        # (`xla_reference.masked_attention`). A float32 QK was slower so (16.7 -> 22.6 ms).
-        q, q_layout = q.transpose(0, 2, 1, 3), "bqhd"
-      out = _batch_chunked(functools.partial(xla_reference.prefix_attention, kv_len=kv_len,
-                                             q_layout=q_layout),
-                           q, cast(k_BHSD), cast(v_BHSD),
-                           logits_bytes=4 * q_BHlD.shape[1] * q_BHlD.shape[2] * kv_len)
-      return out.astype(q_BHlD.dtype)
     return xla_reference.prefix_attention(q_BHlD, k_BHSD, v_BHSD, kv_len=kv_len)
   if chosen == "pallas_gpu":
     _check_gpu_head_dim(q_BHlD.shape[3])

@@ -4,8 +4,8 @@ XLA:CPU's float normalization runs bfloat16 data movement (pads, slices, concate
 updates, loop carries) through float32: converts of whole arrays, and float32 copies where the
 values only travel. Moved as uint16 bit patterns the same values stay 16-bit, and the bitcasts to
 and from them are exact and fuse into their neighbours. Used by the decode loop's stacks
-(`models.var`), the CPU row-block convolution (`ops.conv_rows`) and the CPU attention's batch
-chunks (`ops.attention`), each with its own measurement.
+(`models.var`), the CPU row-block convolution (`ops.conv_rows`) and the CPU attention's block
+loop (`ops.attention`), each with its own measurement.
 """
 from __future__ import annotations
 
