@@ -215,6 +215,14 @@ def _pairs_per_block(pairs: int, pair_logits_bytes: int) -> int:
   return per_block
 
 
+def _bits_codec(dtype):
+  """(to, from): how the CPU path moves `dtype` values through XLA: 16-bit floats as their uint16
+  bit patterns (`ops.float_bits`), other dtypes as they are."""
+  if jnp.dtype(dtype).itemsize == 2:
+    return float_bits.to_bits, lambda bits: float_bits.from_bits(bits, dtype)
+  return (lambda x: x), (lambda x: x)
+
+
 def _cpu_prefix_attention(q_BHlD, k_NBHSD, v_NBHSD, layer, *, kv_len: int, dtype):
   """One device's CPU attention of a sampling scale: q against rows [0, kv_len) of layer `layer`
   of the cache stacks. 16-bit q and stacks come as uint16 bit patterns (`ops.float_bits`) of
@@ -227,9 +235,7 @@ def _cpu_prefix_attention(q_BHlD, k_NBHSD, v_NBHSD, layer, *, kv_len: int, dtype
   VAR-d16 call at batch 1 went 6.9 -> 6.6 s in float32), with it about twice as fast (an Intel
   AMX host: 5.5 -> 3.0 s of attention in a batch-8 call; `host_cpu`).
   """
-  bits = jnp.dtype(dtype).itemsize == 2
-  from_bits = (lambda x: float_bits.from_bits(x, dtype)) if bits else (lambda x: x)
-  to_bits = float_bits.to_bits if bits else (lambda x: x)
+  to_bits, from_bits = _bits_codec(dtype)
   operand = jnp.dtype(dtype) if host_cpu.has_amx_bf16() else jnp.dtype(jnp.float32)
   cast = lambda x: from_bits(x).astype(operand)
   B, H, rows, D = q_BHlD.shape
@@ -326,7 +332,7 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
     chosen = "xla"
   if chosen == "xla" and computation_platform() == "cpu":
     dtype = q_BHlD.dtype
-    to_bits = float_bits.to_bits if dtype.itemsize == 2 else (lambda x: x)
+    to_bits, from_bits = _bits_codec(dtype)
     if layer is None:
       k_BHSD, v_BHSD, layer = k_BHSD[None], v_BHSD[None], 0
     # Plain XLA: a jit without a mesh may partition it (`interpret=True` tells mesh_sharding so).
@@ -334,7 +340,7 @@ def prefix_attention(q_BHlD, k_BHSD, v_BHSD, *, kv_len: int, impl: str = "auto",
         functools.partial(_cpu_prefix_attention, kv_len=kv_len, dtype=dtype),
         to_bits(q_BHlD), to_bits(k_BHSD), to_bits(v_BHSD), jnp.asarray(layer, jnp.int32),
         batch_dims=(0, 1, 1, None), kernel="CPU attention", interpret=True)
-    return float_bits.from_bits(out, dtype) if dtype.itemsize == 2 else out
+    return from_bits(out)
   if layer is not None and chosen != "pallas_tpu":
     # The layer's first kv_len rows only: XLA:TPU copies a dynamically indexed slice whole (all
     # S rows, 768 for VAR-d16) before the attention reads kv_len of them.
