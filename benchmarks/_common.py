@@ -131,6 +131,49 @@ def time_calls(fn: Callable[[], Any], iters: int) -> Timing:
   return Timing(first, steady)
 
 
+def time_alternately(fns: dict[str, Callable[[], Any]], iters: int) -> dict[str, list[float]]:
+  """JAX: each of `fns` called `iters` times, in turn, waiting for each result; the seconds of
+  every call per name. Alternating makes a host whose speed drifts slow them all alike."""
+  times = {name: [] for name in fns}
+  for _ in range(max(iters, 1)):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def compare_sample_programs(variants: dict[str, tuple[Any, Callable[[], Any]]], labels,
+                            seed: int, iters: int, title: str) -> dict[str, list[float]]:
+  """`var_jax.sample`'s program (`sampler.build_sample_call`, cfg and filters at their defaults)
+  for each variant name -> (model, a context manager factory held while the call is built, traced
+  and compiled); prints each one's lower and compile seconds, whether their images and tokens are
+  identical, their alternated call times and the first / second ratio of the medians."""
+  from var_jax.inference import sampler
+  built, outputs = {}, {}
+  for name, (model, context) in variants.items():
+    with context():
+      call = sampler.build_sample_call(model, labels, rng=jax.random.key(seed))
+      t0 = time.perf_counter()
+      lowered = call.lower(fresh=True)
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+    print(f"{title} {name}: lower {t1 - t0:.1f} s, compile {time.perf_counter() - t1:.1f} s",
+          flush=True)
+    built[name] = lambda call=call, compiled=compiled: compiled(*call.args)
+    outputs[name] = jax.device_get(built[name]())
+  first, second = list(variants)[:2]
+  same = all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(outputs[n]) for n in variants)))
+  print(f"  images and tokens identical: {same}")
+  times = time_alternately(built, iters)
+  for name, ts in times.items():
+    print(f"  {name}: " + " ".join(f"{t:.2f}" for t in ts)
+          + f" s (median {float(np.median(ts)):.2f}, min {min(ts):.2f})")
+  ratio = np.median(times[first]) / np.median(times[second])
+  print(f"  {first} / {second} (medians): x{ratio:.3f}", flush=True)
+  return times
+
+
 def time_torch(fn: Callable[[], Any], iters: int, warmup: int,
                synchronize: Callable[[], None] = lambda: None) -> Timing:
   """PyTorch: `warmup` untimed calls, then `iters` timed ones, each followed by `synchronize`

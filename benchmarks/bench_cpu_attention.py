@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import time
 from unittest import mock
 
 import jax
@@ -32,7 +31,6 @@ import numpy as np
 import _common
 import var_jax
 from var_jax import scales
-from var_jax.inference import sampler
 from var_jax.ops import attention, float_bits
 
 VARIANTS = ("blocks", "one call")
@@ -75,17 +73,6 @@ def _constants(args, variant: str):
     yield
 
 
-def _alternate(fns: dict, iters: int) -> dict:
-  """Each of `fns` called `iters` times, alternately; the seconds of each call."""
-  times = {name: [] for name in fns}
-  for _ in range(iters):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return times
-
-
 def bench_op(args, batch: int) -> None:
   """prefix_attention at every d16 scale, one layer of a two-layer cache stack."""
   heads, head_dim, patch_nums = 16, 64, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -109,7 +96,7 @@ def bench_op(args, batch: int) -> None:
       fns[variant] = lambda run=run, q=q: run(q, cache, jnp.int32(1))
       outputs[variant] = np.asarray(fns[variant]().astype(jnp.float32))
     same = np.array_equal(*outputs.values())
-    times = _alternate(fns, args.iters)
+    times = _common.time_alternately(fns, args.iters)
     medians = {name: float(np.median(ts)) for name, ts in times.items()}
     for name, t in medians.items():
       totals[name] += t
@@ -127,26 +114,14 @@ def bench_sample(args, batch: int) -> None:
   base = _common.random_var_model(16, tokenizer, args.seed)
   tokenizer = var_jax.Tokenizer(dataclasses.replace(tokenizer.config, dtype=args.dtype),
                                 tokenizer.params)
-  labels = np.arange(batch) % base.config.num_classes
-  built, outputs = {}, {}
-  for variant in VARIANTS:  # a model each: a model caches its placement
-    model = var_jax.VARModel(dataclasses.replace(base.config, dtype=args.dtype), base.params,
-                             tokenizer)
-    call = sampler.build_sample_call(model, labels, rng=jax.random.key(args.seed))
-    with _constants(args, variant):
-      t0 = time.perf_counter()
-      compiled = call.lower(fresh=True).compile()  # the constant is read while tracing
-    built[variant] = lambda call=call, compiled=compiled: compiled(*call.args)
-    outputs[variant] = jax.device_get(built[variant]())
-    print(f"  {variant}: lower + compile {time.perf_counter() - t0:.1f} s", flush=True)
-  same = all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(outputs[v]) for v in VARIANTS)))
-  print(f"  images and tokens identical: {same}")
-  times = _alternate(built, args.iters)
-  for name, ts in times.items():
-    print(f"  {name}: " + " ".join(f"{t:.2f}" for t in ts)
-          + f" s (median {float(np.median(ts)):.2f}, min {min(ts):.2f})")
-  ratio = np.median(times["one call"]) / np.median(times["blocks"])
-  print(f"  one call / blocks (medians): x{ratio:.3f}", flush=True)
+  config = dataclasses.replace(base.config, dtype=args.dtype)
+  # a model each: a model caches its placement; the constants are read while tracing. One call
+  # first, so that the printed ratio is one call / blocks.
+  variants = {variant: (var_jax.VARModel(config, base.params, tokenizer),
+                        lambda variant=variant: _constants(args, variant))
+              for variant in reversed(VARIANTS)}
+  _common.compare_sample_programs(variants, np.arange(batch) % config.num_classes, args.seed,
+                                  args.iters, f"d16 {args.dtype} batch {batch}")
 
 
 def main(argv=None) -> None:

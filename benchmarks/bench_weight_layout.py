@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from unittest import mock
 
-import jax
 import numpy as np
 
 import _common
 import var_jax
-from var_jax.inference import sampler
 from var_jax.models import var as var_model
 
 LAYOUTS = ("stacked", "per_layer")
@@ -41,15 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def build(model, labels: np.ndarray, layout: str, seed: int):
-  """The public call's program with the weights placed in `layout`: (call, compiled, seconds)."""
-  with mock.patch.object(var_model, "weights_per_layer", lambda platform=None: layout == "per_layer"):
-    call = sampler.build_sample_call(model, labels, rng=jax.random.key(seed))
-  t0 = time.perf_counter()
-  lowered = call.lower(fresh=True)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  return call, compiled, (t1 - t0, time.perf_counter() - t1)
+def _layout(layout: str):
+  """The placement choosing `layout` while a program is built (`var.weights_per_layer`)."""
+  return mock.patch.object(var_model, "weights_per_layer",
+                           lambda platform=None: layout == "per_layer")
 
 
 def main(argv=None) -> None:
@@ -58,29 +50,14 @@ def main(argv=None) -> None:
   tokenizer = _common.random_tokenizer(args.seed)
   base = _common.random_var_model(args.depth, tokenizer, args.seed)
   tokenizer = var_jax.Tokenizer(dataclasses.replace(tokenizer.config, dtype=args.dtype), tokenizer.params)
+  config = dataclasses.replace(base.config, dtype=args.dtype)
   for batch in args.batch_sizes:
     labels = np.arange(batch) % base.config.num_classes
-    built, outputs = {}, {}
-    for layout in LAYOUTS:  # a model each: a model caches its placement
-      model = var_jax.VARModel(dataclasses.replace(base.config, dtype=args.dtype), base.params, tokenizer)
-      call, compiled, (lower_s, compile_s) = build(model, labels, layout, args.seed)
-      built[layout] = (call, compiled)
-      outputs[layout] = jax.device_get(compiled(*call.args))
-      print(f"d{args.depth} {args.dtype} batch {batch} {layout}: lower {lower_s:.1f} s, "
-            f"compile {compile_s:.1f} s", flush=True)
-    same = all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(outputs[k]) for k in LAYOUTS)))
-    print(f"  images and tokens identical: {same}")
-    times = {layout: [] for layout in LAYOUTS}
-    for _ in range(args.iters):
-      for layout, (call, compiled) in built.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*call.args))
-        times[layout].append(time.perf_counter() - t0)
-    for layout, ts in times.items():
-      print(f"  {layout}: " + " ".join(f"{t:.2f}" for t in ts)
-            + f" s (median {float(np.median(ts)):.2f}, min {min(ts):.2f})")
-    ratio = np.median(times["stacked"]) / np.median(times["per_layer"])
-    print(f"  stacked / per_layer (medians): x{ratio:.3f}", flush=True)
+    # a model each: a model caches its placement
+    variants = {layout: (var_jax.VARModel(config, base.params, tokenizer),
+                         lambda layout=layout: _layout(layout)) for layout in LAYOUTS}
+    _common.compare_sample_programs(variants, labels, args.seed, args.iters,
+                                    f"d{args.depth} {args.dtype} batch {batch}")
 
 
 if __name__ == "__main__":
