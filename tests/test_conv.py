@@ -190,9 +190,12 @@ def test_kernel_plan_refuses_what_it_cannot_hold():
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_auto_is_xla_off_tpu():
+def test_auto_is_xla_on_gpu_and_a_blocked_matmul_path_on_cpu(monkeypatch):
+  assert conv_ops.resolve_impl("auto") == "winograd"  # float32 on this CPU
+  assert conv_ops.resolve_impl("auto", batch=1, dtype=jnp.bfloat16) == "row_blocks"
+  monkeypatch.setattr(conv_ops, "computation_platform", lambda: "gpu")
   assert conv_ops.resolve_impl("auto") == "xla"
-  assert conv_ops.resolve_impl("auto", batch=1) == "xla"
+  assert conv_ops.resolve_impl("auto", batch=1, dtype=jnp.bfloat16) == "xla"
 
 
 def test_auto_takes_the_kernel_on_tpu_for_few_images_per_chip(monkeypatch):

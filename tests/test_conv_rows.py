@@ -110,8 +110,8 @@ def test_block_rows_is_the_largest_divisor_up_to_the_limit():
 
 def test_auto_takes_row_blocks_for_bfloat16_on_cpu_only(monkeypatch):
   assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.bfloat16) == "row_blocks"
-  assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.float32) == "xla"
-  assert conv_ops.resolve_impl("auto", batch=8) == "xla"  # no dtype: float32
+  assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.float32) == "winograd"
+  assert conv_ops.resolve_impl("auto", batch=8) == "winograd"  # no dtype: float32
   assert conv_ops.resolve_impl("row_blocks", dtype=jnp.float32) == "row_blocks"  # by name
   for platform in ("gpu", "cuda"):
     monkeypatch.setattr(conv_ops, "computation_platform", lambda: platform)

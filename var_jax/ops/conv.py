@@ -10,9 +10,13 @@ official tokenizer feeds its convolutions.
   over the active mesh's batch axes (shapes the kernel cannot hold, `tpu_conv.fits`, take XLA);
 * "row_blocks": matmuls over blocks of output rows (`ops/conv_rows.py`), XLA:CPU's fast path for
   bfloat16; differentiable (its custom vjp is the XLA path's);
+* "winograd": Winograd's F(2x2, 3x3) over blocks of output rows (`ops/conv_winograd.py`), 2.25x
+  fewer multiplies, XLA:CPU's fast path for float32; even heights and widths only;
+  differentiable (its custom vjp is the XLA path's);
 * "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that;
-  on CPU "row_blocks" for bfloat16 and XLA for float32; XLA on GPU (the active mesh's devices
-  decide, else jax.default_backend()).
+  on CPU "row_blocks" for bfloat16, and for float32 "winograd" where both channel counts are at
+  least AUTO_WINOGRAD_MIN_CHANNELS and the output's sides are even, XLA otherwise; XLA on GPU
+  (the active mesh's devices decide, else jax.default_backend()).
 `upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
 which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
 interpret mode on any backend (slow; for tests).
@@ -29,10 +33,10 @@ import jax.numpy as jnp
 
 from var_jax.errors import ConfigError, InputError
 from var_jax.kernels import mesh_sharding, tpu_conv
-from var_jax.ops import conv_rows
+from var_jax.ops import conv_rows, conv_winograd
 from var_jax.ops.attention import computation_platform
 
-CONV_IMPLS = ("auto", "xla", "pallas_tpu", "row_blocks")
+CONV_IMPLS = ("auto", "xla", "pallas_tpu", "row_blocks", "winograd")
 
 # XLA's TPU cost analysis of VAR-d16's released decoder in bf16 on one v5e chip, GB for the
 # kernel path / the XLA convs: 2 images 4.2 / 18.8, 4 images 6.9 / 40.5, 8 images 13.7 / 11.6,
@@ -42,19 +46,29 @@ CONV_IMPLS = ("auto", "xla", "pallas_tpu", "row_blocks")
 # profile on a TPU can say whether the cost model's charges are what the chip does.
 AUTO_KERNEL_MAX_IMAGES = 4
 
+# Float32 on CPU: Winograd where both channel counts reach this. On the 2-core Intel Xeon of the
+# measurements (`benchmarks/bench_conv.py`) it beat XLA's convolution at every 3x3 conv of the
+# released decoder (160, 320 and 640 channels; x1.2-1.4 at batch 1-8), and lost at 128 channels
+# (128 x 128 x 128 -> 128, 2 images: 35 ms against XLA's 20) and at the 3-channel output head
+# (12.8 against 142 ms), where its 16 matmuls are too narrow for their loop's fixed cost.
+AUTO_WINOGRAD_MIN_CHANNELS = 160
+
 
 def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None,
-                 dtype=None) -> str:
-  """The implementation ("xla", "pallas_tpu" or "row_blocks") a call with `impl` on `batch`
-  images (None: any) in `dtype` (the kernel's compute dtype; None: float32) uses where it is
-  traced."""
+                 dtype=None, channels: tuple[int, int] | None = None) -> str:
+  """The implementation ("xla", "pallas_tpu", "row_blocks" or "winograd") a call with `impl` on
+  `batch` images (None: any) in `dtype` (the kernel's compute dtype; None: float32) with
+  `channels` = (Cin, Cout) (None: wide enough for any) uses where it is traced ("winograd" stands
+  for XLA on odd sizes, which `conv3x3` sees)."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
   platform = computation_platform()
   if impl == "auto":
     if platform == "cpu":
-      bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-      return "row_blocks" if bf16 else "xla"
+      if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        return "row_blocks"
+      wide = channels is None or min(channels) >= AUTO_WINOGRAD_MIN_CHANNELS
+      return "winograd" if wide else "xla"
     if platform != "tpu":
       return "xla"
     per_device = None if batch is None else -(-batch // mesh_sharding.batch_shards())
@@ -114,35 +128,43 @@ def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   return y.astype(dtype) + bias_O.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample):
-  return conv_rows.conv3x3_row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample)
+# The implementations that loop over blocks of rows in plain XLA ops (ops/conv_rows.py,
+# ops/conv_winograd.py).
+_BLOCKED_IMPLS = ("row_blocks", "winograd")
 
 
-def _row_blocks_fwd(a_BHWC, kernel_HWIO, bias_O, upsample):
-  return _row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample), (a_BHWC, kernel_HWIO, bias_O)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked(a_BHWC, kernel_HWIO, bias_O, upsample, impl):
+  forward = (conv_rows.conv3x3_row_blocks if impl == "row_blocks"
+             else conv_winograd.conv3x3_winograd)
+  return forward(a_BHWC, kernel_HWIO, bias_O, upsample)
 
 
-def _row_blocks_bwd(upsample, residuals, g_BHWO):
+def _blocked_fwd(a_BHWC, kernel_HWIO, bias_O, upsample, impl):
+  return _blocked(a_BHWC, kernel_HWIO, bias_O, upsample, impl), (a_BHWC, kernel_HWIO, bias_O)
+
+
+def _blocked_bwd(upsample, impl, residuals, g_BHWO):
   # The XLA path's vjp on the activated input (its activation is differentiated outside).
+  del impl
   conv = lambda a, k, b: _xla_conv3x3(a, k, b, None, None, upsample)
   _, vjp = jax.vjp(conv, *residuals)
   return vjp(g_BHWO)
 
 
-_row_blocks.defvjp(_row_blocks_fwd, _row_blocks_bwd)
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _row_blocks_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
+def _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, impl):
   a_BHWC = _activated(x_BHWC, scale_BC, shift_BC, kernel_HWIO.dtype)
-  per_device = lambda a, k, b: _row_blocks(a, k, b, upsample)
+  per_device = lambda a, k, b: _blocked(a, k, b, upsample, impl)
   if a_BHWC.shape[0] % mesh_sharding.batch_shards():
     # A batch the mesh cannot split evenly: XLA partitions the loop (correct, not fast).
     return per_device(a_BHWC, kernel_HWIO, bias_O)
   # Each device loops over its own images' row blocks (XLA would otherwise gather the batch to
   # index it). `interpret=True`: plain XLA ops, which a jit may also partition without a mesh.
   return mesh_sharding.shard_map_over_batch(per_device, a_BHWC, kernel_HWIO, bias_O,
-                                            kernel="row_blocks conv", interpret=True,
+                                            kernel=f"{impl} conv", interpret=True,
                                             batch_dims=[0, None, None])
 
 
@@ -181,7 +203,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
     x_BHWC: input images (float32 or bfloat16).
     kernel_HWIO: (3, 3, Cin, Cout) in the compute dtype; bias_O: (Cout,).
     scale_BC, shift_BC: (B, Cin) float32 affine before the SiLU, together or neither.
-    impl: "auto", "xla", "pallas_tpu" or "row_blocks" (module docstring).
+    impl: "auto", "xla", "pallas_tpu", "row_blocks" or "winograd" (module docstring).
     interpret: run the kernel in interpret mode (any backend; slow).
 
   Returns:
@@ -200,9 +222,15 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
                      f"got {scale_BC.shape} and {shift_BC.shape}.")
   B, H, W, Cin = x_BHWC.shape
   out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
-  resolved = resolve_impl(impl, interpret, batch=B, dtype=kernel_HWIO.dtype)
-  if resolved == "row_blocks":
-    return _row_blocks_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample)
+  resolved = resolve_impl(impl, interpret, batch=B, dtype=kernel_HWIO.dtype,
+                          channels=kernel_HWIO.shape[2:])
+  if resolved == "winograd" and (out_H % 2 or out_W % 2):
+    if impl == "winograd":
+      raise InputError(f"conv impl 'winograd' needs an even output height and width, got "
+                       f"{out_H} x {out_W}; use 'auto', 'xla' or 'row_blocks'.")
+    resolved = "xla"
+  if resolved in _BLOCKED_IMPLS:
+    return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved)
   if (resolved == "xla"
       or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], x_BHWC.dtype,
                            kernel_HWIO.dtype, upsample=upsample)):
