@@ -148,7 +148,8 @@ def compare_sample_programs(variants: dict[str, tuple[Any, Callable[[], Any]]], 
   """`var_jax.sample`'s program (`sampler.build_sample_call`, cfg and filters at their defaults)
   for each variant name -> (model, a context manager factory held while the call is built, traced
   and compiled); prints each one's lower and compile seconds, whether their images and tokens are
-  identical, their alternated call times and the first / second ratio of the medians."""
+  identical (where not: whether the int32 token maps are, and how far the uint8 images differ),
+  their alternated call times and the first / second ratio of the medians."""
   from var_jax.inference import sampler
   built, outputs = {}, {}
   for name, (model, context) in variants.items():
@@ -163,8 +164,15 @@ def compare_sample_programs(variants: dict[str, tuple[Any, Callable[[], Any]]], 
     built[name] = lambda call=call, compiled=compiled: compiled(*call.args)
     outputs[name] = jax.device_get(built[name]())
   first, second = list(variants)[:2]
-  same = all(np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(outputs[n]) for n in variants)))
+  pairs = list(zip(jax.tree.leaves(outputs[first]), jax.tree.leaves(outputs[second])))
+  same = all(np.array_equal(a, b) for a, b in pairs)
   print(f"  images and tokens identical: {same}")
+  if not same:  # the call returns (uint8 images, int32 token maps)
+    tokens = all(np.array_equal(a, b) for a, b in pairs if a.dtype != np.uint8)
+    diffs = np.concatenate([np.abs(a.astype(np.int16) - b.astype(np.int16)).ravel()
+                            for a, b in pairs if a.dtype == np.uint8])
+    print(f"  tokens identical: {tokens}; image values differ by at most {diffs.max()} / 255, "
+          f"{100 * np.mean(diffs > 0):.2f}% of them by any")
   times = time_alternately(built, iters)
   for name, ts in times.items():
     print(f"  {name}: " + " ".join(f"{t:.2f}" for t in ts)

@@ -2,23 +2,33 @@
 
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py                          # bf16 and f32
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --dtypes bfloat16 --batch-sizes 1,8
+  JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --sample xla --dtypes float32 --batch-sizes 1,8
 
 Times `ops.conv.conv3x3(x, kernel, bias, impl=...)` (the call the tokenizer's resnet blocks and
-upsamplers make, jitted) for "xla" (XLA's convolution) and "row_blocks" (matmuls over blocks of
-output rows, `ops/conv_rows.py`) on every conv shape of the 256 px decoder (ch 160, ch_mult
-1,1,2,2,4), and prints GFLOP/s and which implementation "auto" picks on this backend. The
-decoder-weighted line sums each shape's time times its count in one decode, the figure that
-decides "auto".
+upsamplers make, jitted) for "xla" (XLA's convolution), "row_blocks" (matmuls over blocks of
+output rows, `ops/conv_rows.py`) and "winograd" (F(2x2, 3x3) over blocks of rows,
+`ops/conv_winograd.py`) on every conv shape of the 256 px decoder (ch 160, ch_mult 1,1,2,2,4),
+and prints GFLOP/s ("direct" FLOPs, 9 multiply-adds per tap: Winograd's read above the matmul
+rate) and which implementation "auto" picks on this backend. The decoder-weighted line sums each
+shape's time times its count in one decode, the figure that decides "auto".
+
+`--sample IMPL` instead builds the public call's program (`sampler.build_sample_call`, what
+`var_jax.sample` runs; random d16 weights, tokenizer and transformer in each `--dtypes`) with the
+tokenizer's `conv_impl` set to IMPL and to "auto", and times the two alternately: the tokens must
+be identical, the images differ by the two convolutions' rounding.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import _common
+import var_jax
 from var_jax.ops import conv as conv_ops
 
 # (side, Cin, Cout, upsample, count in one decode of the released 256 px decoder).
@@ -41,21 +51,46 @@ def parse_args(argv=None) -> argparse.Namespace:
   _common.add_common_flags(parser, batch_sizes="1", iters=5)
   parser.add_argument("--dtypes", default="bfloat16,float32",
                       help="comma-separated compute dtypes (default bfloat16,float32)")
-  parser.add_argument("--impls", default="xla,row_blocks",
-                      help="comma-separated ops.conv implementations (default xla,row_blocks)")
+  parser.add_argument("--impls", default="xla,row_blocks,winograd",
+                      help="comma-separated ops.conv implementations (default "
+                           "xla,row_blocks,winograd)")
+  parser.add_argument("--sample", choices=conv_ops.CONV_IMPLS, default=None,
+                      help="time the public sampling call with the tokenizer's conv_impl set to "
+                           "this and to 'auto' instead")
   return parser.parse_args(argv)
+
+
+def bench_sample(args, dtype_name: str, batch: int) -> None:
+  """The public call's program with the tokenizer's convs as `args.sample` and as "auto"."""
+  tokenizer = _common.random_tokenizer(args.seed)
+  base = _common.random_var_model(16, tokenizer, args.seed)
+  config = dataclasses.replace(base.config, dtype=dtype_name)
+  variants = {}
+  for impl in (args.sample, "auto"):
+    tok = var_jax.Tokenizer(dataclasses.replace(tokenizer.config, dtype=dtype_name,
+                                                conv_impl=impl), tokenizer.params)
+    variants[f"conv_impl={impl}"] = (var_jax.VARModel(config, base.params, tok),
+                                     contextlib.nullcontext)
+  print(f"auto resolves to {conv_ops.resolve_impl('auto', batch=batch, dtype=dtype_name)!r}")
+  _common.compare_sample_programs(variants, np.arange(batch) % config.num_classes, args.seed,
+                                  args.iters, f"d16 {dtype_name} batch {batch}")
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
   env = _common.environment()
   _common.print_environment(env)
+  if args.sample:
+    for dtype_name in [d for d in args.dtypes.split(",") if d]:
+      for batch in args.batch_sizes:
+        bench_sample(args, dtype_name, batch)
+    return
   impls = [i for i in args.impls.split(",") if i]
   rows = []
   for dtype_name in [d for d in args.dtypes.split(",") if d]:
     dtype = jnp.dtype(dtype_name)
     for batch in args.batch_sizes:
-      totals = dict.fromkeys(impls, 0.0)
+      totals = dict.fromkeys(impls + ["auto"], 0.0)
       for side, cin, cout, upsample, count in DECODER_CONVS:
         rng = np.random.default_rng(args.seed)
         x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), dtype)
@@ -65,7 +100,8 @@ def main(argv=None) -> None:
         flops = 2 * batch * out_side * out_side * 9 * cin * cout
         row = {"bench": "conv3x3", "dtype": dtype_name, "batch": batch, "side": out_side,
                "cin": cin, "cout": cout, "upsample": upsample, "count": count,
-               "auto": conv_ops.resolve_impl("auto", batch=batch, dtype=dtype)}
+               "auto": conv_ops.resolve_impl("auto", batch=batch, dtype=dtype,
+                                             channels=(cin, cout))}
         for impl in impls:
           call = jax.jit(lambda x, k, b, impl=impl: conv_ops.conv3x3(x, k, b, upsample=upsample,
                                                                      impl=impl))
@@ -73,10 +109,15 @@ def main(argv=None) -> None:
           row[f"{impl}_ms"] = 1e3 * t.min_s
           row[f"{impl}_gflops"] = flops / t.min_s / 1e9
           totals[impl] += count * t.min_s
+        if row["auto"] in impls:
+          totals["auto"] += count * row[f"{row['auto']}_ms"] / 1e3
         rows.append(row)
         _common.emit({**row, **env})
       rows.append({"dtype": dtype_name, "batch": batch, "side": "decoder",
-                   **{f"{impl}_ms": 1e3 * totals[impl] for impl in impls}})
+                   **{f"{impl}_ms": 1e3 * totals[impl] for impl in impls},
+                   "auto": f"{1e3 * totals['auto']:.1f}" if all(
+                       r["auto"] in impls for r in rows if r.get("batch") == batch
+                       and r.get("dtype") == dtype_name and r.get("side") != "decoder") else "-"})
   columns = [("dtype", "dtype", ""), ("batch", "batch", ""), ("out side", "side", ""),
              ("Cin", "cin", ""), ("Cout", "cout", ""), ("upsample", "upsample", ""),
              ("auto", "auto", "")]
@@ -84,7 +125,8 @@ def main(argv=None) -> None:
     columns += [(f"{impl} ms", f"{impl}_ms", ".1f"), (f"{impl} GFLOP/s", f"{impl}_gflops", ".0f")]
   _common.print_table(f"3x3 convs of the 256 px decoder, {env['backend']} ({env['device']}), "
                       f"min of {args.iters} calls", rows, columns)
-  print("decoder rows: the sum over the shapes of each one's time x its count in one decode.")
+  print("decoder rows: the sum over the shapes of each one's time x its count in one decode; "
+        "under auto, that of the implementation auto picks for each (when it was timed).")
 
 
 if __name__ == "__main__":
