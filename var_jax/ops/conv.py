@@ -48,9 +48,10 @@ AUTO_KERNEL_MAX_IMAGES = 4
 
 # Float32 on CPU: Winograd where both channel counts reach this. On the 2-core Intel Xeon of the
 # measurements (`benchmarks/bench_conv.py`) it beat XLA's convolution at every 3x3 conv of the
-# released decoder (160, 320 and 640 channels; x1.2-1.4 at batch 1-8), and lost at 128 channels
-# (128 x 128 x 128 -> 128, 2 images: 35 ms against XLA's 20) and at the 3-channel output head
-# (12.8 against 142 ms), where its 16 matmuls are too narrow for their loop's fixed cost.
+# released decoder at batch 8 (160, 320 and 640 channels; x1.2-1.7; one decode's convs x1.41),
+# at batch 1 on the whole decode (x1.09; single shapes within noise either way), and lost at 128
+# channels (128 x 128 x 128 -> 128, 2 images: 35 ms against XLA's 20) and at the 3-channel output
+# head (52 against 7 ms), where its 16 matmuls are too narrow for their loop's fixed cost.
 AUTO_WINOGRAD_MIN_CHANNELS = 160
 
 
