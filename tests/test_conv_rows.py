@@ -150,7 +150,7 @@ def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
   xla = VQVAE(VQVAEConfig(**_SMALL, dtype="bfloat16", conv_impl="xla"))
   auto = VQVAE(VQVAEConfig(**_SMALL, dtype="bfloat16"))
   img = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-  params = xla.init(jax.random.PRNGKey(0), img)["params"]
+  params = jax.jit(xla.init)(jax.random.PRNGKey(0), img)["params"]
   for method, inputs, count in [
       # Encoder: 2 per resnet block (2 levels + 2 mid) and the output head.
       (VQVAE.encode_to_latent, img, 2 * 4 + 1),
@@ -158,9 +158,11 @@ def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
       (VQVAE.decode_fhat_unclamped,
        jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, 8)), jnp.float32), 2 * 6 + 2),
   ]:
-    want = np.asarray(xla.apply({"params": params}, inputs, method=method), np.float32)
+    want = np.asarray(jax.jit(lambda p, x: xla.apply({"params": p}, x, method=method))(
+        params, inputs), np.float32)
     calls.clear()
-    got = np.asarray(auto.apply({"params": params}, inputs, method=method), np.float32)
+    got = np.asarray(jax.jit(lambda p, x: auto.apply({"params": p}, x, method=method))(
+        params, inputs), np.float32)
     assert len(calls) == count
     # Two bf16 paths that round differently (the norm's one-pass statistics, the summation order)
     # through several layers: within a few bf16 steps of the output's scale.
