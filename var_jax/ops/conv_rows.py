@@ -42,32 +42,45 @@ def block_rows(height: int, max_rows: int = MAX_BLOCK_ROWS) -> int:
   return max(r for r in range(1, min(height, max_rows) + 1) if height % r == 0)
 
 
+def map_over_row_blocks(x_BHWC, dtype, upsample: bool, rows_per_block, block):
+  """The loop both CPU block convolutions (this one, ops/conv_winograd.py) share: x in `dtype`,
+  upsampled x2 by nearest neighbour first with `upsample`, zero-padded by 1, then for each block
+  of R = rows_per_block(H, W) output rows of one image `block(rows)` on the block's R + 2 padded
+  input rows as bit patterns ((R + 2, W + 2, C), `float_bits`), which returns the block's
+  (R, W, O) output in any float dtype. Returns (B, H, W, O) in `dtype`."""
+  bits_BHWC = float_bits.to_bits(x_BHWC.astype(dtype))
+  if upsample:
+    bits_BHWC = jnp.repeat(jnp.repeat(bits_BHWC, 2, axis=1), 2, axis=2)
+  B, H, W, C = bits_BHWC.shape
+  R = rows_per_block(H, W)
+  blocks_per_image = H // R
+  padded = jnp.pad(bits_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  def step(i):
+    image, first_row = i // blocks_per_image, (i % blocks_per_image) * R
+    rows = jax.lax.dynamic_slice(padded, (image, first_row, 0, 0), (1, R + 2, W + 2, C))[0]
+    return float_bits.to_bits(block(rows).astype(dtype))
+
+  out = jax.lax.map(step, jnp.arange(B * blocks_per_image))
+  return float_bits.from_bits(out, dtype).reshape(B, H, W, out.shape[-1])
+
+
 def conv3x3_row_blocks(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
                        max_rows: int = MAX_BLOCK_ROWS):
   """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
   neighbour first with `upsample`; shapes as `ops.conv.conv3x3` (the caller checks them). The
   forward only: `ops.conv.conv3x3(impl="row_blocks")` gives it the XLA convolution's gradient."""
   dtype = kernel_HWIO.dtype
-  bits_BHWC = float_bits.to_bits(x_BHWC.astype(dtype))
-  if upsample:
-    bits_BHWC = jnp.repeat(jnp.repeat(bits_BHWC, 2, axis=1), 2, axis=2)
-  B, H, W, C = bits_BHWC.shape
-  O = kernel_HWIO.shape[3]
-  R = block_rows(H, max_rows)
-  blocks_per_image = H // R
-  padded = jnp.pad(bits_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  C, O = kernel_HWIO.shape[2:]
   # (dy, dx, cin, cout) -> rows (dx, cin), columns (dy, cout).
   kernel_KN = kernel_HWIO.transpose(1, 2, 0, 3).reshape(3 * C, 3 * O)
   bias_O = bias_O.astype(jnp.float32)
 
-  def block(i):
-    image, first_row = i // blocks_per_image, (i % blocks_per_image) * R
-    rows = jax.lax.dynamic_slice(padded, (image, first_row, 0, 0), (1, R + 2, W + 2, C))[0]
+  def block(rows):
+    R, W = rows.shape[0] - 2, rows.shape[1] - 2
     cols = jnp.concatenate([rows[:, dx:dx + W] for dx in range(3)], axis=-1)
     cols_MK = float_bits.from_bits(cols, dtype).reshape((R + 2) * W, 3 * C)
     z = jnp.dot(cols_MK, kernel_KN, preferred_element_type=jnp.float32).reshape(R + 2, W, 3, O)
-    y = z[0:R, :, 0] + z[1:R + 1, :, 1] + z[2:R + 2, :, 2] + bias_O
-    return float_bits.to_bits(y.astype(dtype))
+    return z[0:R, :, 0] + z[1:R + 1, :, 1] + z[2:R + 2, :, 2] + bias_O
 
-  out = jax.lax.map(block, jnp.arange(B * blocks_per_image))
-  return float_bits.from_bits(out, dtype).reshape(B, H, W, O)
+  return map_over_row_blocks(x_BHWC, dtype, upsample, lambda H, W: block_rows(H, max_rows), block)

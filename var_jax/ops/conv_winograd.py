@@ -32,10 +32,9 @@ training through this path is the same computation as through XLA's.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from var_jax.ops import float_bits
+from var_jax.ops import conv_rows, float_bits
 
 # Output pixels per block: the rows per block are the largest even divisor R of the image height
 # with R x width <= this (at least 2 rows). Each block's loop step has a fixed cost (~1 ms on the
@@ -99,27 +98,19 @@ def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
   `ops.conv.conv3x3` (the caller checks them). The forward only: `ops.conv.conv3x3(
   impl="winograd")` gives it the XLA convolution's gradient."""
   dtype = kernel_HWIO.dtype
-  bits_BHWC = float_bits.to_bits(x_BHWC.astype(dtype))
-  if upsample:
-    bits_BHWC = jnp.repeat(jnp.repeat(bits_BHWC, 2, axis=1), 2, axis=2)
-  B, H, W, C = bits_BHWC.shape
-  O = kernel_HWIO.shape[3]
+  C, O = kernel_HWIO.shape[2:]
+  H, W = (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2]) if upsample else x_BHWC.shape[1:3]
   if H % 2 or W % 2:
     raise ValueError(f"Winograd F(2x2, 3x3) needs an even height and width, got {H} x {W}.")
-  R = block_rows(H, W, max_pixels)
-  blocks_per_image = H // R
-  padded = jnp.pad(bits_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
   u_K_IO = kernel_transform(kernel_HWIO, dtype).reshape(16, C, O)
   bias_O = bias_O.astype(jnp.float32)
 
-  def block(i):
-    image, first_row = i // blocks_per_image, (i % blocks_per_image) * R
-    rows = jax.lax.dynamic_slice(padded, (image, first_row, 0, 0), (1, R + 2, W + 2, C))[0]
+  def block(rows):
+    R, W = rows.shape[0] - 2, rows.shape[1] - 2
     d = float_bits.from_bits(rows, dtype).astype(jnp.float32)
     v_K_TC = _input_transform(d).astype(dtype).reshape(16, (R // 2) * (W // 2), C)
     m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
-    y = _output_transform(m_K_TO.reshape(4, 4, R // 2, W // 2, O)) + bias_O
-    return float_bits.to_bits(y.astype(dtype))
+    return _output_transform(m_K_TO.reshape(4, 4, R // 2, W // 2, O)) + bias_O
 
-  out = jax.lax.map(block, jnp.arange(B * blocks_per_image))
-  return float_bits.from_bits(out, dtype).reshape(B, H, W, O)
+  return conv_rows.map_over_row_blocks(
+      x_BHWC, dtype, upsample, lambda H, W: block_rows(H, W, max_pixels), block)
