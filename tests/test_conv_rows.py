@@ -8,34 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax.models.vqvae import VQVAE
-from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_rows
-
-
-def _numpy_conv3x3(a_BHWC, kernel_HWIO, bias_O):
-  """float64 zero-padded 3x3 convolution, NHWC x HWIO."""
-  a = np.asarray(a_BHWC, np.float64)
-  k = np.asarray(kernel_HWIO, np.float64)
-  B, H, W, _ = a.shape
-  ap = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = sum(np.einsum("bhwc,co->bhwo", ap[:, dy:dy + H, dx:dx + W], k[dy, dx])
-          for dy in range(3) for dx in range(3))
-  return y + np.asarray(bias_O, np.float64)
+from conv_reference import (conv_operands, numpy_conv3x3, tokenizer_through_auto_and_xla,
+                            xla_conv3x3)
 
 
 def _silu_affine(x, scale, shift):
   a = np.asarray(x, np.float64) * scale[:, None, None] + shift[:, None, None]
   return a / (1.0 + np.exp(-a))
-
-
-def _operands(seed, B, H, W, cin, cout, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((B, H, W, cin)), dtype)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), dtype)
-  bias = jnp.asarray(rng.standard_normal(cout), dtype)
-  return x, kernel, bias
 
 
 @pytest.mark.parametrize("B, H, W, cin, cout, upsample, max_rows", [
@@ -45,12 +26,12 @@ def _operands(seed, B, H, W, cin, cout, dtype=jnp.float32):
     (2, 6, 5, 8, 12, True, 4),       # upsampled to 12 x 10 first, then 3 blocks per image
 ])
 def test_row_blocks_match_the_float64_convolution(B, H, W, cin, cout, upsample, max_rows):
-  x, kernel, bias = _operands(0, B, H, W, cin, cout)
+  x, kernel, bias = conv_operands(0, B, H, W, cin, cout)
   got = conv_rows.conv3x3_row_blocks(x, kernel, bias, upsample, max_rows)
   a = np.asarray(x)
   if upsample:
     a = a.repeat(2, axis=1).repeat(2, axis=2)
-  want = _numpy_conv3x3(a, kernel, bias)
+  want = numpy_conv3x3(a, kernel, bias)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
@@ -58,11 +39,11 @@ def test_row_blocks_match_the_float64_convolution(B, H, W, cin, cout, upsample, 
 def test_row_blocks_in_bfloat16_sum_every_tap_in_float32():
   """bf16 operands: the only rounding is the output's, once (a bf16 sum of the three vertical
   taps' partial results would be off by several bf16 steps on this data)."""
-  x, kernel, bias = _operands(1, 2, 16, 16, 64, 48, jnp.bfloat16)
+  x, kernel, bias = conv_operands(1, 2, 16, 16, 64, 48, jnp.bfloat16)
   got = conv_rows.conv3x3_row_blocks(x, kernel, bias, False, 8)
   assert got.dtype == jnp.bfloat16
-  want = _numpy_conv3x3(np.asarray(x, np.float32), np.asarray(kernel, np.float32),
-                        np.asarray(bias, np.float32))
+  want = numpy_conv3x3(np.asarray(x, np.float32), np.asarray(kernel, np.float32),
+                       np.asarray(bias, np.float32))
   # Round-to-nearest bf16 is within half a step (2^-8 relative) of the exact value; the float32
   # sums add ~1e-6.
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8 + 1e-5, atol=1e-6)
@@ -70,7 +51,7 @@ def test_row_blocks_in_bfloat16_sum_every_tap_in_float32():
 
 def test_conv3x3_row_blocks_path_with_the_norm_prologue():
   """ops.conv.conv3x3(impl="row_blocks") with the GroupNorm-SiLU affine, bf16 like the models."""
-  x, kernel, bias = _operands(2, 2, 8, 8, 32, 32, jnp.bfloat16)
+  x, kernel, bias = conv_operands(2, 2, 8, 8, 32, 32, jnp.bfloat16)
   rng = np.random.default_rng(3)
   scale = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
   shift = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
@@ -78,27 +59,21 @@ def test_conv3x3_row_blocks_path_with_the_norm_prologue():
   # The activation rounded to bfloat16 (the conv's operand dtype), then an exact convolution.
   a = np.asarray(jnp.asarray(_silu_affine(np.asarray(x, np.float32), np.asarray(scale),
                                           np.asarray(shift)), jnp.bfloat16), np.float32)
-  want = _numpy_conv3x3(a, np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+  want = numpy_conv3x3(a, np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8 + 1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("upsample", [False, True])
 def test_row_blocks_are_differentiable_like_the_convolution(upsample):
-  x, kernel, bias = _operands(4, 2, 8, 6, 8, 12)
+  x, kernel, bias = conv_operands(4, 2, 8, 6, 8, 12)
 
   def loss(conv, x, kernel, bias):
     return jnp.sum(jnp.sin(conv(x, kernel, bias)))
 
-  def reference(x, kernel, bias):
-    a = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2) if upsample else x
-    return jax.lax.conv_general_dilated(a, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=jax.lax.Precision.HIGHEST) + bias
-
   rows = lambda x, kernel, bias: conv_ops.conv3x3(x, kernel, bias, upsample=upsample,
                                                  impl="row_blocks")
   got = jax.grad(loss, argnums=(1, 2, 3))(rows, x, kernel, bias)
-  want = jax.grad(loss, argnums=(1, 2, 3))(reference, x, kernel, bias)
+  want = jax.grad(loss, argnums=(1, 2, 3))(xla_conv3x3(upsample), x, kernel, bias)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
@@ -122,13 +97,13 @@ def test_auto_takes_row_blocks_for_bfloat16_on_cpu_only(monkeypatch):
 
 @pytest.mark.parametrize("batch", [8, 3])  # split over the 8 devices, and a batch they cannot split
 def test_row_blocks_under_a_mesh(batch):
-  x, kernel, bias = _operands(5, batch, 8, 8, 8, 8, jnp.bfloat16)
+  x, kernel, bias = conv_operands(5, batch, 8, 8, 8, 8, jnp.bfloat16)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data") if batch % 8 == 0 else jax.P()))
     got = jax.jit(lambda x, k, b: conv_ops.conv3x3(x, k, b, impl="row_blocks"))(xs, kernel, bias)
-  want = _numpy_conv3x3(np.asarray(x, np.float32), np.asarray(kernel, np.float32),
-                        np.asarray(bias, np.float32))
+  want = numpy_conv3x3(np.asarray(x, np.float32), np.asarray(kernel, np.float32),
+                       np.asarray(bias, np.float32))
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8 + 1e-5, atol=1e-5)
 
 
@@ -140,30 +115,12 @@ def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
   """The user's path: a bf16 tokenizer with the default conv_impl on CPU calls the row-block conv
   for every resnet, upsampling and output-head conv, and reconstructs what the flax nn.Conv
   modules (conv_impl="xla") do, to bf16 rounding."""
-  calls, row_blocks = [], conv_rows.conv3x3_row_blocks
-
-  def counted(x, *args):
-    calls.append(x.shape)
-    return row_blocks(x, *args)
-
-  monkeypatch.setattr(conv_rows, "conv3x3_row_blocks", counted)
-  xla = VQVAE(VQVAEConfig(**_SMALL, dtype="bfloat16", conv_impl="xla"))
-  auto = VQVAE(VQVAEConfig(**_SMALL, dtype="bfloat16"))
-  img = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-  params = jax.jit(xla.init)(jax.random.PRNGKey(0), img)["params"]
-  for method, inputs, count in [
-      # Encoder: 2 per resnet block (2 levels + 2 mid) and the output head.
-      (VQVAE.encode_to_latent, img, 2 * 4 + 1),
-      # Decoder: 2 per resnet block (2 levels of 2 + 2 mid), one upsample, the output head.
-      (VQVAE.decode_fhat_unclamped,
-       jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, 8)), jnp.float32), 2 * 6 + 2),
-  ]:
-    want = np.asarray(jax.jit(lambda p, x: xla.apply({"params": p}, x, method=method))(
-        params, inputs), np.float32)
-    calls.clear()
-    got = np.asarray(jax.jit(lambda p, x: auto.apply({"params": p}, x, method=method))(
-        params, inputs), np.float32)
-    assert len(calls) == count
+  # Encoder: 2 per resnet block (2 levels + 2 mid) and the output head. Decoder: 2 per resnet
+  # block (2 levels of 2 + 2 mid), one upsample, the output head.
+  counts = {"encode_to_latent": 2 * 4 + 1, "decode_fhat_unclamped": 2 * 6 + 2}
+  for method, calls, got, want in tokenizer_through_auto_and_xla(
+      monkeypatch, conv_rows, "conv3x3_row_blocks", _SMALL, "bfloat16"):
+    assert calls == counts[method]
     # Two bf16 paths that round differently (the norm's one-pass statistics, the summation order)
     # through several layers: within a few bf16 steps of the output's scale.
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())

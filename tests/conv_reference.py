@@ -1,0 +1,70 @@
+"""Shared by the CPU convolution tests (test_conv_rows.py, test_conv_winograd.py): operands, the
+references their expectations come from (a float64 numpy convolution, XLA's convolution), and
+the user's path through a small tokenizer. Nothing here calls the implementations under test."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.models.vqvae import VQVAE
+from var_jax.models.vqvae_config import VQVAEConfig
+
+
+def numpy_conv3x3(a_BHWC, kernel_HWIO, bias_O):
+  """float64 zero-padded 3x3 convolution, NHWC x HWIO."""
+  a = np.asarray(a_BHWC, np.float64)
+  k = np.asarray(kernel_HWIO, np.float64)
+  B, H, W, _ = a.shape
+  ap = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = sum(np.einsum("bhwc,co->bhwo", ap[:, dy:dy + H, dx:dx + W], k[dy, dx])
+          for dy in range(3) for dx in range(3))
+  return y + np.asarray(bias_O, np.float64)
+
+
+def conv_operands(seed, B, H, W, cin, cout, dtype=jnp.float32):
+  """Unit-normal images, a kernel scaled to unit-variance outputs, and a unit-normal bias."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((B, H, W, cin)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), dtype)
+  bias = jnp.asarray(rng.standard_normal(cout), dtype)
+  return x, kernel, bias
+
+
+def xla_conv3x3(upsample: bool):
+  """XLA's convolution at full precision, after a nearest x2 upsampling with `upsample`: the
+  gradients' reference."""
+  def conv(x, kernel, bias):
+    a = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2) if upsample else x
+    return jax.lax.conv_general_dilated(a, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST) + bias
+  return conv
+
+
+def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict, dtype: str):
+  """The encoder and the decoder of a VQVAE(config, dtype) with the default conv_impl ("auto"),
+  with `module.name` (the implementation under test) patched to count its calls, and of the same
+  parameters on the flax nn.Conv + nn.GroupNorm modules (conv_impl="xla"). Returns
+  [(method name, calls, got, want)] for `encode_to_latent` on 2 16 px images and
+  `decode_fhat_unclamped` on 2 8 x 8 latents."""
+  calls, implementation = [], getattr(module, name)
+
+  def counted(x, *args):
+    calls.append(x.shape)
+    return implementation(x, *args)
+
+  monkeypatch.setattr(module, name, counted)
+  xla = VQVAE(VQVAEConfig(**config, dtype=dtype, conv_impl="xla"))
+  auto = VQVAE(VQVAEConfig(**config, dtype=dtype))
+  img = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  f_hat = jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, config["z_channels"])),
+                      jnp.float32)
+  params = jax.jit(xla.init)(jax.random.PRNGKey(0), img)["params"]
+  results = []
+  for method, inputs in [(VQVAE.encode_to_latent, img), (VQVAE.decode_fhat_unclamped, f_hat)]:
+    want = np.asarray(jax.jit(lambda p, x: xla.apply({"params": p}, x, method=method))(
+        params, inputs), np.float32)
+    calls.clear()
+    got = np.asarray(jax.jit(lambda p, x: auto.apply({"params": p}, x, method=method))(
+        params, inputs), np.float32)
+    results.append((method.__name__, len(calls), got, want))
+  return results
