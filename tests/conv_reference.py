@@ -40,12 +40,14 @@ def xla_conv3x3(upsample: bool):
   return conv
 
 
-def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict, dtype: str):
+def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict, dtype: str,
+                                   image_side: int = 16):
   """The encoder and the decoder of a VQVAE(config, dtype) with the default conv_impl ("auto"),
-  with `module.name` (the implementation under test) patched to count its calls, and of the same
-  parameters on the flax nn.Conv + nn.GroupNorm modules (conv_impl="xla"). Returns
-  [(method name, calls, got, want)] for `encode_to_latent` on 2 16 px images and
-  `decode_fhat_unclamped` on 2 8 x 8 latents."""
+  with `module.name` (the implementation under test) patched to record the input shape of each
+  call, and of the same parameters on the flax nn.Conv + nn.GroupNorm modules (conv_impl="xla").
+  Returns [(method name, input shapes of the calls, got, want)] for `encode_to_latent` on 2
+  `image_side` px images and `decode_fhat_unclamped` on 2 latents of `image_side` / 2 (config's
+  ch_mult has two levels)."""
   calls, implementation = [], getattr(module, name)
 
   def counted(x, *args):
@@ -55,9 +57,10 @@ def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict,
   monkeypatch.setattr(module, name, counted)
   xla = VQVAE(VQVAEConfig(**config, dtype=dtype, conv_impl="xla"))
   auto = VQVAE(VQVAEConfig(**config, dtype=dtype))
-  img = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-  f_hat = jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, config["z_channels"])),
-                      jnp.float32)
+  side = image_side
+  img = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, side, side, 3)), jnp.float32)
+  f_hat = jnp.asarray(np.random.default_rng(7).standard_normal(
+      (2, side // 2, side // 2, config["z_channels"])), jnp.float32)
   params = jax.jit(xla.init)(jax.random.PRNGKey(0), img)["params"]
   results = []
   for method, inputs in [(VQVAE.encode_to_latent, img), (VQVAE.decode_fhat_unclamped, f_hat)]:
@@ -66,5 +69,5 @@ def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict,
     calls.clear()
     got = np.asarray(jax.jit(lambda p, x: auto.apply({"params": p}, x, method=method))(
         params, inputs), np.float32)
-    results.append((method.__name__, len(calls), got, want))
+    results.append((method.__name__, list(calls), got, want))
   return results

@@ -120,7 +120,7 @@ def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
   counts = {"encode_to_latent": 2 * 4 + 1, "decode_fhat_unclamped": 2 * 6 + 2}
   for method, calls, got, want in tokenizer_through_auto_and_xla(
       monkeypatch, conv_rows, "conv3x3_row_blocks", _SMALL, "bfloat16"):
-    assert calls == counts[method]
+    assert len(calls) == counts[method]
     # Two bf16 paths that round differently (the norm's one-pass statistics, the summation order)
     # through several layers: within a few bf16 steps of the output's scale.
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())

@@ -1,4 +1,5 @@
-"""The 3x3 convolution by Winograd's F(2x2, 3x3) (ops/conv_winograd.py), XLA:CPU's float32 path.
+"""The 3x3 convolution by Winograd's F(2x2, 3x3) and F(4x4, 3x3) (ops/conv_winograd.py), XLA:CPU's
+float32 path.
 
 Expectations come from a float64 numpy convolution (nine shifted einsums), the transform matrices
 as written in Lavin & Gray (2016) applied with numpy, and XLA's convolution; never from the
@@ -15,38 +16,73 @@ from var_jax.ops import conv_winograd
 from conv_reference import (conv_operands, numpy_conv3x3, tokenizer_through_auto_and_xla,
                             xla_conv3x3)
 
+# F(4x4, 3x3) sums more terms with larger coefficients: its float32 error is ~10x F(2x2)'s
+# (measured at unit-variance outputs: ~1e-6 against ~1e-5).
+_TOLERANCE = {2: 1e-5, 4: 1e-4}
 
-@pytest.mark.parametrize("B, H, W, cin, cout, upsample, max_pixels", [
-    (2, 12, 10, 16, 24, False, 40),   # 4 rows per block, 3 blocks per image: interior halos
-    (1, 6, 8, 8, 8, False, 10_000),   # one block: both halos the zero padding
-    (1, 10, 6, 8, 12, False, 1),      # the 2-row minimum, 5 blocks
-    (2, 3, 5, 8, 12, True, 40),       # upsampled to 6 x 10 first, then 3 blocks of 2 rows
+
+@pytest.mark.parametrize("B, H, W, cin, cout, upsample, tile, max_tiles", [
+    (2, 12, 10, 16, 24, False, 2, 10),   # 4 rows per block, 3 blocks per image: interior halos
+    (1, 6, 8, 8, 8, False, 2, 10_000),   # one block: both halos the zero padding
+    (1, 10, 6, 8, 12, False, 2, 1),      # the 2-row minimum, 5 blocks
+    (2, 3, 5, 8, 12, True, 2, 10),       # upsampled to 6 x 10 first, then 3 blocks of 2 rows
+    (2, 12, 8, 16, 24, False, 4, 2),     # 4 rows per block, 3 blocks per image
+    (1, 8, 12, 8, 8, False, 4, 10_000),  # one block
+    (1, 4, 6, 8, 12, True, 4, 3),        # upsampled to 8 x 12, then 2 blocks of 4 rows
 ])
-def test_winograd_matches_the_float64_convolution(B, H, W, cin, cout, upsample, max_pixels):
+def test_winograd_matches_the_float64_convolution(B, H, W, cin, cout, upsample, tile, max_tiles):
   x, kernel, bias = conv_operands(0, B, H, W, cin, cout)
-  got = conv_winograd.conv3x3_winograd(x, kernel, bias, upsample, max_pixels)
+  got = conv_winograd.conv3x3_winograd(x, kernel, bias, upsample, tile, max_tiles)
   a = np.asarray(x)
   if upsample:
     a = a.repeat(2, axis=1).repeat(2, axis=2)
   want = numpy_conv3x3(a, kernel, bias)
   assert got.shape == want.shape and got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=_TOLERANCE[tile], atol=_TOLERANCE[tile])
 
 
-def test_kernel_transform_is_g_g_gt():
-  G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+# G of F(2x2, 3x3) and F(4x4, 3x3), Lavin & Gray (2016).
+_G = {2: np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+      4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])}
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_kernel_transform_is_g_g_gt(tile):
+  G = _G[tile]
   k = np.random.default_rng(1).standard_normal((3, 3, 4, 5))
   want = np.einsum("ay,yxio,bx->abio", G, k, G)
-  got = conv_winograd.kernel_transform(jnp.asarray(k, jnp.float32), jnp.float32)
+  got = conv_winograd.kernel_transform(jnp.asarray(k, jnp.float32), jnp.float32, tile)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
 
 
-def test_block_rows_is_the_largest_even_divisor_within_the_pixel_budget():
+def test_block_rows_is_the_largest_multiple_of_the_tile_dividing_the_height_within_the_budget():
   rows = conv_winograd.block_rows
-  assert [rows(h, w) for h, w in ((256, 256), (128, 128), (64, 64), (16, 16))] == [8, 16, 32, 16]
-  assert rows(12, 10, max_pixels=40) == 4
-  assert rows(10, 6, max_pixels=1) == 2  # never fewer than one tile row
-  assert rows(18, 4, max_pixels=40) == 6  # 8 would fit the budget but does not divide 18
+  assert [rows(h, w, 2) for h, w in ((256, 256), (128, 128), (64, 64), (16, 16))] == [8, 16, 32, 16]
+  assert [rows(h, w, 4) for h, w in ((256, 256), (128, 128), (64, 64))] == [32, 64, 64]
+  assert rows(12, 10, 2, max_tiles=10) == 4
+  assert rows(10, 6, 2, max_tiles=1) == 2  # never fewer than one tile row
+  assert rows(18, 4, 2, max_tiles=10) == 6  # 8 would fit the budget but does not divide 18
+  assert rows(24, 8, 4, max_tiles=7) == 12  # 12 rows: 3 x 2 tiles; 24 rows would be 12
+  assert rows(20, 8, 4, max_tiles=100) == 20
+
+
+def test_output_tile_is_4_for_batches_of_float32_images_of_64_x_64_and_more():
+  tile = conv_winograd.output_tile
+  assert tile(256, 256, jnp.float32, 2) == tile(64, 64, jnp.float32, 8) == 4
+  assert tile(32, 128, jnp.float32, 2) == 4   # 4096 pixels
+  assert tile(32, 32, jnp.float32, 8) == 2    # too few tiles
+  assert tile(66, 64, jnp.float32, 8) == 2    # 66 rows: even, not a multiple of 4
+  assert tile(256, 256, jnp.bfloat16, 8) == 2
+  assert tile(256, 256, jnp.float32, 1) == 2  # one image: what the sampler's decode loop passes
+
+
+def test_a_height_the_tile_does_not_divide_is_an_error():
+  x, kernel, bias = conv_operands(3, 1, 6, 8, 4, 4)
+  with pytest.raises(ValueError, match="multiples of 4, got 6 x 8"):
+    conv_winograd.conv3x3_winograd(x, kernel, bias, tile=4)
+  with pytest.raises(ValueError, match="tile 3 is not one of"):
+    conv_winograd.conv3x3_winograd(x, kernel, bias, tile=3)
 
 
 def test_winograd_in_bfloat16_stays_within_a_few_bf16_steps():
@@ -105,20 +141,28 @@ def test_winograd_under_a_mesh(batch):
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
-# The released tokenizer's narrowest width (160), so that "auto" takes Winograd.
+# The released tokenizer's narrowest width (160), so that "auto" takes Winograd; 64 px images.
 _SMALL = dict(ch=160, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size=32,
-              using_sa=True, using_mid_sa=True, patch_nums=(1, 2, 4, 8))
+              using_sa=True, using_mid_sa=True, patch_nums=(1, 2, 4, 8, 16, 32))
 
 
 def test_float32_tokenizer_on_cpu_runs_its_convs_by_winograd(monkeypatch):
   """The user's path: a float32 tokenizer with the default conv_impl on CPU calls the Winograd
   conv for every resnet and upsampling conv (the output heads, to 8 and 3 channels, stay XLA's),
-  and reconstructs what the flax nn.Conv + nn.GroupNorm modules (conv_impl="xla") do, to float32
-  rounding."""
+  F(4x4, 3x3) at the 64 px level and F(2x2, 3x3) at 32 px, and reconstructs what the flax nn.Conv
+  + nn.GroupNorm modules (conv_impl="xla") do, to float32 rounding."""
+  tiles = []
+  output_tile = conv_winograd.output_tile
+  monkeypatch.setattr(conv_winograd, "output_tile",
+                      lambda *args: tiles.append(output_tile(*args)) or tiles[-1])
   # Encoder: 2 per resnet block (2 levels + 2 mid). Decoder: 2 per resnet block (2 levels of 2 +
   # 2 mid), one upsample.
   counts = {"encode_to_latent": 2 * 4, "decode_fhat_unclamped": 2 * 6 + 1}
-  for method, calls, got, want in tokenizer_through_auto_and_xla(
-      monkeypatch, conv_winograd, "conv3x3_winograd", _SMALL, "float32"):
-    assert calls == counts[method]
+  results = tokenizer_through_auto_and_xla(monkeypatch, conv_winograd, "conv3x3_winograd", _SMALL,
+                                           "float32", image_side=64)
+  # The tile of each call, in order: the encoder's 2 convs at 64 px, its 6 at 32 px; the
+  # decoder's 8 at 32 px (mid and its first level), then the upsample to 64 px and 4 convs there.
+  assert tiles == [4] * 2 + [2] * 6 + [2] * 8 + [4] * 5
+  for method, calls, got, want in results:
+    assert len(calls) == counts[method]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())

@@ -10,9 +10,10 @@ official tokenizer feeds its convolutions.
   over the active mesh's batch axes (shapes the kernel cannot hold, `tpu_conv.fits`, take XLA);
 * "row_blocks": matmuls over blocks of output rows (`ops/conv_rows.py`), XLA:CPU's fast path for
   bfloat16; differentiable (its custom vjp is the XLA path's);
-* "winograd": Winograd's F(2x2, 3x3) over blocks of output rows (`ops/conv_winograd.py`), 2.25x
-  fewer multiplies, XLA:CPU's fast path for float32; even heights and widths only;
-  differentiable (its custom vjp is the XLA path's);
+* "winograd": Winograd's F(4x4, 3x3) (float32, sides multiples of 4; 4x fewer multiplies) or
+  F(2x2, 3x3) (2.25x fewer) over blocks of output rows (`ops/conv_winograd.py`), XLA:CPU's fast
+  path for float32; even heights and widths only; differentiable (its custom vjp is the XLA
+  path's);
 * "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that;
   on CPU "row_blocks" for bfloat16, and for float32 "winograd" where both channel counts are at
   least AUTO_WINOGRAD_MIN_CHANNELS and the output's sides are even, XLA otherwise; XLA on GPU

@@ -1,28 +1,38 @@
-"""3x3 convolutions (stride 1, zero padding 1, NHWC, HWIO) by Winograd's F(2x2, 3x3) over blocks
-of output rows: XLA:CPU's fast path for float32.
+"""3x3 convolutions (stride 1, zero padding 1, NHWC, HWIO) by Winograd's F(m x m, 3 x 3) over
+blocks of output rows: XLA:CPU's fast path for float32.
 
-Each 2 x 2 tile of outputs is computed from the 4 x 4 input tile around it as
+Each m x m tile of outputs is computed from the (m + 2) x (m + 2) input tile around it as
 
   Y = A^T [ (G g G^T) * (B^T d B) ] A      (Lavin & Gray, "Fast Algorithms for Convolutional
                                             Neural Networks", 2016)
 
-where, per channel, d is the input tile, g the 3 x 3 kernel and * the product of the 16 entries;
-summed over the input channels, those 16 products are 16 matmuls (tiles, Cin) x (Cin, Cout). That
-is 16 multiplies per tile and channel pair where the direct convolution takes 36: 2.25x fewer
-FLOPs, for transforms that only add and subtract (B, A) or halve (G). The transforms run in
-float32; the 16 matmuls take operands in the kernel's dtype and accumulate in float32.
+where, per channel, d is the input tile, g the 3 x 3 kernel and * the product of the (m + 2)^2
+entries; summed over the input channels, those products are (m + 2)^2 matmuls (tiles, Cin) x
+(Cin, Cout). Per output pixel and channel pair that is (m + 2)^2 / m^2 multiplies where the direct
+convolution takes 9: F(2x2, 3x3) 4 (2.25x fewer), F(4x4, 3x3) 2.25 (4x fewer). The transforms
+only add, subtract and scale by constants; they run in float32, and the matmuls take operands in
+the kernel's dtype and accumulate in float32.
 
-Rounding: the transformed values are sums of up to 4 inputs (B) or 9 weights (G), and each output
-sums 9 matmul results, so float32 results differ from the direct convolution by a few units in
-the last place of the largest of those terms (measured: at most 4e-6 to 6.4e-6 from XLA's exact-
-to-rounding float32 convolution at the decoder's shapes, unit-variance inputs). In bfloat16 the
-rounded transforms cost more (max 0.03 against 0.016 for the row blocks at 256 x 256 x 160,
-`ops/conv_rows.py`), and there the row blocks are also faster (the decoder's convs at batch 8:
-7.1 s against 4.4 s), so "auto" takes this path for float32 only.
+Rounding: a transformed value sums up to 4 (m = 2) or 16 (m = 4) inputs with coefficients up to
+1 or 25, and each output sums (m + 2)^2 matmul results with coefficients up to 1 or 64, so the
+result differs from the direct convolution by a few units in the last place of the largest of
+those terms: measured in float32 against XLA's exact-to-rounding convolution at the decoder's
+shapes (unit-variance inputs and outputs), at most 4e-6 to 6.4e-6 for m = 2 and ~5e-5 for m = 4,
+both far below the 1/255 of a decoded pixel. In bfloat16 the rounded transforms cost more (m = 2:
+max 0.03 against 0.016 for the row blocks at 256 x 256 x 160, `ops/conv_rows.py`), so bfloat16
+keeps m = 2, and "auto" gives bfloat16 to the row blocks, which are also faster there (the
+decoder's convs at batch 8: 7.1 s against 4.4 s).
 
-Blocks: the 16 matmuls of one block of R output rows of one image, (R/2 x W/2 tiles, Cin), run
-near XLA's matmul rate while their float32 products stay near the caches; for the whole image at
-once the same matmuls ran far slower (measured, 160 channels, 16 matmuls of 1024 tiles against
+`output_tile` picks m: 4 for float32 calls of at least 2 images of at least 64 x 64 output
+pixels with sides that are multiples of 4, else 2. Against F(2x2) on the 2-core Xeon of the
+measurements, float32, batch 8, both alternated in one process: 256 x 256 x 160 1561 -> 1166 ms,
+128 x 128 x 160 355 -> 269, 64 x 64 x 320 299 -> 205; the decoder's convs of >= 160 output
+channels 17.97 -> 13.55 s, the whole decoder 18.8 -> 13.6 s. Smaller images and single images
+keep F(2x2) (`TILE4_MIN_PIXELS`, `TILE4_MIN_BATCH`).
+
+Blocks: the matmuls of one block of R output rows of one image, (R/m x W/m tiles, Cin), run near
+XLA's matmul rate while their float32 products stay near the caches; for the whole image at once
+the same matmuls ran far slower (measured, m = 2, 160 channels, 16 matmuls of 1024 tiles against
 16 of 16384: float32 230 against 136 GFLOP/s, bf16 1046 against 249). Figures:
 `benchmarks/bench_conv.py --dtypes float32`; `ops.conv` takes this path by "auto" for float32 on
 CPU at 160 channels and more.
@@ -36,81 +46,149 @@ import jax.numpy as jnp
 
 from var_jax.ops import conv_rows, float_bits
 
-# Output pixels per block: the rows per block are the largest even divisor R of the image height
-# with R x width <= this (at least 2 rows). Each block's loop step has a fixed cost (~1 ms on the
-# 2-core Xeon of the measurements) and its float32 products grow with it: 2048 pixels (512 tiles
-# per matmul) measured fastest or within noise of it at the decoder's shapes, float32, batch 1
-# and 4 (256 x 256 x 160: 136 ms against 151 / 175 for 4096 / 8192 pixels and 206 for 1024;
-# 128 x 128 x 160: 28 ms against 28 / 50 / 53), while 16 and 32 px images are one block each.
-MAX_BLOCK_PIXELS = 2048
+# (B^T, G, A^T) of F(m x m, 3 x 3) by output tile m, from the interpolation points 0, +-1 (m = 2)
+# and 0, +-1, +-2 (m = 4), each with the point at infinity (Lavin & Gray 2016).
+_MATRICES = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+OUTPUT_TILES = tuple(_MATRICES)
+
+# Tiles per block: the rows per block are the largest divisor R of the image height that is a
+# multiple of m with (R / m) x (W / m) <= this (at least m rows). Each block's loop step has a
+# fixed cost (~1 ms on the 2-core Xeon of the measurements) and its float32 products grow with it:
+# 512 tiles measured fastest or within noise of it at the decoder's shapes, float32, batch 1 to 8
+# (m = 2, 256 x 256 x 160 at batch 1: 136 ms against 151 / 175 for 1024 / 2048 tiles and 206 for
+# 256; m = 4, 2 images: 218 ms against 264 / 271 for 128 / 256 tiles and 259 / 274 for 1024 /
+# 2048), while 16 and 32 px images are one block each.
+MAX_BLOCK_TILES = 512
 
 
-def block_rows(height: int, width: int, max_pixels: int = MAX_BLOCK_PIXELS) -> int:
-  """The output rows per block for `height` x `width` images (`height` even)."""
-  fitting = [r for r in range(2, height + 1, 2) if height % r == 0 and r * width <= max_pixels]
-  return max(fitting, default=2)
+# F(4x4, 3x3) from this many output pixels of one image up: below it an image has too few 4 x 4
+# tiles for its 36 matmuls (at 32 x 32 px, 64 tiles of 320 channels, F(4x4) took 74 ms for 8
+# images against F(2x2)'s 63; at 16 x 16 x 640 83 against 79), above it F(4x4) won at every
+# shape of the released decoder at batch 8 (64 x 64 x 320 x1.45, 128 x 128 x 160 x1.32, 256 x
+# 256 x 160 x1.34).
+TILE4_MIN_PIXELS = 64 * 64
+# ...and from this many images per call (per device) up: the released decoder, float32, F(2x2)
+# against F(4x4) at the sizes above, both alternated: batch 8 18.8 -> 13.6 s (x1.38), batch 2
+# 4.17 -> 3.22 s (x1.30), batch 1 1.76 -> 1.68 s (x1.05), where F(4x4) also compiled ~6 s longer
+# per sampling program (its transforms are 2.25x the ops). The sampler decodes one image per loop
+# step on CPU (`inference/sampler.py`), so it keeps F(2x2).
+TILE4_MIN_BATCH = 2
 
 
-def _tile_transform(e0, o0, e1, o1):
-  """B^T applied along one axis: (d0, d1, d2, d3) = (e0, o0, e1, o1), the tile's even and odd
-  entries in two consecutive pairs, to (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
-  return [e0 - e1, o0 + e1, e1 - o0, o0 - o1]
+def output_tile(height: int, width: int, dtype, batch: int = TILE4_MIN_BATCH) -> int:
+  """m of the F(m x m, 3 x 3) for `batch` images of `height` x `width` outputs (both even) in
+  `dtype`: 4 for float32 where both sides are multiples of 4, with at least TILE4_MIN_PIXELS per
+  image and TILE4_MIN_BATCH images; else 2 (module docstring)."""
+  if (jnp.dtype(dtype) == jnp.float32 and height % 4 == 0 and width % 4 == 0
+      and height * width >= TILE4_MIN_PIXELS and batch >= TILE4_MIN_BATCH):
+    return 4
+  return 2
 
 
-def _input_transform(d_HWC):
-  """B^T d B for every 4 x 4 tile at even offsets of the padded rows d, (R + 2, W + 2, C) float32
-  -> (4, 4, R / 2, W / 2, C): the tile's 16 entries first, then its place."""
-  H2, W2, C = d_HWC.shape
-  # The even/odd split by reshape: strided slices made XLA:CPU's fusion 2x slower (measured).
-  pairs = d_HWC.reshape(H2 // 2, 2, W2, C)
-  even, odd = pairs[:, 0], pairs[:, 1]
-  rows = jnp.stack(_tile_transform(even[:-1], odd[:-1], even[1:], odd[1:]))  # (4, R/2, W+2, C)
-  pairs = rows.reshape(4, H2 // 2 - 1, W2 // 2, 2, C)
-  even, odd = pairs[:, :, :, 0], pairs[:, :, :, 1]
-  return jnp.stack(_tile_transform(even[:, :, :-1], odd[:, :, :-1], even[:, :, 1:], odd[:, :, 1:]),
-                   axis=1)
+def block_rows(height: int, width: int, tile: int, max_tiles: int = MAX_BLOCK_TILES) -> int:
+  """The output rows per block for `height` x `width` images (both multiples of `tile`)."""
+  fitting = [r for r in range(tile, height + 1, tile)
+             if height % r == 0 and (r // tile) * (width // tile) <= max_tiles]
+  return max(fitting, default=tile)
 
 
-def _output_transform(m_AB_TO):
-  """A^T m A: (4, 4, R / 2, W / 2, O) products -> (R, W, O) outputs, each 2 x 2 tile in place."""
-  along_rows = [m_AB_TO[0] + m_AB_TO[1] + m_AB_TO[2], m_AB_TO[1] - m_AB_TO[2] - m_AB_TO[3]]
-  tiles = jnp.stack([jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-2)
-                     for m in along_rows], axis=1)  # (R/2, 2, W/2, 2, O)
-  R2, _, W2, _, O = tiles.shape
-  return tiles.reshape(2 * R2, 2 * W2, O)
+def _combine(matrix, xs):
+  """matrix @ xs for a constant matrix and a list of arrays, as adds (zeros skipped, +-1 as adds
+  and subtractions, other entries as scalings)."""
+  out = []
+  for row in matrix:
+    total = None
+    for coefficient, x in zip(row, xs):
+      if coefficient == 0:
+        continue
+      term = x if coefficient == 1 else -x if coefficient == -1 else x * coefficient
+      total = term if total is None else total + term
+    out.append(total)
+  return out
 
 
-def kernel_transform(kernel_HWIO, dtype):
-  """G g G^T per (Cin, Cout) pair: (3, 3, Cin, Cout) -> (4, 4, Cin, Cout), computed in float32,
-  then cast to `dtype`."""
-  def along(k0, k1, k2):  # G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]
-    return [k0, (k0 + k1 + k2) * 0.5, (k0 - k1 + k2) * 0.5, k2]
+def _tiles_along(x, axis: int, tile: int):
+  """The m + 2 entries of every input tile along `axis` of x (R + 2 long there), as m + 2 arrays
+  R / m long there: entry t of tile j is x[j m + t]. x, zero-padded to R + m there (nothing for
+  m = 2), reshapes into R / m + 1 groups of m: entries 0..m-1 are group j's, m and m + 1 the first
+  two of group j + 1. XLA:CPU made strided slices of the same entries 2x slower (measured, m = 2:
+  15.0 against 8.2 ms per image), and for m = 4 two reshapes of rows 0..R-1 and 2..R+1 without
+  the padding 1.25x slower (256 x 256 x 160, 2 images: 327 against 260 ms)."""
+  tile_count = (x.shape[axis] - 2) // tile
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, tile - 2)
+  groups = jnp.pad(x, pad).reshape(x.shape[:axis] + (tile_count + 1, tile) + x.shape[axis + 1:])
 
+  def entry(first_group, t):
+    index = (slice(None),) * axis + (slice(first_group, first_group + tile_count), t)
+    return groups[index]
+
+  return [entry(0, t) for t in range(tile)] + [entry(1, 0), entry(1, 1)]
+
+
+def _input_transform(d_HWC, tile: int):
+  """B^T d B for every (m + 2) x (m + 2) tile at offsets that are multiples of m of the padded
+  rows d, (R + 2, W + 2, C) float32 -> (m + 2, m + 2, R / m, W / m, C): the tile's entries first,
+  then its place."""
+  B_T = _MATRICES[tile][0]
+  rows = jnp.stack(_combine(B_T, _tiles_along(d_HWC, 0, tile)))  # (m + 2, R/m, W + 2, C)
+  return jnp.stack(_combine(B_T, _tiles_along(rows, 2, tile)), axis=1)
+
+
+def _output_transform(m_AB_TO, tile: int):
+  """A^T m A: (m + 2, m + 2, R / m, W / m, O) products -> (R, W, O) outputs, each m x m tile in
+  place."""
+  A_T = _MATRICES[tile][2]
+  along_rows = _combine(A_T, list(m_AB_TO))  # m x (m + 2, R/m, W/m, O)
+  tiles = jnp.stack([jnp.stack(_combine(A_T, list(m)), axis=-2) for m in along_rows],
+                    axis=1)  # (R/m, m, W/m, m, O)
+  Rm, _, Wm, _, O = tiles.shape
+  return tiles.reshape(tile * Rm, tile * Wm, O)
+
+
+def kernel_transform(kernel_HWIO, dtype, tile: int = 2):
+  """G g G^T per (Cin, Cout) pair: (3, 3, Cin, Cout) -> (m + 2, m + 2, Cin, Cout), computed in
+  float32, then cast to `dtype`."""
+  G = _MATRICES[tile][1]
   k = kernel_HWIO.astype(jnp.float32)
-  return jnp.stack([jnp.stack(along(r[0], r[1], r[2])) for r in along(k[0], k[1], k[2])]
-                   ).astype(dtype)
+  return jnp.stack([jnp.stack(_combine(G, list(r))) for r in _combine(G, list(k))]).astype(dtype)
 
 
 def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
-                     max_pixels: int = MAX_BLOCK_PIXELS):
+                     tile: int | None = None, max_tiles: int = MAX_BLOCK_TILES):
   """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
-  neighbour first with `upsample`; the (upsampled) height and width must be even. Shapes as
-  `ops.conv.conv3x3` (the caller checks them). The forward only: `ops.conv.conv3x3(
-  impl="winograd")` gives it the XLA convolution's gradient."""
+  neighbour first with `upsample`, by F(m x m, 3 x 3) with m = `tile` (None: `output_tile`); the
+  (upsampled) height and width must be multiples of m. Shapes as `ops.conv.conv3x3` (the caller
+  checks them). The forward only: `ops.conv.conv3x3(impl="winograd")` gives it the XLA
+  convolution's gradient."""
   dtype = kernel_HWIO.dtype
   C, O = kernel_HWIO.shape[2:]
   H, W = (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2]) if upsample else x_BHWC.shape[1:3]
-  if H % 2 or W % 2:
-    raise ValueError(f"Winograd F(2x2, 3x3) needs an even height and width, got {H} x {W}.")
-  u_K_IO = kernel_transform(kernel_HWIO, dtype).reshape(16, C, O)
+  m = output_tile(H, W, dtype, x_BHWC.shape[0]) if tile is None else tile
+  if m not in _MATRICES:
+    raise ValueError(f"Winograd output tile {m} is not one of {OUTPUT_TILES}.")
+  if H % m or W % m:
+    raise ValueError(f"Winograd F({m}x{m}, 3x3) needs a height and width that are multiples of "
+                     f"{m}, got {H} x {W}.")
+  n = m + 2
+  u_K_IO = kernel_transform(kernel_HWIO, dtype, m).reshape(n * n, C, O)
   bias_O = bias_O.astype(jnp.float32)
 
   def block(rows):
     R, W = rows.shape[0] - 2, rows.shape[1] - 2
     d = float_bits.from_bits(rows, dtype).astype(jnp.float32)
-    v_K_TC = _input_transform(d).astype(dtype).reshape(16, (R // 2) * (W // 2), C)
+    v_K_TC = _input_transform(d, m).astype(dtype).reshape(n * n, (R // m) * (W // m), C)
     m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
-    return _output_transform(m_K_TO.reshape(4, 4, R // 2, W // 2, O)) + bias_O
+    return _output_transform(m_K_TO.reshape(n, n, R // m, W // m, O), m) + bias_O
 
   return conv_rows.map_over_row_blocks(
-      x_BHWC, dtype, upsample, lambda H, W: block_rows(H, W, max_pixels), block)
+      x_BHWC, dtype, upsample, lambda H, W: block_rows(H, W, m, max_tiles), block)
