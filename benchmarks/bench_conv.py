@@ -3,11 +3,12 @@
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py                          # bf16 and f32
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --dtypes bfloat16 --batch-sizes 1,8
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --sample xla --dtypes float32 --batch-sizes 1,8
+  JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --winograd-tiles --batch-sizes 1,2,8
 
 Times `ops.conv.conv3x3(x, kernel, bias, impl=...)` (the call the tokenizer's resnet blocks and
 upsamplers make, jitted) for "xla" (XLA's convolution), "row_blocks" (matmuls over blocks of
-output rows, `ops/conv_rows.py`) and "winograd" (F(2x2, 3x3) over blocks of rows,
-`ops/conv_winograd.py`) on every conv shape of the 256 px decoder (ch 160, ch_mult 1,1,2,2,4),
+output rows, `ops/conv_rows.py`) and "winograd" (F(2x2, 3x3) or F(4x4, 3x3) over blocks of
+rows, `ops/conv_winograd.py`) on every conv shape of the 256 px decoder (ch 160, ch_mult 1,1,2,2,4),
 and prints GFLOP/s ("direct" FLOPs, 9 multiply-adds per tap: Winograd's read above the matmul
 rate) and which implementation "auto" picks on this backend. The decoder-weighted line sums each
 shape's time times its count in one decode, the figure that decides "auto".
@@ -16,6 +17,10 @@ shape's time times its count in one decode, the figure that decides "auto".
 `var_jax.sample` runs; random d16 weights, tokenizer and transformer in each `--dtypes`) with the
 tokenizer's `conv_impl` set to IMPL and to "auto", and times the two alternately: the tokens must
 be identical, the images differ by the two convolutions' rounding.
+
+`--winograd-tiles` instead times the float32 decoder (`VQVAE.decode_fhat_unclamped` under jit,
+random released-size weights) with Winograd's F(2x2, 3x3) only and with its default tile rule
+(`conv_winograd.output_tile`: F(4x4, 3x3) for batches of large images), alternately.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import numpy as np
 
 import _common
 import var_jax
+from var_jax.models.vqvae import VQVAE
 from var_jax.ops import conv as conv_ops
+from var_jax.ops import conv_winograd
 
 # (side, Cin, Cout, upsample, count in one decode of the released 256 px decoder).
 DECODER_CONVS = (
@@ -57,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--sample", choices=conv_ops.CONV_IMPLS, default=None,
                       help="time the public sampling call with the tokenizer's conv_impl set to "
                            "this and to 'auto' instead")
+  parser.add_argument("--winograd-tiles", action="store_true",
+                      help="time the float32 decoder with Winograd F(2x2) only and with its "
+                           "default tiles instead")
   return parser.parse_args(argv)
 
 
@@ -76,10 +86,52 @@ def bench_sample(args, dtype_name: str, batch: int) -> None:
                                   args.iters, f"d16 {dtype_name} batch {batch}")
 
 
+@contextlib.contextmanager
+def _winograd_f2x2_only():
+  """F(2x2, 3x3) for every Winograd conv traced meanwhile (no batch reaches the F(4x4) rule's)."""
+  min_batch = conv_winograd.TILE4_MIN_BATCH
+  conv_winograd.TILE4_MIN_BATCH = float("inf")
+  try:
+    yield
+  finally:
+    conv_winograd.TILE4_MIN_BATCH = min_batch
+
+
+def bench_winograd_tiles(args, batch: int) -> None:
+  """The float32 decoder built with F(2x2) only and with the default tiles, timed alternately."""
+  tokenizer = _common.random_tokenizer(args.seed)
+  vae = VQVAE(dataclasses.replace(tokenizer.config, dtype="float32"))
+  side = tokenizer.config.latent_size
+  f_hat = jnp.asarray(np.random.default_rng(args.seed).standard_normal(
+      (batch, side, side, tokenizer.config.z_channels)), jnp.float32)
+  compiled = {}
+  for name, context in (("F(2x2) only", _winograd_f2x2_only), ("default", contextlib.nullcontext)):
+    # A new function per variant: jax.jit would reuse the first one's trace for the same one.
+    decode = lambda params, f: vae.apply({"params": params}, f,
+                                         method=VQVAE.decode_fhat_unclamped)
+    with context():
+      compiled[name] = jax.jit(decode).lower(tokenizer.params, f_hat).compile()
+  images = {name: np.asarray(call(tokenizer.params, f_hat)) for name, call in compiled.items()}
+  first, second = images.values()
+  print(f"float32 decoder, batch {batch}: outputs differ by at most "
+        f"{np.abs(first - second).max():.2e} (of [-1, 1] images)")
+  times = _common.time_alternately(
+      {name: (lambda call=call: call(tokenizer.params, f_hat)) for name, call in compiled.items()},
+      args.iters)
+  medians = {name: float(np.median(t)) for name, t in times.items()}
+  for name, t in times.items():
+    print(f"  {name}: " + " ".join(f"{s:.2f}" for s in t) + f" s (median {medians[name]:.2f})")
+  print(f"  F(2x2) only / default (medians): x{medians['F(2x2) only'] / medians['default']:.3f}")
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   env = _common.environment()
   _common.print_environment(env)
+  if args.winograd_tiles:
+    for batch in args.batch_sizes:
+      bench_winograd_tiles(args, batch)
+    return
   if args.sample:
     for dtype_name in [d for d in args.dtypes.split(",") if d]:
       for batch in args.batch_sizes:

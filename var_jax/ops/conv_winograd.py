@@ -77,10 +77,11 @@ MAX_BLOCK_TILES = 512
 # 256 x 160 x1.34).
 TILE4_MIN_PIXELS = 64 * 64
 # ...and from this many images per call (per device) up: the released decoder, float32, F(2x2)
-# against F(4x4) at the sizes above, both alternated: batch 8 18.8 -> 13.6 s (x1.38), batch 2
-# 4.17 -> 3.22 s (x1.30), batch 1 1.76 -> 1.68 s (x1.05), where F(4x4) also compiled ~6 s longer
-# per sampling program (its transforms are 2.25x the ops). The sampler decodes one image per loop
-# step on CPU (`inference/sampler.py`), so it keeps F(2x2).
+# against F(4x4) at the sizes above, both alternated: batch 8 18.8 -> 13.6 s (x1.38; in a faster
+# phase 12.39 -> 9.18, `benchmarks/bench_conv.py --winograd-tiles`), batch 2 4.17 -> 3.22 s
+# (x1.30), batch 1 1.76 -> 1.68 s (x1.05), where F(4x4) also compiled ~6 s longer per sampling
+# program (its transforms are 2.25x the ops). The sampler decodes one image per loop step on CPU
+# (`inference/sampler.py`), so it keeps F(2x2).
 TILE4_MIN_BATCH = 2
 
 
