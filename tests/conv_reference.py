@@ -1,6 +1,7 @@
 """Shared by the CPU convolution tests (test_conv_rows.py, test_conv_winograd.py): operands, the
 references their expectations come from (a float64 numpy convolution, XLA's convolution), and
-the user's path through a small tokenizer. Nothing here calls the implementations under test."""
+the user's paths through `ops.conv.conv3x3` (gradients) and a small tokenizer. The
+implementations under test are reached only through those public calls."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,23 @@ def xla_conv3x3(upsample: bool):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST) + bias
   return conv
+
+
+def gradients_through_impl_and_xla(impl: str, upsample: bool):
+  """Gradients of sum(sin(conv)) with respect to the kernel, the bias and x (2 8 x 6 images, 8 ->
+  12 channels) through `ops.conv.conv3x3(impl=impl)` and through XLA's full-precision
+  convolution: [(got, want)] per argument."""
+  from var_jax.ops import conv as conv_ops
+  x, kernel, bias = conv_operands(4, 2, 8, 6, 8, 12)
+
+  def loss(conv, x, kernel, bias):
+    return jnp.sum(jnp.sin(conv(x, kernel, bias)))
+
+  through_impl = lambda x, kernel, bias: conv_ops.conv3x3(x, kernel, bias, upsample=upsample,
+                                                          impl=impl)
+  got = jax.grad(loss, argnums=(1, 2, 3))(through_impl, x, kernel, bias)
+  want = jax.grad(loss, argnums=(1, 2, 3))(xla_conv3x3(upsample), x, kernel, bias)
+  return list(zip(got, want))
 
 
 def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict, dtype: str,

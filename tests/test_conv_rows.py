@@ -10,8 +10,8 @@ import pytest
 
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_rows
-from conv_reference import (conv_operands, numpy_conv3x3, tokenizer_through_auto_and_xla,
-                            xla_conv3x3)
+from conv_reference import (conv_operands, gradients_through_impl_and_xla, numpy_conv3x3,
+                            tokenizer_through_auto_and_xla)
 
 
 def _silu_affine(x, scale, shift):
@@ -65,16 +65,7 @@ def test_conv3x3_row_blocks_path_with_the_norm_prologue():
 
 @pytest.mark.parametrize("upsample", [False, True])
 def test_row_blocks_are_differentiable_like_the_convolution(upsample):
-  x, kernel, bias = conv_operands(4, 2, 8, 6, 8, 12)
-
-  def loss(conv, x, kernel, bias):
-    return jnp.sum(jnp.sin(conv(x, kernel, bias)))
-
-  rows = lambda x, kernel, bias: conv_ops.conv3x3(x, kernel, bias, upsample=upsample,
-                                                 impl="row_blocks")
-  got = jax.grad(loss, argnums=(1, 2, 3))(rows, x, kernel, bias)
-  want = jax.grad(loss, argnums=(1, 2, 3))(xla_conv3x3(upsample), x, kernel, bias)
-  for g, w in zip(got, want):
+  for g, w in gradients_through_impl_and_xla("row_blocks", upsample):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 

@@ -13,8 +13,8 @@ import pytest
 from var_jax.errors import InputError
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_winograd
-from conv_reference import (conv_operands, numpy_conv3x3, tokenizer_through_auto_and_xla,
-                            xla_conv3x3)
+from conv_reference import (conv_operands, gradients_through_impl_and_xla, numpy_conv3x3,
+                            tokenizer_through_auto_and_xla)
 
 # F(4x4, 3x3) sums more terms with larger coefficients: its float32 error is ~10x F(2x2)'s
 # (measured at unit-variance outputs: ~1e-6 against ~1e-5).
@@ -99,16 +99,7 @@ def test_winograd_in_bfloat16_stays_within_a_few_bf16_steps():
 
 @pytest.mark.parametrize("upsample", [False, True])
 def test_winograd_is_differentiable_like_the_convolution(upsample):
-  x, kernel, bias = conv_operands(4, 2, 8, 6, 8, 12)
-
-  def loss(conv, x, kernel, bias):
-    return jnp.sum(jnp.sin(conv(x, kernel, bias)))
-
-  winograd = lambda x, kernel, bias: conv_ops.conv3x3(x, kernel, bias, upsample=upsample,
-                                                      impl="winograd")
-  got = jax.grad(loss, argnums=(1, 2, 3))(winograd, x, kernel, bias)
-  want = jax.grad(loss, argnums=(1, 2, 3))(xla_conv3x3(upsample), x, kernel, bias)
-  for g, w in zip(got, want):
+  for g, w in gradients_through_impl_and_xla("winograd", upsample):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 

@@ -85,7 +85,7 @@ TILE4_MIN_PIXELS = 64 * 64
 TILE4_MIN_BATCH = 2
 
 
-def output_tile(height: int, width: int, dtype, batch: int = TILE4_MIN_BATCH) -> int:
+def output_tile(height: int, width: int, dtype, batch: int) -> int:
   """m of the F(m x m, 3 x 3) for `batch` images of `height` x `width` outputs (both even) in
   `dtype`: 4 for float32 where both sides are multiples of 4, with at least TILE4_MIN_PIXELS per
   image and TILE4_MIN_BATCH images; else 2 (module docstring)."""
