@@ -4,6 +4,7 @@
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --dtypes bfloat16 --batch-sizes 1,8
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --sample xla --dtypes float32 --batch-sizes 1,8
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --winograd-tiles --batch-sizes 1,2,8
+  JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --winograd-tiles --public-call --batch-sizes 1,8
 
 Times `ops.conv.conv3x3(x, kernel, bias, impl=...)` (the call the tokenizer's resnet blocks and
 upsamplers make, jitted) for "xla" (XLA's convolution), "row_blocks" (matmuls over blocks of
@@ -20,7 +21,9 @@ be identical, the images differ by the two convolutions' rounding.
 
 `--winograd-tiles` instead times the float32 decoder (`VQVAE.decode_fhat_unclamped` under jit,
 random released-size weights) with Winograd's F(2x2, 3x3) only and with its default tile rule
-(`conv_winograd.output_tile`: F(4x4, 3x3) for batches of large images), alternately.
+(`conv_winograd.output_tile`: F(4x4, 3x3) for images of >= 64 x 64 px), alternately; with
+`--public-call`, the float32 public sampling call's program (random d16 weights) both ways
+instead (the tokens must be identical).
 """
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--winograd-tiles", action="store_true",
                       help="time the float32 decoder with Winograd F(2x2) only and with its "
                            "default tiles instead")
+  parser.add_argument("--public-call", action="store_true",
+                      help="with --winograd-tiles: time the public sampling call's program "
+                           "instead of the decoder")
   return parser.parse_args(argv)
 
 
@@ -88,13 +94,23 @@ def bench_sample(args, dtype_name: str, batch: int) -> None:
 
 @contextlib.contextmanager
 def _winograd_f2x2_only():
-  """F(2x2, 3x3) for every Winograd conv traced meanwhile (no batch reaches the F(4x4) rule's)."""
-  min_batch = conv_winograd.TILE4_MIN_BATCH
-  conv_winograd.TILE4_MIN_BATCH = float("inf")
+  """F(2x2, 3x3) for every Winograd conv traced meanwhile (no image reaches the F(4x4) rule's)."""
+  min_pixels = conv_winograd.TILE4_MIN_PIXELS
+  conv_winograd.TILE4_MIN_PIXELS = float("inf")
   try:
     yield
   finally:
-    conv_winograd.TILE4_MIN_BATCH = min_batch
+    conv_winograd.TILE4_MIN_PIXELS = min_pixels
+
+
+def bench_winograd_tiles_public_call(args, batch: int) -> None:
+  """The float32 public call's program built with F(2x2) only and with the default tiles."""
+  tokenizer = _common.random_tokenizer(args.seed)
+  model = _common.random_var_model(16, tokenizer, args.seed)
+  variants = {"F(2x2) only": (model, _winograd_f2x2_only),
+              "default": (model, contextlib.nullcontext)}
+  _common.compare_sample_programs(variants, np.arange(batch) % model.config.num_classes,
+                                  args.seed, args.iters, f"d16 float32 batch {batch}")
 
 
 def bench_winograd_tiles(args, batch: int) -> None:
@@ -130,7 +146,7 @@ def main(argv=None) -> None:
   _common.print_environment(env)
   if args.winograd_tiles:
     for batch in args.batch_sizes:
-      bench_winograd_tiles(args, batch)
+      (bench_winograd_tiles_public_call if args.public_call else bench_winograd_tiles)(args, batch)
     return
   if args.sample:
     for dtype_name in [d for d in args.dtypes.split(",") if d]:

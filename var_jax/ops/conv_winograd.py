@@ -23,12 +23,13 @@ max 0.03 against 0.016 for the row blocks at 256 x 256 x 160, `ops/conv_rows.py`
 keeps m = 2, and "auto" gives bfloat16 to the row blocks, which are also faster there (the
 decoder's convs at batch 8: 7.1 s against 4.4 s).
 
-`output_tile` picks m: 4 for float32 calls of at least 2 images of at least 64 x 64 output
-pixels with sides that are multiples of 4, else 2. Against F(2x2) on the 2-core Xeon of the
-measurements, float32, batch 8, both alternated in one process: 256 x 256 x 160 1561 -> 1166 ms,
-128 x 128 x 160 355 -> 269, 64 x 64 x 320 299 -> 205; the decoder's convs of >= 160 output
-channels 17.97 -> 13.55 s, the whole decoder 18.8 -> 13.6 s. Smaller images and single images
-keep F(2x2) (`TILE4_MIN_PIXELS`, `TILE4_MIN_BATCH`).
+`output_tile` picks m: 4 for float32 images of at least 64 x 64 output pixels with sides that are
+multiples of 4, else 2. Against F(2x2) on the 2-core Xeon of the measurements, float32, batch 8,
+both alternated in one process: 256 x 256 x 160 1561 -> 1166 ms, 128 x 128 x 160 355 -> 269,
+64 x 64 x 320 299 -> 205; the decoder's convs of >= 160 output channels 17.97 -> 13.55 s, the
+whole decoder 18.8 -> 13.6 s; one image 2.12 -> 1.78 s; the public sampling call, which decodes
+one image per step on CPU, batch 1 5.67 -> 5.43 s and batch 8 44.43 -> 40.80 s (medians,
+`benchmarks/bench_conv.py --winograd-tiles --public-call`), for up to ~10 s more compile. Smaller images keep F(2x2) (`TILE4_MIN_PIXELS`).
 
 Blocks: the matmuls of one block of R output rows of one image, (R/m x W/m tiles, Cin), run near
 XLA's matmul rate while their float32 products stay near the caches; for the whole image at once
@@ -74,23 +75,17 @@ MAX_BLOCK_TILES = 512
 # tiles for its 36 matmuls (at 32 x 32 px, 64 tiles of 320 channels, F(4x4) took 74 ms for 8
 # images against F(2x2)'s 63; at 16 x 16 x 640 83 against 79), above it F(4x4) won at every
 # shape of the released decoder at batch 8 (64 x 64 x 320 x1.45, 128 x 128 x 160 x1.32, 256 x
-# 256 x 160 x1.34).
+# 256 x 160 x1.34) and for one image (the whole decoder 2.12 -> 1.78 s, float32, alternated).
+# Its transforms are 2.25x F(2x2)'s ops, so a sampling program compiles up to ~10 s longer.
 TILE4_MIN_PIXELS = 64 * 64
-# ...and from this many images per call (per device) up: the released decoder, float32, F(2x2)
-# against F(4x4) at the sizes above, both alternated: batch 8 18.8 -> 13.6 s (x1.38; in a faster
-# phase 12.39 -> 9.18, `benchmarks/bench_conv.py --winograd-tiles`), batch 2 4.17 -> 3.22 s
-# (x1.30), batch 1 1.76 -> 1.68 s (x1.05), where F(4x4) also compiled ~6 s longer per sampling
-# program (its transforms are 2.25x the ops). The sampler decodes one image per loop step on CPU
-# (`inference/sampler.py`), so it keeps F(2x2).
-TILE4_MIN_BATCH = 2
 
 
-def output_tile(height: int, width: int, dtype, batch: int) -> int:
-  """m of the F(m x m, 3 x 3) for `batch` images of `height` x `width` outputs (both even) in
-  `dtype`: 4 for float32 where both sides are multiples of 4, with at least TILE4_MIN_PIXELS per
-  image and TILE4_MIN_BATCH images; else 2 (module docstring)."""
+def output_tile(height: int, width: int, dtype) -> int:
+  """m of the F(m x m, 3 x 3) for images of `height` x `width` outputs (both even) in `dtype`:
+  4 for float32 where both sides are multiples of 4 and an image has at least TILE4_MIN_PIXELS;
+  else 2 (module docstring)."""
   if (jnp.dtype(dtype) == jnp.float32 and height % 4 == 0 and width % 4 == 0
-      and height * width >= TILE4_MIN_PIXELS and batch >= TILE4_MIN_BATCH):
+      and height * width >= TILE4_MIN_PIXELS):
     return 4
   return 2
 
@@ -174,7 +169,7 @@ def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
   dtype = kernel_HWIO.dtype
   C, O = kernel_HWIO.shape[2:]
   H, W = (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2]) if upsample else x_BHWC.shape[1:3]
-  m = output_tile(H, W, dtype, x_BHWC.shape[0]) if tile is None else tile
+  m = output_tile(H, W, dtype) if tile is None else tile
   if m not in _MATRICES:
     raise ValueError(f"Winograd output tile {m} is not one of {OUTPUT_TILES}.")
   if H % m or W % m:
