@@ -27,9 +27,10 @@ decoder's convs at batch 8: 7.1 s against 4.4 s).
 multiples of 4, else 2. Against F(2x2) on the 2-core Xeon of the measurements, float32, batch 8,
 both alternated in one process: 256 x 256 x 160 1561 -> 1166 ms, 128 x 128 x 160 355 -> 269,
 64 x 64 x 320 299 -> 205; the decoder's convs of >= 160 output channels 17.97 -> 13.55 s, the
-whole decoder 18.8 -> 13.6 s; one image 2.12 -> 1.78 s; the public sampling call, which decodes
-one image per step on CPU, batch 1 5.67 -> 5.43 s and batch 8 44.43 -> 40.80 s (medians,
-`benchmarks/bench_conv.py --winograd-tiles --public-call`), for up to ~10 s more compile. Smaller images keep F(2x2) (`TILE4_MIN_PIXELS`).
+whole decoder 18.8 -> 13.6 s. On a 2-core AMD EPYC (AVX-512, no AMX): one image's decoder 2.12
+-> 1.78 s; the public sampling call, which decodes one image per step on CPU, batch 1 5.67 ->
+5.43 s and batch 8 44.43 -> 40.80 s (medians, `benchmarks/bench_conv.py --winograd-tiles
+--public-call`), for up to ~10 s more compile (on the Xeon an earlier A/B read batch 1 x1.02). Smaller images keep F(2x2) (`TILE4_MIN_PIXELS`).
 
 Blocks: the matmuls of one block of R output rows of one image, (R/m x W/m tiles, Cin), run near
 XLA's matmul rate while their float32 products stay near the caches; for the whole image at once
@@ -75,7 +76,7 @@ MAX_BLOCK_TILES = 512
 # tiles for its 36 matmuls (at 32 x 32 px, 64 tiles of 320 channels, F(4x4) took 74 ms for 8
 # images against F(2x2)'s 63; at 16 x 16 x 640 83 against 79), above it F(4x4) won at every
 # shape of the released decoder at batch 8 (64 x 64 x 320 x1.45, 128 x 128 x 160 x1.32, 256 x
-# 256 x 160 x1.34) and for one image (the whole decoder 2.12 -> 1.78 s, float32, alternated).
+# 256 x 160 x1.34) and, on a 2-core AMD EPYC, for one image (the decoder 2.12 -> 1.78 s).
 # Its transforms are 2.25x F(2x2)'s ops, so a sampling program compiles up to ~10 s longer.
 TILE4_MIN_PIXELS = 64 * 64
 
