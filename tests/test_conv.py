@@ -16,6 +16,7 @@ from var_jax.kernels import tpu_conv
 from var_jax.models.vqvae import VQVAE
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.ops import conv as conv_ops
+from var_jax.ops import host_cpu
 
 
 def _reference(x, kernel, bias, scale=None, shift=None):
@@ -192,7 +193,10 @@ def test_kernel_plan_refuses_what_it_cannot_hold():
 
 def test_auto_is_xla_on_gpu_and_a_blocked_matmul_path_on_cpu(monkeypatch):
   assert conv_ops.resolve_impl("auto") == "winograd"  # float32 on this CPU
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: True)
   assert conv_ops.resolve_impl("auto", batch=1, dtype=jnp.bfloat16) == "row_blocks"
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: False)
+  assert conv_ops.resolve_impl("auto", batch=1, dtype=jnp.bfloat16) == "winograd"
   monkeypatch.setattr(conv_ops, "computation_platform", lambda: "gpu")
   assert conv_ops.resolve_impl("auto") == "xla"
   assert conv_ops.resolve_impl("auto", batch=1, dtype=jnp.bfloat16) == "xla"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from var_jax.ops import conv as conv_ops
-from var_jax.ops import conv_rows
+from var_jax.ops import conv_rows, conv_winograd, host_cpu
 from conv_reference import (conv_operands, gradients_through_impl_and_xla, numpy_conv3x3,
                             tokenizer_through_auto_and_xla)
 
@@ -74,8 +74,10 @@ def test_block_rows_is_the_largest_divisor_up_to_the_limit():
   assert conv_rows.block_rows(12, max_rows=5) == 4
 
 
-def test_auto_takes_row_blocks_for_bfloat16_on_cpu_only(monkeypatch):
+def test_auto_takes_row_blocks_for_bfloat16_on_amx_cpus_only(monkeypatch):
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: True)
   assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.bfloat16) == "row_blocks"
+  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(640, 640)) == "row_blocks"
   assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.float32) == "winograd"
   assert conv_ops.resolve_impl("auto", batch=8) == "winograd"  # no dtype: float32
   assert conv_ops.resolve_impl("row_blocks", dtype=jnp.float32) == "row_blocks"  # by name
@@ -84,6 +86,22 @@ def test_auto_takes_row_blocks_for_bfloat16_on_cpu_only(monkeypatch):
     assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.bfloat16) == "xla"
   monkeypatch.setattr(conv_ops, "computation_platform", lambda: "tpu")
   assert conv_ops.resolve_impl("auto", batch=64, dtype=jnp.bfloat16) == "xla"
+
+
+def test_auto_takes_winograd_for_wide_bfloat16_convs_on_cpus_without_amx(monkeypatch):
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: False)
+  wide = conv_ops.AUTO_WINOGRAD_MIN_CHANNELS
+  assert conv_ops.resolve_impl("auto", batch=8, dtype=jnp.bfloat16) == "winograd"
+  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide, wide)) == "winograd"
+  # Narrow convs (the 3-channel output head) keep the row blocks, not XLA's bf16 convolution.
+  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide, 3)) == "row_blocks"
+  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide - 1, wide)) == "row_blocks"
+  assert conv_ops.resolve_impl("auto", dtype=jnp.float32, channels=(wide, 3)) == "xla"
+  # An odd height, which Winograd's tiles cannot cover, takes the row blocks (exactly their result).
+  x, kernel, bias = conv_operands(8, 1, 7, 6, wide, wide, jnp.bfloat16)
+  got = conv_ops.conv3x3(x, kernel, bias, impl="auto")
+  want = conv_ops.conv3x3(x, kernel, bias, impl="row_blocks")
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("batch", [8, 3])  # split over the 8 devices, and a batch they cannot split
@@ -102,10 +120,13 @@ _SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=
               using_sa=True, using_mid_sa=True, patch_nums=(1, 2, 4, 8))
 
 
-def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
-  """The user's path: a bf16 tokenizer with the default conv_impl on CPU calls the row-block conv
-  for every resnet, upsampling and output-head conv, and reconstructs what the flax nn.Conv
-  modules (conv_impl="xla") do, to bf16 rounding."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch, amx):
+  """The user's path: a bf16 tokenizer (of convs narrower than Winograd's minimum) with the
+  default conv_impl on CPU, with or without AMX, calls the row-block conv for every resnet,
+  upsampling and output-head conv, and reconstructs what the flax nn.Conv modules
+  (conv_impl="xla") do, to bf16 rounding."""
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: amx)
   # Encoder: 2 per resnet block (2 levels + 2 mid) and the output head. Decoder: 2 per resnet
   # block (2 levels of 2 + 2 mid), one upsample, the output head.
   counts = {"encode_to_latent": 2 * 4 + 1, "decode_fhat_unclamped": 2 * 6 + 2}
@@ -115,3 +136,20 @@ def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch):
     # Two bf16 paths that round differently (the norm's one-pass statistics, the summation order)
     # through several layers: within a few bf16 steps of the output's scale.
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
+
+
+# The released tokenizer's narrowest width (160), so that "auto" takes Winograd where it may.
+_WIDE = dict(_SMALL, ch=160, ch_mult=(1, 1))
+
+
+def test_bfloat16_tokenizer_on_a_cpu_without_amx_runs_its_wide_convs_by_winograd(monkeypatch):
+  """The user's path on a CPU without AMX: a bf16 tokenizer of 160 channels with the default
+  conv_impl calls the Winograd conv for every resnet and upsampling conv (the input conv from 3
+  channels and the output heads to 8 and 3 take the row blocks), and reconstructs what the flax
+  modules do to a few bf16 steps (Winograd rounds its transforms to bf16 too)."""
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: False)
+  counts = {"encode_to_latent": 2 * 4, "decode_fhat_unclamped": 2 * 6 + 1}
+  for method, calls, got, want in tokenizer_through_auto_and_xla(
+      monkeypatch, conv_winograd, "conv3x3_winograd", _WIDE, "bfloat16"):
+    assert len(calls) == counts[method]
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * np.abs(want).max())

@@ -37,9 +37,10 @@ class VQVAEConfig(FromMapping):
   patch_nums: tuple[int, ...] = PATCH_NUMS_256
   dtype: str = "float32"        # Compute dtype (COMPUTE_DTYPES); parameters are always float32.
   # How the resnet blocks', upsamplers' and heads' 3x3 convolutions run (ops.conv.CONV_IMPLS):
-  # "auto" is the fused GroupNorm-SiLU-conv Pallas kernel on TPU for small per-chip batches, row-
-  # block matmuls for bfloat16 on CPU (ops/conv_rows.py), Winograd (F(2x2) or F(4x4), 3x3) for
-  # float32 on CPU at >= 160 channels (ops/conv_winograd.py), XLA's convolution elsewhere.
+  # "auto" is the fused GroupNorm-SiLU-conv Pallas kernel on TPU for small per-chip batches; on
+  # CPU Winograd (F(2x2) or F(4x4), 3x3; ops/conv_winograd.py) at >= 160 channels, except bfloat16
+  # on CPUs with AMX, and row-block matmuls (ops/conv_rows.py) for the other bfloat16 convs;
+  # XLA's convolution elsewhere (ops.conv.resolve_impl).
   conv_impl: str = "auto"
 
   def __post_init__(self):

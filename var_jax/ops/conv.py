@@ -15,9 +15,11 @@ official tokenizer feeds its convolutions.
   path for float32; even heights and widths only; differentiable (its custom vjp is the XLA
   path's);
 * "auto": on TPU the kernel for up to AUTO_KERNEL_MAX_IMAGES images per device, XLA above that;
-  on CPU "row_blocks" for bfloat16, and for float32 "winograd" where both channel counts are at
-  least AUTO_WINOGRAD_MIN_CHANNELS and the output's sides are even, XLA otherwise; XLA on GPU
-  (the active mesh's devices decide, else jax.default_backend()).
+  on CPU "winograd" where both channel counts are at least AUTO_WINOGRAD_MIN_CHANNELS and the
+  output's sides are even, except for bfloat16 on a CPU with AMX (`host_cpu`), where the
+  bfloat16 matmuls of "row_blocks" are fast enough to win; otherwise "row_blocks" for bfloat16
+  and XLA for float32; XLA on GPU (the active mesh's devices decide, else
+  jax.default_backend()).
 `upsample=True` puts a nearest-neighbour x2 upsampling before the conv (the decoder's Upsample),
 which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
 interpret mode on any backend (slow; for tests).
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 
 from var_jax.errors import ConfigError, InputError
 from var_jax.kernels import mesh_sharding, tpu_conv
-from var_jax.ops import conv_rows, conv_winograd
+from var_jax.ops import conv_rows, conv_winograd, host_cpu
 from var_jax.ops.attention import computation_platform
 
 CONV_IMPLS = ("auto", "xla", "pallas_tpu", "row_blocks", "winograd")
@@ -52,8 +54,16 @@ AUTO_KERNEL_MAX_IMAGES = 4
 # released decoder at batch 8 (160, 320 and 640 channels; x1.2-1.7; one decode's convs x1.41),
 # at batch 1 on the whole decode (x1.09; single shapes within noise either way), and lost at 128
 # channels (128 x 128 x 128 -> 128, 2 images: 35 ms against XLA's 20) and at the 3-channel output
-# head (52 against 7 ms), where its 16 matmuls are too narrow for their loop's fixed cost.
+# head (52 against 7 ms), where its 16 matmuls are too narrow for their loop's fixed cost. On a
+# 2-core AMD EPYC (no AMX), batch 1: one decode's convs 2524 -> 1862 ms (`bench_conv.py`).
 AUTO_WINOGRAD_MIN_CHANNELS = 160
+# Bfloat16 on CPU: the row blocks' 9 multiplies per output and channel pair against Winograd
+# F(2x2)'s 4, whose bf16-rounded transforms cost some accuracy (the released decoder's images against
+# the float32 decode: mean 1.17 / 255 for Winograd, 1.03 / 255 for the row blocks). With AMX the
+# row blocks won (2-core Xeon, the decoder's convs at batch 8: 4.4 s against Winograd's 7.1 s);
+# without it (2-core AMD EPYC with AVX-512 BF16) Winograd won at the wide shapes (one decode's
+# convs 1610 -> 1237 ms; the public bf16 call at batch 1 4.19 -> 3.85 s, batch 8 36.97 -> 31.28 s,
+# `benchmarks/bench_conv.py --sample winograd --dtypes bfloat16`), so that is the choice there.
 
 
 def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None,
@@ -61,16 +71,17 @@ def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None
   """The implementation ("xla", "pallas_tpu", "row_blocks" or "winograd") a call with `impl` on
   `batch` images (None: any) in `dtype` (the kernel's compute dtype; None: float32) with
   `channels` = (Cin, Cout) (None: wide enough for any) uses where it is traced ("winograd" stands
-  for XLA on odd sizes, which `conv3x3` sees)."""
+  for XLA, or for the row blocks in bfloat16, on odd sizes, which `conv3x3` sees)."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
   platform = computation_platform()
   if impl == "auto":
     if platform == "cpu":
-      if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+      bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+      if bf16 and host_cpu.has_amx_bf16():
         return "row_blocks"
       wide = channels is None or min(channels) >= AUTO_WINOGRAD_MIN_CHANNELS
-      return "winograd" if wide else "xla"
+      return "winograd" if wide else "row_blocks" if bf16 else "xla"
     if platform != "tpu":
       return "xla"
     per_device = None if batch is None else -(-batch // mesh_sharding.batch_shards())
@@ -230,7 +241,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
     if impl == "winograd":
       raise InputError(f"conv impl 'winograd' needs an even output height and width, got "
                        f"{out_H} x {out_W}; use 'auto', 'xla' or 'row_blocks'.")
-    resolved = "xla"
+    resolved = "row_blocks" if jnp.dtype(kernel_HWIO.dtype) == jnp.bfloat16 else "xla"
   if resolved in _BLOCKED_IMPLS:
     return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved)
   if (resolved == "xla"

@@ -18,8 +18,9 @@ unsigned integers: XLA:CPU moves bfloat16 arrays through float32 converts, which
 copies 1.7x slower (measured). On that host, bf16, one image, XLA's convolution against this
 (`benchmarks/bench_conv.py`): 256 x 256 x 160 -> 160 150 -> 47-56 ms, 128 x 128 x 320 -> 160
 63 -> 24 ms, 64 x 64 x 320 -> 320 28-30 -> 8-9 ms; all the decoder's convs 1805 -> 574 ms. In
-float32 XLA's own convolution is faster (1818 against 2215 ms), so `ops.conv` takes this path
-for bfloat16 on CPU only.
+float32 XLA's own convolution is faster (1818 against 2215 ms), so `ops.conv`'s "auto" takes this
+path for bfloat16 on CPU only: on CPUs with AMX, and for narrow convs on CPUs without (where
+Winograd wins the wide ones, `ops.conv`).
 
 `ops.conv.conv3x3(impl="row_blocks")` differentiates it as XLA's convolution (a custom vjp, as
 for the TPU kernel), so training through this path is the same computation as through XLA's.

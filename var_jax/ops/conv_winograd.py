@@ -20,8 +20,9 @@ those terms: measured in float32 against XLA's exact-to-rounding convolution at 
 shapes (unit-variance inputs and outputs), at most 4e-6 to 6.4e-6 for m = 2 and ~5e-5 for m = 4,
 both far below the 1/255 of a decoded pixel. In bfloat16 the rounded transforms cost more (m = 2:
 max 0.03 against 0.016 for the row blocks at 256 x 256 x 160, `ops/conv_rows.py`), so bfloat16
-keeps m = 2, and "auto" gives bfloat16 to the row blocks, which are also faster there (the
-decoder's convs at batch 8: 7.1 s against 4.4 s).
+keeps m = 2, and "auto" gives bfloat16 to the row blocks on CPUs with AMX, which are faster there
+(the decoder's convs at batch 8: 7.1 s against 4.4 s), and to Winograd on CPUs without
+(figures at `ops.conv.AUTO_WINOGRAD_MIN_CHANNELS`).
 
 `output_tile` picks m: 4 for float32 images of at least 64 x 64 output pixels with sides that are
 multiples of 4, else 2. Against F(2x2) on the 2-core Xeon of the measurements, float32, batch 8,
