@@ -95,7 +95,8 @@ def test_auto_takes_winograd_for_wide_bfloat16_convs_on_cpus_without_amx(monkeyp
   assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide, wide)) == "winograd"
   # Narrow convs (the 3-channel output head) keep the row blocks, not XLA's bf16 convolution.
   assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide, 3)) == "row_blocks"
-  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=(wide - 1, wide)) == "row_blocks"
+  narrow = (wide - 1, wide)
+  assert conv_ops.resolve_impl("auto", dtype=jnp.bfloat16, channels=narrow) == "row_blocks"
   assert conv_ops.resolve_impl("auto", dtype=jnp.float32, channels=(wide, 3)) == "xla"
   # An odd height, which Winograd's tiles cannot cover, takes the row blocks (exactly their result).
   x, kernel, bias = conv_operands(8, 1, 7, 6, wide, wide, jnp.bfloat16)

@@ -73,7 +73,7 @@ def _decode(vae, vae_params, f_hat):
   if attention_ops.computation_platform() != "cpu" or B == 1:
     return decode(f_hat)
   # On CPU the decoder's full-resolution convs run faster per image than batched (cache bound:
-  # the public call at batch 8, float32, 42.76 s one image per step against 51.10 s batched,
+  # the public call at batch 8, float32, 41.79 s one image per step against 51.10 s batched,
   # both with Winograd F(4x4)), so images go through one per batch shard at a time;
   # accelerators keep the batch.
   shards = mesh_sharding.batch_shards()

@@ -58,12 +58,19 @@ AUTO_KERNEL_MAX_IMAGES = 4
 # 2-core AMD EPYC (no AMX), batch 1: one decode's convs 2524 -> 1862 ms (`bench_conv.py`).
 AUTO_WINOGRAD_MIN_CHANNELS = 160
 # Bfloat16 on CPU: the row blocks' 9 multiplies per output and channel pair against Winograd
-# F(2x2)'s 4, whose bf16-rounded transforms cost some accuracy (the released decoder's images against
-# the float32 decode: mean 1.17 / 255 for Winograd, 1.03 / 255 for the row blocks). With AMX the
-# row blocks won (2-core Xeon, the decoder's convs at batch 8: 4.4 s against Winograd's 7.1 s);
-# without it (2-core AMD EPYC with AVX-512 BF16) Winograd won at the wide shapes (one decode's
-# convs 1610 -> 1237 ms; the public bf16 call at batch 1 4.19 -> 3.85 s, batch 8 36.97 -> 31.28 s,
-# `benchmarks/bench_conv.py --sample winograd --dtypes bfloat16`), so that is the choice there.
+# F(2x2)'s 4, whose bf16-rounded transforms cost some accuracy (the released decoder's images
+# against the float32 decode: mean 1.17 / 255 for Winograd, 1.03 / 255 for the row blocks). With
+# AMX the row blocks won (2-core Xeon, the decoder's convs at batch 8: 4.4 s against Winograd's
+# 7.1 s); without it (2-core AMD EPYC with AVX-512 BF16) Winograd won at the wide shapes (one
+# decode's convs 1610 -> 1237 ms; the public bf16 call at batch 1 4.19 -> 3.85 s, batch 8 36.97
+# -> 31.28 s, `benchmarks/bench_conv.py --sample winograd --dtypes bfloat16`), so that is the
+# choice there.
+
+
+def _cpu_fallback(dtype) -> str:
+  """The CPU path of a conv Winograd does not take under "auto" (too narrow, or odd-sized): the
+  row blocks for bfloat16, XLA's convolution for float32 (None: float32)."""
+  return "row_blocks" if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 else "xla"
 
 
 def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None,
@@ -77,11 +84,11 @@ def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None
   platform = computation_platform()
   if impl == "auto":
     if platform == "cpu":
-      bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-      if bf16 and host_cpu.has_amx_bf16():
-        return "row_blocks"
+      fallback = _cpu_fallback(dtype)
+      if fallback == "row_blocks" and host_cpu.has_amx_bf16():  # bf16 with AMX: row blocks always
+        return fallback
       wide = channels is None or min(channels) >= AUTO_WINOGRAD_MIN_CHANNELS
-      return "winograd" if wide else "row_blocks" if bf16 else "xla"
+      return "winograd" if wide else fallback
     if platform != "tpu":
       return "xla"
     per_device = None if batch is None else -(-batch // mesh_sharding.batch_shards())
@@ -241,7 +248,7 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
     if impl == "winograd":
       raise InputError(f"conv impl 'winograd' needs an even output height and width, got "
                        f"{out_H} x {out_W}; use 'auto', 'xla' or 'row_blocks'.")
-    resolved = "row_blocks" if jnp.dtype(kernel_HWIO.dtype) == jnp.bfloat16 else "xla"
+    resolved = _cpu_fallback(kernel_HWIO.dtype)
   if resolved in _BLOCKED_IMPLS:
     return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved)
   if (resolved == "xla"

@@ -31,7 +31,8 @@ both alternated in one process: 256 x 256 x 160 1561 -> 1166 ms, 128 x 128 x 160
 whole decoder 18.8 -> 13.6 s. On a 2-core AMD EPYC (AVX-512, no AMX): one image's decoder 2.12
 -> 1.78 s; the public sampling call, which decodes one image per step on CPU, batch 1 5.67 ->
 5.43 s and batch 8 44.43 -> 40.80 s (medians, `benchmarks/bench_conv.py --winograd-tiles
---public-call`), for up to ~10 s more compile (on the Xeon an earlier A/B read batch 1 x1.02). Smaller images keep F(2x2) (`TILE4_MIN_PIXELS`).
+--public-call`), for up to ~10 s more compile (on the Xeon an earlier A/B read batch 1 x1.02).
+Smaller images keep F(2x2) (`TILE4_MIN_PIXELS`).
 
 Blocks: the matmuls of one block of R output rows of one image, (R/m x W/m tiles, Cin), run near
 XLA's matmul rate while their float32 products stay near the caches; for the whole image at once
