@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from var_jax.errors import InputError
+from var_jax.models.vqvae import VQVAE
+from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_winograd
 from conv_reference import (conv_operands, gradients_through_impl_and_xla, numpy_conv3x3,
@@ -157,3 +159,24 @@ def test_float32_tokenizer_on_cpu_runs_its_convs_by_winograd(monkeypatch):
   for method, calls, got, want in results:
     assert len(calls) == counts[method]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_a_tokenizer_of_odd_latent_side_runs_under_auto(monkeypatch):
+  """A 30 px tokenizer (latent side 15, patch_nums ending in 15) with the default conv_impl: the
+  convs at 15 x 15 are odd-sized for Winograd and fall back to XLA's convolution
+  (`ops.conv.conv3x3_impl`), those at 30 x 30 run F(2x2, 3x3); encoder and decoder reconstruct
+  what the flax modules do. The model used to pass "winograd" on by name and fail at 15 x 15."""
+  config = {**_SMALL, "patch_nums": (1, 3, 5, 15)}
+  results = tokenizer_through_auto_and_xla(monkeypatch, conv_winograd, "conv3x3_winograd", config,
+                                           "float32", image_side=30)
+  # Winograd only at 30 px: the encoder's first level (2 convs), the decoder's upsample and its
+  # last level (1 + 4); everything at 15 px went to XLA.
+  counts = {"encode_to_latent": 2, "decode_fhat_unclamped": 1 + 4}
+  for method, calls, got, want in results:
+    assert len(calls) == counts[method]
+    assert all(shape[1] in (15, 30) for shape in calls)  # the upsample reads 15 px
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  # Asked for by name, Winograd at an odd size is a clear error from the model too.
+  model = VQVAE(VQVAEConfig(**config, conv_impl="winograd"))
+  with pytest.raises(InputError, match="even output height and width, got 15 x 15"):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 30, 30, 3)))

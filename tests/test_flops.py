@@ -181,7 +181,8 @@ def test_trainer_logs_these_flops():
 
 def _jaxpr_matmul_counts(jaxpr) -> tuple[float, int]:
   """(FLOPs, output elements) of every convolution and dot in a jaxpr, from the op shapes alone
-  (sub-jaxprs included): 2 x output elements x the contracted size."""
+  (sub-jaxprs included, a scan's body `length` times): 2 x output elements x the contracted
+  size."""
   flops, elements = 0.0, 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -197,9 +198,11 @@ def _jaxpr_matmul_counts(jaxpr) -> tuple[float, int]:
       lhs = eqn.invars[0].aval
       flops += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
       elements += math.prod(out.shape)
+    times = eqn.params["length"] if name == "scan" else 1
     for sub in jax_core.jaxprs_in_params(eqn.params):
       f, e = _jaxpr_matmul_counts(sub)
-      flops, elements = flops + f, elements + e
+      assert not (f and name in ("while", "cond")), f"matmuls in a {name}: no static count"
+      flops, elements = flops + times * f, elements + times * e
   return flops, elements
 
 
@@ -285,3 +288,40 @@ def test_sampler_bound_charges_the_decoder_at_its_own_peak():
   assert same.compute_s == pytest.approx((transformer + decoder) / 4e12)
   with pytest.raises(ValueError, match="decoder_peak_flops"):
     SamplerBound.of(var_cfg, vae_cfg, 2, decoder_peak_flops=0.0, **kw)
+
+
+@pytest.mark.parametrize("dtype,amx", [("float32", False), ("bfloat16", False),
+                                       ("bfloat16", True)])
+def test_cpu_bound_charges_the_decoder_the_convolutions_it_runs(monkeypatch, dtype, amx):
+  """SamplerBound(platform="cpu")'s decoder FLOPs are those of the traced decode of the released
+  tokenizer with the default conv_impl on CPU: Winograd's batched matmuls through its block loops
+  (F(4x4) at 64 px and up in float32, F(2x2) below and in bfloat16 without AMX), the bfloat16
+  row blocks' matmuls over each block's rows and its 2 halo rows, XLA's convolutions; without a
+  platform (the official's work) and on TPU every conv is direct."""
+  from var_jax.inference.bound import SamplerBound
+  from var_jax.models.vqvae import VQVAE
+  from var_jax.models.vqvae_config import VQVAEConfig
+  from var_jax.ops import host_cpu
+  monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: amx)
+  config = config_lib.var_imagenet_config(16)
+  var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
+  vae_cfg = VQVAEConfig(dtype=dtype)
+  module = VQVAE(vae_cfg)
+  size = vae_cfg.image_size
+  params = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              jnp.zeros((1, size, size, 3)))["params"])
+  f_hat = jax.ShapeDtypeStruct((1, vae_cfg.latent_size, vae_cfg.latent_size, vae_cfg.z_channels),
+                               jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p, f: module.apply({"params": p}, f, method=VQVAE.decode_fhat))(
+      params, f_hat)
+  traced_flops, _ = _jaxpr_matmul_counts(jaxpr.jaxpr)
+  kw = dict(var_param_bytes=1000, vae_param_bytes=500, peak_flops=1e12, bandwidth=1e9)
+  on_cpu = SamplerBound.of(var_cfg, vae_cfg, 1, platform="cpu", **kw)
+  assert on_cpu.flops["decoder"] == traced_flops
+  direct = flops.decoder_flops_per_image(vae_cfg)["total"]
+  assert SamplerBound.of(var_cfg, vae_cfg, 1, **kw).flops["decoder"] == direct
+  assert SamplerBound.of(var_cfg, vae_cfg, 1, platform="tpu", **kw).flops["decoder"] == direct
+  # The released decoder's share of the direct work: most of it is wide 3x3 convs.
+  want_ratio = {("float32", False): (0.25, 0.4), ("bfloat16", False): (0.4, 0.5),
+                ("bfloat16", True): (1.05, 1.07)}[dtype, amx]  # row blocks: (32 + 2) / 32
+  assert want_ratio[0] <= traced_flops / direct <= want_ratio[1]

@@ -295,7 +295,7 @@ def sampler_bound(model: VARModel, mesh: Mesh, chip: ChipSpec, batch: int, *,
   bound is divided by its size (still a lower bound)."""
   per_chip = placement.padded_size(batch, mesh) // placement.batch_shards(mesh)
   bound = SamplerBound.for_model(model, per_chip, peak_flops=chip.peak_flops,
-                                 bandwidth=chip.hbm_bandwidth, guidance=guidance)
+                                 bandwidth=chip.hbm_bandwidth, guidance=guidance, platform="tpu")
   tensor = mesh.shape.get("tensor", 1)
   return dataclasses.replace(
       bound, peak_flops=bound.peak_flops * tensor, bandwidth=bound.bandwidth * tensor,

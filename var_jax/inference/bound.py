@@ -17,12 +17,15 @@ it decodes in another dtype):
 
 Nothing else is charged: the top-k/top-p filter, norms, softmax and elementwise work are free
 here, so no program of these algorithms can beat the bound. The FLOPs are those of classical
-matmuls and direct convolutions (2 k^2 Cin Cout per output position): on CPU the decoder's 3x3
-convolutions run by Winograd (`ops/conv_winograd.py`), which multiplies 4 / 9 (F(2x2)) or 1 / 4
-(F(4x4)) of those, so there the decoder's share is not a lower bound, and the whole float32 call
-at batch 8 has measured 0.91 of this bound on a 2-core AMD EPYC (the decoder holds 38% of the
-bound's FLOPs). `SamplerBound.of(...)` is the per-device bound for a batch
-(callers pass what runs on one device: the batch per chip on a sharded slice).
+matmuls and of the convolution algorithm the backend runs: with `platform` given, each of the
+decoder's 3x3 convolutions is charged at the multiplies of the algorithm `ops.conv` picks for it
+there (`ops.conv.conv3x3_multiplies`, the decision the traced model makes): on CPU Winograd
+(`ops/conv_winograd.py`), 4 / 9 (F(2x2)) or 1 / 4 (F(4x4)) of a direct convolution's 2 k^2 Cin
+Cout per output position, whose transforms (adds and constant scalings) are elementwise work,
+or the bfloat16 row blocks (`ops/conv_rows.py`), (R + 2) / R of it for blocks of R rows; without
+it (platform None) every convolution is direct, the model's math, which is the work of the
+official PyTorch code and of the TPU and GPU paths. `SamplerBound.of(...)` is the per-device
+bound for a batch (callers pass what runs on one device: the batch per chip on a sharded slice).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from var_jax import scales
 from var_jax.models import flops as var_flops
 from var_jax.models.var_config import VARConfig
 from var_jax.models.vqvae_config import VQVAEConfig
+from var_jax.ops import conv as conv_ops
 
 
 def transformer_min_bytes(var_cfg: VARConfig, batch: int, param_bytes: int, *,
@@ -97,6 +101,20 @@ def var_once_param_bytes(var_params, dtype) -> int:
   return var_param_bytes(once, dtype)
 
 
+def decoder_conv3x3_multiplies(vae_cfg: VQVAEConfig, platform: str | None, batch: int):
+  """(output side, Cin, Cout) -> multiplies per output pixel and channel pair of the algorithm a
+  decoder of `vae_cfg` decoding `batch` images per device on `platform` runs that 3x3 conv by, as
+  the traced model decides (`ops.conv.conv3x3_multiplies`); None for platform None (all direct)."""
+  if platform is None:
+    return None
+
+  def multiplies(side: int, cin: int, cout: int) -> float:
+    return conv_ops.conv3x3_multiplies(vae_cfg.conv_impl, out_hw=(side, side), batch=batch,
+                                       dtype=vae_cfg.dtype, channels=(cin, cout),
+                                       platform=platform)
+  return multiplies
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerBound:
   """FLOPs and bytes of one sampling call on one device, and its roofline at given peaks.
@@ -141,9 +159,11 @@ class SamplerBound:
   def of(cls, var_cfg: VARConfig, vae_cfg: VQVAEConfig, batch: int, *, var_param_bytes: int,
          vae_param_bytes: int, peak_flops: float, bandwidth: float, guidance: bool = True,
          weights_on_chip: bool = False, decoder_peak_flops: float | None = None,
-         var_once_bytes: int = 0) -> "SamplerBound":
+         var_once_bytes: int = 0, platform: str | None = None) -> "SamplerBound":
     """The bound of sampling `batch` images (on one device) with these weights and peaks;
-    `var_once_bytes` of the VAR weights are read once per call, the rest once per scale."""
+    `var_once_bytes` of the VAR weights are read once per call, the rest once per scale. The
+    decoder's convolutions are charged as they run on `platform` ("cpu", "tpu", "gpu"; None:
+    all direct; module docstring)."""
     if (batch < 1 or peak_flops <= 0 or bandwidth <= 0
         or (decoder_peak_flops is not None and decoder_peak_flops <= 0)):
       raise ValueError(f"batch, peak_flops, bandwidth and decoder_peak_flops must be positive, got "
@@ -152,7 +172,8 @@ class SamplerBound:
       raise ValueError(f"var_once_bytes must lie in [0, var_param_bytes={var_param_bytes}], got "
                        f"{var_once_bytes}.")
     flops = {"transformer": batch * var_flops.sampler_flops_per_image(var_cfg, guidance)["total"],
-             "decoder": batch * var_flops.decoder_flops_per_image(vae_cfg)["total"]}
+             "decoder": batch * var_flops.decoder_flops_per_image(
+                 vae_cfg, decoder_conv3x3_multiplies(vae_cfg, platform, batch))["total"]}
     moved = {**transformer_min_bytes(var_cfg, batch, var_param_bytes, guidance=guidance,
                                      weights_on_chip=weights_on_chip, once_bytes=var_once_bytes),
              **decoder_min_bytes(vae_cfg, batch, vae_param_bytes)}
@@ -162,7 +183,8 @@ class SamplerBound:
   @classmethod
   def for_model(cls, model, batch: int, *, peak_flops: float, bandwidth: float,
                 guidance: bool = True, weights_on_chip: bool = False,
-                decoder_peak_flops: float | None = None) -> "SamplerBound":
+                decoder_peak_flops: float | None = None,
+                platform: str | None = None) -> "SamplerBound":
     """`of` for a VARModel: its weights counted in the dtypes the placement stores them in."""
     return cls.of(model.config, model.tokenizer.config, batch,
                   var_param_bytes=var_param_bytes(model.params, model.config.dtype),
@@ -170,4 +192,5 @@ class SamplerBound:
                   vae_param_bytes=decoder_param_bytes(model.tokenizer.params,
                                                       model.tokenizer.config.dtype),
                   peak_flops=peak_flops, bandwidth=bandwidth, guidance=guidance,
-                  weights_on_chip=weights_on_chip, decoder_peak_flops=decoder_peak_flops)
+                  weights_on_chip=weights_on_chip, decoder_peak_flops=decoder_peak_flops,
+                  platform=platform)

@@ -141,18 +141,23 @@ def sampler_flops_per_image(var_cfg: VARConfig, guidance: bool = True) -> dict[s
 
 # -- the tokenizer's decoder -------------------------------------------------------------------
 
-def _decoder_layers(vae_cfg: VQVAEConfig):
+def _decoder_layers(vae_cfg: VQVAEConfig, conv3x3_multiplies=None):
   """(part, FLOPs, output elements) of each matmul layer decoding one f_hat: post_quant_conv, the
   decoder's convolutions (3x3 and 1x1 shortcuts) and its attention (qkv, QK^T, PV, proj), in order.
-  A k x k convolution is 2 k^2 Cin Cout FLOPs per output position."""
+  A k x k convolution is 2 k^2 Cin Cout FLOPs per output position; with `conv3x3_multiplies`, a
+  callable (output side, Cin, Cout) -> multiplies per output pixel and channel pair, each 3x3
+  conv the decoder runs through `ops.conv` (the resnet blocks', the upsamplings' and conv_out;
+  conv_in and post_quant_conv are flax convs) is charged 2 x that x Cin Cout per position."""
   r, z = vae_cfg.latent_size, vae_cfg.z_channels
 
-  def conv(cin, cout, k, r):
-    return ("convs", 2.0 * k * k * cin * cout * r * r, r * r * cout)
+  def conv(cin, cout, k, r, routed=False):
+    routed = routed and k == 3 and conv3x3_multiplies is not None
+    per_pair = conv3x3_multiplies(r, cin, cout) if routed else k * k
+    return ("convs", 2.0 * per_pair * cin * cout * r * r, r * r * cout)
 
   def res_block(cin, cout, r):
-    yield conv(cin, cout, 3, r)
-    yield conv(cout, cout, 3, r)
+    yield conv(cin, cout, 3, r, routed=True)
+    yield conv(cout, cout, 3, r, routed=True)
     if cin != cout:
       yield conv(cin, cout, 1, r)
 
@@ -180,15 +185,18 @@ def _decoder_layers(vae_cfg: VQVAEConfig):
         yield from attn_block(c, r)
     if i:
       r *= 2
-      yield conv(c, c, 3, r)  # upsample: nearest x2, then a 3x3 conv
-  yield conv(c, vae_cfg.in_channels, 3, r)  # conv_out
+      yield conv(c, c, 3, r, routed=True)  # upsample: nearest x2, then a 3x3 conv
+  yield conv(c, vae_cfg.in_channels, 3, r, routed=True)  # conv_out
 
 
-def decoder_flops_per_image(vae_cfg: VQVAEConfig) -> dict[str, float]:
+def decoder_flops_per_image(vae_cfg: VQVAEConfig, conv3x3_multiplies=None) -> dict[str, float]:
   """Matmul FLOPs of decoding one image's f_hat (post_quant_conv + decoder): "convs",
-  "attention" (the decoder's QK^T and PV) and "total". Norms and activations are not counted."""
+  "attention" (the decoder's QK^T and PV) and "total". Norms, activations and Winograd's
+  transforms are not counted. `conv3x3_multiplies` (output side, Cin, Cout) -> multiplies per
+  output pixel and channel pair charges the 3x3 convs as an algorithm runs them
+  (`_decoder_layers`); None: every conv direct (9), the model's math."""
   parts = {"convs": 0.0, "attention": 0.0}
-  for part, layer_flops, _ in _decoder_layers(vae_cfg):
+  for part, layer_flops, _ in _decoder_layers(vae_cfg, conv3x3_multiplies):
     parts[part] += layer_flops
   parts["total"] = parts["convs"] + parts["attention"]
   return parts

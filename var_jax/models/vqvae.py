@@ -54,18 +54,21 @@ class Conv3x3Params(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
-def _conv3x3_impl(cfg: VQVAEConfig, batch: int, dtype, cin: int, cout: int) -> str:
-  """How a 3x3 conv of `batch` images from `cin` to `cout` channels in `dtype` runs
-  (ops.conv.resolve_impl, decided where the module is traced): "xla" through the flax modules,
+def _conv3x3_impl(cfg: VQVAEConfig, x_BHWC, dtype, cout: int, upsample: bool = False) -> str:
+  """How a 3x3 conv of x (upsampled x2 first with `upsample`) to `cout` channels in `dtype` runs
+  (ops.conv.conv3x3_impl, decided where the module is traced): "xla" through the flax modules,
   else through ops.conv.conv3x3."""
-  return conv_ops.resolve_impl(cfg.conv_impl, batch=batch, dtype=dtype, channels=(cin, cout))
+  B, H, W, cin = x_BHWC.shape
+  out_hw = (2 * H, 2 * W) if upsample else (H, W)
+  return conv_ops.conv3x3_impl(cfg.conv_impl, out_hw=out_hw, batch=B, dtype=dtype,
+                               channels=(cin, cout))
 
 
 def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
   """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and nn.Conv `conv_name`'s
   parameters: those modules on the XLA path, ops.conv.conv3x3 (one fused kernel on TPU)
   otherwise."""
-  impl = _conv3x3_impl(cfg, x.shape[0], dtype, x.shape[-1], features)
+  impl = _conv3x3_impl(cfg, x, dtype, features)
   if impl == "xla":
     return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
   gamma, beta = GroupNormParams(name=norm_name)(x.shape[-1])
@@ -123,7 +126,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    impl = _conv3x3_impl(self.cfg, x.shape[0], self.dtype, x.shape[-1], x.shape[-1])
+    impl = _conv3x3_impl(self.cfg, x, self.dtype, x.shape[-1], upsample=True)
     if impl == "xla":
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       return _conv(x.shape[-1], "conv", self.dtype)(x)

@@ -74,14 +74,16 @@ def _cpu_fallback(dtype) -> str:
 
 
 def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None,
-                 dtype=None, channels: tuple[int, int] | None = None) -> str:
+                 dtype=None, channels: tuple[int, int] | None = None,
+                 platform: str | None = None) -> str:
   """The implementation ("xla", "pallas_tpu", "row_blocks" or "winograd") a call with `impl` on
   `batch` images (None: any) in `dtype` (the kernel's compute dtype; None: float32) with
-  `channels` = (Cin, Cout) (None: wide enough for any) uses where it is traced ("winograd" stands
-  for XLA, or for the row blocks in bfloat16, on odd sizes, which `conv3x3` sees)."""
+  `channels` = (Cin, Cout) (None: wide enough for any) uses on `platform` (None: where it is
+  traced). Sizes aside: "winograd" stands for XLA, or for the row blocks in bfloat16, on odd
+  sizes (`conv3x3_impl`)."""
   if impl not in CONV_IMPLS:
     raise ConfigError(f"Unknown conv impl {impl!r}; valid choices are {CONV_IMPLS}.")
-  platform = computation_platform()
+  platform = platform or computation_platform()
   if impl == "auto":
     if platform == "cpu":
       fallback = _cpu_fallback(dtype)
@@ -98,6 +100,41 @@ def resolve_impl(impl: str, interpret: bool = False, *, batch: int | None = None
     raise ConfigError(f"conv impl 'pallas_tpu' needs a TPU backend but this computation runs on "
                       f"{platform!r}; use interpret=True, or 'auto' or 'xla'.")
   return impl
+
+
+def conv3x3_impl(impl: str, *, out_hw: tuple[int, int], interpret: bool = False,
+                 batch: int | None = None, dtype=None, channels: tuple[int, int] | None = None,
+                 platform: str | None = None) -> str:
+  """The implementation `conv3x3(impl=impl)` runs for `out_hw` = (height, width) outputs (after
+  any upsampling): `resolve_impl`'s, except that Winograd's even sizes are a must, so an odd-sized
+  conv under "auto" falls back (`_cpu_fallback`) and one asked for "winograd" by name is refused."""
+  resolved = resolve_impl(impl, interpret, batch=batch, dtype=dtype, channels=channels,
+                          platform=platform)
+  if resolved == "winograd" and (out_hw[0] % 2 or out_hw[1] % 2):
+    if impl == "winograd":
+      raise InputError(f"conv impl 'winograd' needs an even output height and width, got "
+                       f"{out_hw[0]} x {out_hw[1]}; use 'auto', 'xla' or 'row_blocks'.")
+    return _cpu_fallback(dtype)
+  return resolved
+
+
+def conv3x3_multiplies(impl: str, *, out_hw: tuple[int, int], batch: int | None = None,
+                       dtype=None, channels: tuple[int, int] | None = None,
+                       platform: str | None = None) -> float:
+  """Multiplies per output pixel and (Cin, Cout) pair of the algorithm `conv3x3(impl=impl)` runs
+  for these (`conv3x3_impl`): 9 for a direct convolution (XLA's, the TPU kernel); 9 (R + 2) / R
+  for the row blocks of R rows, whose matmuls also cover each block's 2 halo rows
+  (`ops/conv_rows.py`); (m + 2)^2 / m^2 for Winograd's F(m x m, 3 x 3), whose transforms (adds
+  and constant scalings) are not multiplies of the matmuls and are not counted."""
+  chosen = conv3x3_impl(impl, out_hw=out_hw, batch=batch, dtype=dtype, channels=channels,
+                        platform=platform)
+  if chosen == "winograd":
+    m = conv_winograd.output_tile(*out_hw, jnp.float32 if dtype is None else dtype)
+    return (m + 2) ** 2 / m ** 2
+  if chosen == "row_blocks":
+    rows = conv_rows.block_rows(out_hw[0])
+    return 9 * (rows + 2) / rows
+  return 9.0
 
 
 def group_norm_affine(x_BHWC, gamma_C, beta_C, *, groups: int, eps: float):
@@ -242,13 +279,8 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
                      f"got {scale_BC.shape} and {shift_BC.shape}.")
   B, H, W, Cin = x_BHWC.shape
   out_H, out_W = (2 * H, 2 * W) if upsample else (H, W)
-  resolved = resolve_impl(impl, interpret, batch=B, dtype=kernel_HWIO.dtype,
-                          channels=kernel_HWIO.shape[2:])
-  if resolved == "winograd" and (out_H % 2 or out_W % 2):
-    if impl == "winograd":
-      raise InputError(f"conv impl 'winograd' needs an even output height and width, got "
-                       f"{out_H} x {out_W}; use 'auto', 'xla' or 'row_blocks'.")
-    resolved = _cpu_fallback(kernel_HWIO.dtype)
+  resolved = conv3x3_impl(impl, out_hw=(out_H, out_W), interpret=interpret, batch=B,
+                          dtype=kernel_HWIO.dtype, channels=kernel_HWIO.shape[2:])
   if resolved in _BLOCKED_IMPLS:
     return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved)
   if (resolved == "xla"
