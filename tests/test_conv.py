@@ -156,6 +156,37 @@ def test_kernel_path_is_differentiable_like_the_convolution(prologue):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["xla", "row_blocks", "winograd"])
+def test_bfloat16_gradients_sum_in_float32(impl):
+  """bf16 conv (GroupNorm-SiLU prologue, 8 images upsampled to 16 x 16): the gradients of every
+  input against float32 autodiff of the same bf16-rounded operands. The bias gradient sums the
+  output gradient over 2048 positions, which XLA:CPU's bfloat16 reduction got 70% wrong."""
+  rng = np.random.default_rng(11)
+  x, kernel, bias, scale, shift = _operands(rng, 8, 8, 8, 16, 16, True)
+  bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  x, kernel, bias = bf16(x), bf16(kernel / 4), bf16(bias * 20)
+  scale, shift = jnp.asarray(scale), jnp.asarray(shift)
+
+  def loss(conv):
+    return lambda x, k, b, sc, sh: jnp.sum(jnp.square(conv(x, k, b, sc, sh).astype(jnp.float32)))
+
+  through = lambda x, k, b, sc, sh: conv_ops.conv3x3(x, k, b, sc, sh, upsample=True, impl=impl)
+  got = jax.grad(loss(through), argnums=range(5))(x, kernel, bias, scale, shift)
+
+  def reference(x, k, b, sc, sh):
+    a = jax.nn.silu(x * sc[:, None, None] + sh[:, None, None])
+    a = jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST) + b
+
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  want = jax.grad(loss(reference), argnums=range(5))(f32(x), f32(kernel), f32(bias), scale, shift)
+  for name, g, w in zip(("x", "kernel", "bias", "scale", "shift"), got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w)
+    assert np.abs(g - w).max() <= 0.03 * np.abs(w).max(), name
+
+
 def test_conv_rejects_bad_inputs():
   x = jnp.zeros((1, 8, 8, 4))
   with pytest.raises(InputError, match="3, 3, Cin, Cout"):

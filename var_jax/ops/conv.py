@@ -182,7 +182,12 @@ def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
   y = jax.lax.conv_general_dilated(
       a_BHWC, kernel_HWIO, (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-  return y.astype(dtype) + bias_O.astype(dtype)
+  # The bias joins the float32 sums before the one rounding to `dtype`, as in the TPU kernel, the
+  # row blocks and Winograd; this is also every blocked path's vjp, whose bias gradient then sums
+  # the output gradient over (B, H, W) in float32: XLA:CPU reduces a bfloat16 array with a
+  # bfloat16 accumulator (8 x 16 x 16 values of ~50: 6% off), so a bf16 bias gradient summed
+  # there was 70% off at 8 images of 16 x 16 px, and worse at the tokenizer's sizes.
+  return (y + bias_O.astype(jnp.float32)).astype(dtype)
 
 
 # The implementations that loop over blocks of rows in plain XLA ops (ops/conv_rows.py,
