@@ -206,6 +206,21 @@ def _jaxpr_matmul_counts(jaxpr) -> tuple[float, int]:
   return flops, elements
 
 
+def _traced_decoder_counts(vae_cfg) -> tuple[float, int]:
+  """`_jaxpr_matmul_counts` of the traced `VQVAE.decode_fhat` of one image with `vae_cfg` (shapes
+  only, nothing compiled or run), its convolutions as the config's conv_impl picks them here."""
+  from var_jax.models.vqvae import VQVAE
+  module = VQVAE(vae_cfg)
+  size = vae_cfg.image_size
+  params = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              jnp.zeros((1, size, size, 3)))["params"])
+  f_hat = jax.ShapeDtypeStruct((1, vae_cfg.latent_size, vae_cfg.latent_size, vae_cfg.z_channels),
+                               jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p, f: module.apply({"params": p}, f, method=VQVAE.decode_fhat))(
+      params, f_hat)
+  return _jaxpr_matmul_counts(jaxpr.jaxpr)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # the released 256 px tokenizer
     dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, using_sa=False,
@@ -217,18 +232,10 @@ def test_decoder_flops_match_the_traced_decoder(overrides):
   direct (conv_impl="xla"): the count is the model's math, which Winograd ("auto" for float32 on
   CPU, ops/conv_winograd.py) computes with fewer multiplies."""
   import dataclasses
-  from var_jax.models.vqvae import VQVAE
   from var_jax.models.vqvae_config import VQVAEConfig
   vae_cfg = VQVAEConfig(**overrides)
-  size = vae_cfg.image_size
-  module = VQVAE(dataclasses.replace(vae_cfg, conv_impl="xla"))
-  params = jax.eval_shape(lambda: module.init(jax.random.key(0),
-                                              jnp.zeros((1, size, size, 3)))["params"])
-  f_hat = jax.ShapeDtypeStruct((1, vae_cfg.latent_size, vae_cfg.latent_size, vae_cfg.z_channels),
-                               jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda p, f: module.apply({"params": p}, f, method=VQVAE.decode_fhat))(
-      params, f_hat)
-  traced_flops, traced_elements = _jaxpr_matmul_counts(jaxpr.jaxpr)
+  traced_flops, traced_elements = _traced_decoder_counts(
+      dataclasses.replace(vae_cfg, conv_impl="xla"))
   assert flops.decoder_flops_per_image(vae_cfg)["total"] == traced_flops
   assert flops.decoder_output_elements(vae_cfg) == traced_elements
   if not overrides:  # the released decoder: ~0.39 TFLOP per image (VAR_SPEC's 256 px tokenizer)
@@ -299,22 +306,13 @@ def test_cpu_bound_charges_the_decoder_the_convolutions_it_runs(monkeypatch, dty
   row blocks' matmuls over each block's rows and its 2 halo rows, XLA's convolutions; without a
   platform (the official's work) and on TPU every conv is direct."""
   from var_jax.inference.bound import SamplerBound
-  from var_jax.models.vqvae import VQVAE
   from var_jax.models.vqvae_config import VQVAEConfig
   from var_jax.ops import host_cpu
   monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: amx)
   config = config_lib.var_imagenet_config(16)
   var_cfg = train_var.var_config_from(config, aot.tokenizer_config(config))
   vae_cfg = VQVAEConfig(dtype=dtype)
-  module = VQVAE(vae_cfg)
-  size = vae_cfg.image_size
-  params = jax.eval_shape(lambda: module.init(jax.random.key(0),
-                                              jnp.zeros((1, size, size, 3)))["params"])
-  f_hat = jax.ShapeDtypeStruct((1, vae_cfg.latent_size, vae_cfg.latent_size, vae_cfg.z_channels),
-                               jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda p, f: module.apply({"params": p}, f, method=VQVAE.decode_fhat))(
-      params, f_hat)
-  traced_flops, _ = _jaxpr_matmul_counts(jaxpr.jaxpr)
+  traced_flops, _ = _traced_decoder_counts(vae_cfg)
   kw = dict(var_param_bytes=1000, vae_param_bytes=500, peak_flops=1e12, bandwidth=1e9)
   on_cpu = SamplerBound.of(var_cfg, vae_cfg, 1, platform="cpu", **kw)
   assert on_cpu.flops["decoder"] == traced_flops
