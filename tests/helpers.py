@@ -65,3 +65,20 @@ def write_v1_token_set(directory, meta: dict, shards: list) -> None:
   (directory / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
   for shard, arrays in enumerate(shards):
     np.savez(directory / f"tokens-{shard:05d}-of-{len(shards):05d}.npz", **arrays)
+
+
+def bfloat16_gradient_errors(loss, params, float32_config, **bfloat16) -> dict:
+  """{parameter path: relative L2 error} of the gradient of `loss(params, config)` computed with
+  `dataclasses.replace(float32_config, dtype="bfloat16", **bfloat16)`, against float32 autodiff of
+  the same parameters under `float32_config`."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  want = jax.tree_util.tree_flatten_with_path(grad(params, float32_config))[0]
+  got = jax.tree.leaves(grad(params, dataclasses.replace(float32_config, dtype="bfloat16",
+                                                         **bfloat16)))
+  errors = {}
+  for (path, w), g in zip(want, got):
+    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+    errors[jax.tree_util.keystr(path)] = np.linalg.norm(g - w) / np.linalg.norm(w)
+  return errors

@@ -142,11 +142,6 @@ def _normal(std: float, names, multiplier=None):
   return nn.with_logical_partitioning(init, names)
 
 
-def _dense(*args, **kwargs) -> nn.Dense:
-  """nn.Dense with float32 accumulation (`precision.dot_general`)."""
-  return nn.Dense(*args, dot_general=precision.dot_general, **kwargs)
-
-
 def _zeros(names):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
@@ -192,12 +187,15 @@ class SelfAttention(nn.Module):
     # Hand-rolled rather than nn.DenseGeneral: DenseGeneral initialises a flattened 2-D kernel and
     # reshapes it, which breaks 4-D logical partitioning under a mesh.
     w_qkv = self.param("mat_qkv", _normal(sigma, ("embed", None, "heads", "kv")), (cfg.embed_dim, 3, H, D))
-    qkv = precision.einsum("blc,cjhd->bljhd", x_BLC.astype(dtype), w_qkv.astype(dtype))
     q_bias = self.param("q_bias", _zeros(("heads", "kv")), (H, D))
     v_bias = self.param("v_bias", _zeros(("heads", "kv")), (H, D))
-    q = (qkv[:, :, 0] + q_bias.astype(dtype)).astype(jnp.float32)
+    # The official's one linear with bias (q_bias, 0, v_bias).
+    qkv_bias = jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv = precision.einsum("blc,cjhd->bljhd", x_BLC.astype(dtype), w_qkv.astype(dtype),
+                           bias=qkv_bias)
+    q = qkv[:, :, 0].astype(jnp.float32)
     k = qkv[:, :, 1].astype(jnp.float32)
-    v = (qkv[:, :, 2] + v_bias.astype(dtype))
+    v = qkv[:, :, 2]
     if cfg.attn_l2_norm:
       scale_mul = self.param("scale_mul_1H11",
                              nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), ("heads",)),
@@ -239,7 +237,7 @@ class SelfAttention(nn.Module):
     w_proj = self.param("proj_kernel", _normal(sigma / math.sqrt(2 * cfg.depth), ("heads", "kv", "embed")),
                         (H, D, cfg.embed_dim))
     b_proj = self.param("proj_bias", _zeros(("embed",)), (cfg.embed_dim,))
-    out = precision.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype)) + b_proj.astype(dtype)
+    out = precision.einsum("blhd,hdc->blc", o_BLHD.astype(dtype), w_proj.astype(dtype), bias=b_proj)
     return out if self.decode_range is None else (out, kv_cache)
 
 
@@ -263,12 +261,13 @@ class FFN(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     sigma = cfg.init_sigma
-    h = _dense(cfg.mlp_dim, dtype=dtype, name="fc1", kernel_init=_normal(sigma, ("embed", "mlp")),
-                 bias_init=_zeros(("mlp",)))(x)
+    h = precision.Dense(cfg.mlp_dim, dtype=dtype, name="fc1",
+                        kernel_init=_normal(sigma, ("embed", "mlp")),
+                        bias_init=_zeros(("mlp",)))(x)
     h = nn.with_logical_constraint(_gelu_in_float32(h), ("batch", "length", "mlp"))
-    return _dense(cfg.embed_dim, dtype=dtype, name="fc2",
-                    kernel_init=_normal(sigma / math.sqrt(2 * cfg.depth), ("mlp", "embed")),
-                    bias_init=_zeros(("embed",)))(h)
+    return precision.Dense(cfg.embed_dim, dtype=dtype, name="fc2",
+                           kernel_init=_normal(sigma / math.sqrt(2 * cfg.depth), ("mlp", "embed")),
+                           bias_init=_zeros(("embed",)))(h)
 
 
 class AdaLNBlock(nn.Module):
@@ -302,10 +301,11 @@ class AdaLNBlock(nn.Module):
                              _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=0)), (6, C))
       ada_B6C = ada_gss[None].astype(jnp.float32) + cond.astype(jnp.float32)
     else:
-      ada = _dense(6 * C, dtype=dtype, name="ada_lin",
-                     kernel_init=_normal(cfg.init_sigma, ("embed", "mlp"),
-                                         _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=1)),
-                     bias_init=_zeros(("mlp",)))(nn.silu(cond))
+      ada = precision.Dense(6 * C, dtype=dtype, name="ada_lin",
+                            kernel_init=_normal(
+                                cfg.init_sigma, ("embed", "mlp"),
+                                _ada_multiplier(cfg.init_adaln_gamma, cfg.init_adaln, axis=1)),
+                            bias_init=_zeros(("mlp",)))(nn.silu(cond))
       ada_B6C = ada.reshape(-1, 6, C).astype(jnp.float32)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada_B6C[:, None, i] for i in range(6))
     ln = _LN(cfg.norm_eps)
@@ -321,10 +321,13 @@ class AdaLNBlock(nn.Module):
     a = SelfAttention(cfg, self.decode_range, self.patch_nums, name="attn")(h, kv_cache, layer)
     if self.decode_range is not None:
       a, kv_cache = a
-    x_BLC = x_BLC + drop_path(a * gamma1.astype(dtype))
+    # gamma * y in float32, rounded once: gammas of a bf16 ada_lin hold bf16 values, so this is
+    # their bf16 product, and the shared AdaLN's float32 gammas go unrounded as the official's do;
+    # gamma's gradient then sums over the tokens in float32 (see models/precision.py).
+    x_BLC = x_BLC + drop_path((a.astype(jnp.float32) * gamma1).astype(dtype))
     h = (ln(x_BLC) * (1.0 + scale2) + shift2).astype(dtype)
     f = FFN(cfg, name="ffn")(h)
-    x_BLC = x_BLC + drop_path(f * gamma2.astype(dtype))
+    x_BLC = x_BLC + drop_path((f.astype(jnp.float32) * gamma2).astype(dtype))
     x_BLC = nn.with_logical_constraint(x_BLC.astype(dtype), ("batch", "length", "embed"))
     fresh_ada = self.decode_range is not None and cached_ada_B6C is None
     return (x_BLC if kv_cache is None else (x_BLC, kv_cache)), (ada_B6C if fresh_ada else None)
@@ -349,9 +352,9 @@ class AdaLNBeforeHead(nn.Module):
     if cached_ada_B2C is not None:
       ada_B2C = cached_ada_B2C
     else:
-      ada = _dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
-                     kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
-                     bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
+      ada = precision.Dense(2 * C, name="ada_lin", dtype=jnp.dtype(cfg.dtype),
+                            kernel_init=_normal(cfg.init_sigma * cfg.init_adaln, ("embed", "mlp")),
+                            bias_init=_zeros(("mlp",)))(nn.silu(cond_BD)).astype(jnp.float32)
       # Reshape, then index: on jax 0.10.2 XLA mis-partitions the backward of a slice along a
       # tensor-sharded axis (ada[:, :C] with 2C split over "tensor" gave wrong gradients on a
       # 2x2x2 mesh; tests/test_train_var.py::test_sharded_step_equals_unsharded guards this).
@@ -381,8 +384,8 @@ class VAR(nn.Module):
     lvl_embed = nn.Embed(cfg.num_scales, C, name="lvl_embed", embedding_init=_normal(sigma, ("scales", "embed")))
     pos_start = self.param("pos_start", _normal(sigma, (None, None, "embed")), (1, cfg.first_l, C))
     pos_1LC = self.param("pos_1LC", _normal(sigma, (None, "length", "embed")), (1, L, C))
-    word_embed = _dense(C, name="word_embed", kernel_init=_normal(sigma, (None, "embed")),
-                          bias_init=_zeros(("embed",)))
+    word_embed = precision.Dense(C, name="word_embed", kernel_init=_normal(sigma, (None, "embed")),
+                                 bias_init=_zeros(("embed",)))
     lvl_pos_LC = lvl_embed(jnp.asarray(scales.scale_ids(cfg.patch_nums))) + pos_1LC[0]
 
     labels_B = jnp.asarray(labels_B, jnp.int32)
@@ -438,8 +441,8 @@ class VAR(nn.Module):
       cached_ada_B2C = self.get_variable("cache", "head_adaln")
       block_cond = None
     elif cfg.shared_aln:
-      shared = _dense(6 * C, name="shared_ada_lin", dtype=dtype,
-                        kernel_init=_normal(sigma, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
+      shared = precision.Dense(6 * C, name="shared_ada_lin", dtype=dtype,
+                               kernel_init=_normal(sigma, ("embed", "mlp")), bias_init=_zeros(("mlp",)))
       block_cond = shared(nn.silu(cond_BD)).reshape(B, 6, C)
     else:
       block_cond = cond_BD
@@ -492,9 +495,9 @@ class VAR(nn.Module):
     if decode_range is not None and not reuse_adaln:
       self.put_variable("cache", "head_adaln",
                         nn.with_logical_constraint(head_ada_B2C, ("cache_batch", None, None)))
-    logits = _dense(cfg.vocab_size, name="head", dtype=dtype,
-                      kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
-                      bias_init=_zeros(("vocab",)))(h.astype(dtype))
+    logits = precision.Dense(cfg.vocab_size, name="head", dtype=dtype,
+                             kernel_init=_normal(sigma * cfg.init_head, ("embed", "vocab")),
+                             bias_init=_zeros(("vocab",)))(h.astype(dtype))
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def _teacher_forcing_end(self) -> int:

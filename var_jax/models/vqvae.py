@@ -21,10 +21,9 @@ _PAD1 = ((1, 1), (1, 1))
 _NORM_EPS = 1e-6
 
 
-def _conv(features: int, name: str, dtype, kernel: int = 3) -> nn.Conv:
+def _conv(features: int, name: str, dtype, kernel: int = 3) -> precision.Conv:
   pad = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), padding=pad, name=name, dtype=dtype,
-                 conv_general_dilated=precision.conv_general_dilated)
+  return precision.Conv(features, (kernel, kernel), padding=pad, name=name, dtype=dtype)
 
 
 def _norm(cfg: VQVAEConfig, name: str) -> nn.GroupNorm:
@@ -43,7 +42,7 @@ class GroupNormParams(nn.Module):
 
 
 class Conv3x3Params(nn.Module):
-  """nn.Conv's parameters for a 3x3 kernel (kernel HWIO, bias; same names, shapes and
+  """precision.Conv's parameters for a 3x3 kernel (kernel HWIO, bias; same names, shapes and
   initialisers) without the op."""
   features: int
 
@@ -65,9 +64,9 @@ def _conv3x3_impl(cfg: VQVAEConfig, x_BHWC, dtype, cout: int, upsample: bool = F
 
 
 def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
-  """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and nn.Conv `conv_name`'s
-  parameters: those modules on the XLA path, ops.conv.conv3x3 (one fused kernel on TPU)
-  otherwise."""
+  """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and precision.Conv
+  `conv_name`'s parameters: those modules on the XLA path, ops.conv.conv3x3 (one fused kernel on
+  TPU) otherwise."""
   impl = _conv3x3_impl(cfg, x, dtype, features)
   if impl == "xla":
     return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
@@ -115,8 +114,8 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name="conv",
-                   dtype=self.dtype, conv_general_dilated=precision.conv_general_dilated)(x)
+    return precision.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
+                          name="conv", dtype=self.dtype)(x)
 
 
 class Upsample(nn.Module):

@@ -24,8 +24,8 @@ official tokenizer feeds its convolutions.
 which the kernel does in VMEM, reading x at its own size. `interpret=True` runs the kernel in
 interpret mode on any backend (slow; for tests).
 
-The models keep nn.GroupNorm + nn.Conv (bit-identical to before) wherever "xla" is chosen; this
-module's XLA path is the kernel's reference and vjp.
+The models keep nn.GroupNorm + `models.precision.Conv` wherever "xla" is chosen; this module's
+XLA path is the kernel's reference and vjp.
 """
 from __future__ import annotations
 
