@@ -53,23 +53,27 @@ class Dense(nn.Module):
 
 
 class Conv(nn.Module):
-  """`nn.Conv`'s 2-D layer on NHWC inputs (params "kernel" (kh, kw, in, features), HWIO, and "bias"
-  (features,), float32, nn.Conv's initialisers), computed as `Dense`: operands in `dtype`, float32
-  sums, the bias added before one rounding to `dtype` (own module for the reason `Dense` gives).
-  `padding`: ((top, bottom), (left, right))."""
+  """`nn.Conv`'s 2-D layer on NHWC inputs (params "kernel" (kh, kw, in, features), HWIO, and with
+  `use_bias` "bias" (features,), float32, nn.Conv's default initialisers), computed as `Dense`:
+  operands in `dtype`, float32 sums, the bias added before one rounding to `dtype` (own module
+  for the reason `Dense` gives). `padding`: ((top, bottom), (left, right))."""
   features: int
   kernel_size: tuple[int, int]
   padding: tuple[tuple[int, int], tuple[int, int]]
   strides: tuple[int, int] = (1, 1)
+  use_bias: bool = True
   dtype: Any = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x_BHWC):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x_BHWC.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     dtype = jnp.result_type(x_BHWC, kernel) if self.dtype is None else jnp.dtype(self.dtype)
     y = jax.lax.conv_general_dilated(
         x_BHWC.astype(dtype), kernel.astype(dtype), self.strides, self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-    return (y + bias.astype(dtype).astype(jnp.float32)).astype(dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(dtype).astype(jnp.float32)
+    return y.astype(dtype)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from var_jax.errors import ConfigError, InputError
+from var_jax.models import precision
 
 NORMS: tuple[str, ...] = ("group", "none")
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -88,9 +89,9 @@ class NLayerDiscriminator(nn.Module):
     widths = discriminator_widths(self.ndf, self.n_layers)
     use_bias = self.norm == "none"
 
-    def conv(features: int, stride: int, name: str, bias: bool) -> nn.Conv:
-      return nn.Conv(features, (4, 4), strides=(stride, stride), padding=_PAD, use_bias=bias,
-                     kernel_init=_INIT, dtype=self.dtype, name=name)
+    def conv(features: int, stride: int, name: str, bias: bool) -> precision.Conv:
+      return precision.Conv(features, (4, 4), strides=(stride, stride), padding=_PAD,
+                            use_bias=bias, kernel_init=_INIT, dtype=self.dtype, name=name)
 
     h = conv(widths[0], 2, "conv_0", True)(x_BHWC.astype(self.dtype))
     h = nn.leaky_relu(h, 0.2)

@@ -30,6 +30,7 @@ import numpy as np
 
 from var_jax.errors import CheckpointError, ConfigError, InputError
 from var_jax.checkpoints.torch_pickle import load_torch_checkpoint
+from var_jax.models import precision
 
 # Output widths of the five VGG16 blocks and how many 3x3 convolutions each block has.
 VGG16_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
@@ -88,8 +89,8 @@ class VGG16Trunk(nn.Module):
       if block > 0:
         h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding="VALID")
       for _ in range(depth):
-        h = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    name=next(names))(h)
+        h = precision.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                           name=next(names))(h)
         h = nn.relu(h)
       features.append(h)
     return features
