@@ -62,7 +62,7 @@ def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict,
                                    image_side: int = 16):
   """The encoder and the decoder of a VQVAE(config, dtype) with the default conv_impl ("auto"),
   with `module.name` (the implementation under test) patched to record the input shape of each
-  call, and of the same parameters on the flax nn.Conv + nn.GroupNorm modules (conv_impl="xla").
+  call, and of the same parameters on the precision.Conv + nn.GroupNorm modules (conv_impl="xla").
   Returns [(method name, input shapes of the calls, got, want)] for `encode_to_latent` on 2
   `image_side` px images and `decode_fhat_unclamped` on 2 latents of `image_side` / 2 (config's
   ch_mult has two levels)."""

@@ -1,8 +1,8 @@
 """The tokenizer's fused GroupNorm-SiLU-3x3-conv (ops/conv.py, kernels/tpu_conv.py).
 
 The kernel runs in interpret mode here; its expectations come from `lax.conv_general_dilated`
-on an activation computed with numpy, and from flax's own nn.GroupNorm / nn.Conv modules (the
-XLA path of the tokenizer), never from the kernel's helpers. Its TPU lowering is compiled in
+on an activation computed with numpy, and from the models' nn.GroupNorm / precision.Conv modules
+(the XLA path of the tokenizer), never from the kernel's helpers. Its TPU lowering is compiled in
 tests/test_aot_sampling.py through the public sampler.
 """
 import flax.linen as nn
@@ -146,11 +146,8 @@ def test_kernel_path_is_differentiable_like_the_convolution(prologue):
 
   def reference_loss(x, kernel, bias, scale, shift):
     a = x * scale[:, None, None] + shift[:, None, None]
-    a = jax.nn.silu(a) if prologue else jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)
-    y = jax.lax.conv_general_dilated(a, kernel, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST) + bias
-    return jnp.sum(jnp.sin(y))
+    a = jax.nn.silu(a) if prologue else a
+    return jnp.sum(jnp.sin(xla_conv3x3(upsample=not prologue)(a, kernel, bias)))
 
   want = jax.grad(reference_loss, argnums=range(5))(*args)
   for g, w in zip(got, want):
@@ -270,7 +267,7 @@ def kernel_as_on_tpu(monkeypatch):
 @pytest.mark.parametrize("dtype, size", [("float32", 16), ("bfloat16", 32)])
 def test_tokenizer_on_the_kernel_path_matches_the_flax_modules(kernel_as_on_tpu, dtype, size):
   """Same parameter tree (names, shapes) and, within rounding, the same reconstructions as the
-  nn.GroupNorm + nn.Conv path, for the encoder and the decoder."""
+  nn.GroupNorm + precision.Conv path, for the encoder and the decoder."""
   patch_nums = tuple(2 ** i for i in range(size.bit_length() - 1))  # up to size / 2
   xla = VQVAE(VQVAEConfig(**_SMALL, patch_nums=patch_nums, dtype=dtype, conv_impl="xla"))
   fused = VQVAE(VQVAEConfig(**_SMALL, patch_nums=patch_nums, dtype=dtype, conv_impl="auto"))

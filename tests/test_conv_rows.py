@@ -125,7 +125,7 @@ _SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=
 def test_bfloat16_tokenizer_on_cpu_runs_its_convs_as_row_blocks(monkeypatch, amx):
   """The user's path: a bf16 tokenizer (of convs narrower than Winograd's minimum) with the
   default conv_impl on CPU, with or without AMX, calls the row-block conv for every resnet,
-  upsampling and output-head conv, and reconstructs what the flax nn.Conv modules
+  upsampling and output-head conv, and reconstructs what the precision.Conv modules
   (conv_impl="xla") do, to bf16 rounding."""
   monkeypatch.setattr(host_cpu, "has_amx_bf16", lambda: amx)
   # Encoder: 2 per resnet block (2 levels + 2 mid) and the output head. Decoder: 2 per resnet

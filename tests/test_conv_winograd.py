@@ -142,7 +142,7 @@ _SMALL = dict(ch=160, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size
 def test_float32_tokenizer_on_cpu_runs_its_convs_by_winograd(monkeypatch):
   """The user's path: a float32 tokenizer with the default conv_impl on CPU calls the Winograd
   conv for every resnet and upsampling conv (the output heads, to 8 and 3 channels, stay XLA's),
-  F(4x4, 3x3) at the 64 px level and F(2x2, 3x3) at 32 px, and reconstructs what the flax nn.Conv
+  F(4x4, 3x3) at the 64 px level and F(2x2, 3x3) at 32 px, and reconstructs what the precision.Conv
   + nn.GroupNorm modules (conv_impl="xla") do, to float32 rounding."""
   tiles = []
   output_tile = conv_winograd.output_tile

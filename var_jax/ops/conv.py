@@ -206,12 +206,19 @@ def _blocked_fwd(a_BHWC, kernel_HWIO, bias_O, upsample, impl):
   return _blocked(a_BHWC, kernel_HWIO, bias_O, upsample, impl), (a_BHWC, kernel_HWIO, bias_O)
 
 
-def _blocked_bwd(upsample, impl, residuals, g_BHWO):
-  # The XLA path's vjp on the activated input (its activation is differentiated outside).
-  del impl
-  conv = lambda a, k, b: _xla_conv3x3(a, k, b, None, None, upsample)
+def _xla_vjp(upsample, residuals, g_BHWO):
+  """The XLA path's vjp at residuals (x, kernel, bias) or (x, kernel, bias, scale, shift): the
+  blocked and kernel paths' backward (XLA drops the unused forward conv and recomputes only the
+  activation)."""
+  conv = lambda x, k, b, scale=None, shift=None: _xla_conv3x3(x, k, b, scale, shift, upsample)
   _, vjp = jax.vjp(conv, *residuals)
   return vjp(g_BHWO)
+
+
+def _blocked_bwd(upsample, impl, residuals, g_BHWO):
+  # On the activated input: its activation is differentiated outside.
+  del impl
+  return _xla_vjp(upsample, residuals, g_BHWO)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -247,10 +254,8 @@ def _kernel_fwd(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, inter
 
 
 def _kernel_bwd(upsample, interpret, residuals, g_BHWO):
-  # The XLA path's vjp: XLA drops its unused forward conv and recomputes only the activation.
   del interpret
-  _, vjp = jax.vjp(functools.partial(_xla_conv3x3, upsample=upsample), *residuals)
-  return vjp(g_BHWO)
+  return _xla_vjp(upsample, residuals, g_BHWO)
 
 
 _kernel_conv3x3.defvjp(_kernel_fwd, _kernel_bwd)
