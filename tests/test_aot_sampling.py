@@ -93,12 +93,14 @@ def test_shipped_model_samples_on_slices(topology, batch, per_chip):
   # (the layer scan) and none over images.
   assert aot.while_loops(compiled) == len(m.config.patch_nums)
   assert not m.placements  # lowering placed nothing on this host
-  # The decoder's 3x3 convs are the fused conv kernel: 2 per resnet block (num_res_blocks + 1 per
-  # level, 2 in the middle), one per upsampling, the output head.
+  # Up to 4 images per chip (ops.conv.AUTO_KERNEL_MAX_IMAGES) the decoder's 3x3 convs are the
+  # fused conv kernel: 2 per resnet block (num_res_blocks + 1 per level, 2 in the middle), one per
+  # upsampling, the output head; above that XLA's convolutions.
   vae = m.tokenizer.config
   levels = len(vae.ch_mult)
   decoder_convs = 2 * (levels * (vae.num_res_blocks + 1) + 2) + (levels - 1) + 1
-  assert aot.mosaic_kernels(compiled).get("var_conv3x3") == decoder_convs
+  want = decoder_convs if per_chip <= 4 else None
+  assert aot.mosaic_kernels(compiled).get("var_conv3x3") == want
 
 
 def test_sampler_report_counts_every_block_of_the_public_call():
