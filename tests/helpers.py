@@ -1,7 +1,9 @@
 """Shared loaders for the official fixtures (see tests/fixtures/README.md)."""
+import dataclasses
 import functools
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,8 +73,6 @@ def bfloat16_gradient_errors(loss, params, float32_config, **bfloat16) -> dict:
   """{parameter path: relative L2 error} of the gradient of `loss(params, config)` computed with
   `dataclasses.replace(float32_config, dtype="bfloat16", **bfloat16)`, against float32 autodiff of
   the same parameters under `float32_config`."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   grad = jax.jit(jax.grad(loss), static_argnums=1)
   want = jax.tree_util.tree_flatten_with_path(grad(params, float32_config))[0]
   got = jax.tree.leaves(grad(params, dataclasses.replace(float32_config, dtype="bfloat16",

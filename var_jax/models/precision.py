@@ -21,15 +21,20 @@ import jax
 import jax.numpy as jnp
 
 
-def einsum(subscripts: str, *operands, bias=None):
-  """`jnp.einsum` accumulated in float32, returned in the operands' dtype; `bias` (broadcasting
-  against the output, rounded to that dtype first, as torch's autocast casts a linear's bias) is
-  added to the float32 sums before the one rounding."""
-  dtype = jnp.result_type(*operands)
-  out = jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32)
+def _rounded_once(sums, bias, dtype):
+  """float32 `sums` plus `bias` (None: none; broadcasting against them, rounded to `dtype` first,
+  as torch's autocast casts a linear's bias), rounded once to `dtype`."""
   if bias is not None:
-    out = out + bias.astype(dtype).astype(jnp.float32)
-  return out.astype(dtype)
+    sums = sums + bias.astype(dtype).astype(jnp.float32)
+  return sums.astype(dtype)
+
+
+def einsum(subscripts: str, *operands, bias=None):
+  """`jnp.einsum` accumulated in float32, returned in the operands' dtype; `bias` is added to the
+  float32 sums before the one rounding (`_rounded_once`)."""
+  dtype = jnp.result_type(*operands)
+  return _rounded_once(jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32),
+                       bias, dtype)
 
 
 class Dense(nn.Module):
@@ -73,7 +78,6 @@ class Conv(nn.Module):
     y = jax.lax.conv_general_dilated(
         x_BHWC.astype(dtype), kernel.astype(dtype), self.strides, self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-      y = y + bias.astype(dtype).astype(jnp.float32)
-    return y.astype(dtype)
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else None)
+    return _rounded_once(y, bias, dtype)
