@@ -39,12 +39,9 @@ SAMPLE_BATCH_PER_CHIP = 16
 
 def build_parser() -> argparse.ArgumentParser:
   """The command's flags; config overrides (`--config.x=y`) are parsed separately."""
-  parser = common.new_parser(
-      PROG, __doc__, epilog="Any --config.FIELD=VALUE overrides a field of the config, e.g. "
-             "--config.model.dtype=float32 or --config.optim.mu_dtype=bfloat16.")
-  parser.add_argument("--config", required=True,
-                      help="VAR training config file (e.g. configs/var_d30.py, with ':args' if it "
-                           "takes any)")
+  parser = common.new_parser(PROG, __doc__)
+  common.add_config_flags(parser, "VAR training",
+                          example="--config.model.dtype=float32 or --config.optim.mu_dtype=bfloat16")
   parser.add_argument("--topology", required=True,
                       help="TPU slice: v5p-128, v4-32, v5litepod-16, v5e-4, v6e-8, or v5e:4x4, "
                            "v4:2x2x4")
@@ -142,12 +139,7 @@ def main(argv=None) -> int:
   """`var-jax aot ...`; argv[0] is the program name. Returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
   parser = build_parser()
-  args, rest = parser.parse_known_args(argv[1:])
-  from var_jax.train import config_lib
-  overrides, unknown = config_lib.split_config_overrides(rest)
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)} (write config overrides as "
-                 "--config.FIELD=VALUE)")
+  args, overrides = common.parse_config_args(parser, argv[1:])
   try:
     return run(args, overrides)
   except VarJaxError as e:

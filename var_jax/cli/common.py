@@ -129,23 +129,60 @@ def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str |
   return refiner, check_refiner(model, refiner, draft_scales)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, what: str) -> None:
+def add_sampler_flags(p) -> None:
+  """The sampler's options, as `sample`, `edit` and `evaluate` take them (p: a parser or group)."""
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (>= 0)")
+  p.add_argument("--top-k", type=int, default=900,
+                 help="keep the k largest logits (0, or any k >= the vocabulary size: all)")
+  p.add_argument("--top-p", type=float, default=0.96, help="nucleus filtering (0 = off)")
+  p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation)")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  p.add_argument("--tokenizer-dtype", default=None,
+                 help="the tokenizer's compute dtype (float32 or bfloat16; default: as saved, "
+                 "float32 for the released models); bfloat16 decodes several times faster on CPUs "
+                 "with AMX")
+  p.add_argument("--mesh", type=mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR",
+                 help="local devices as data,fsdp,tensor (-1 = the rest); tensor > 1 splits the "
+                 "weights of models too large for one chip (write --mesh=-1,1,4)")
+
+
+def add_refiner_flags(p) -> None:
+  """Collaborative decoding's options, as `sample` and `evaluate` take them."""
+  p.add_argument("--refiner", default=None, metavar="MODEL",
+                 help="collaborative decoding: a second model on the same tokenizer (as --model) "
+                 "that samples the last scales after --model drafted the first ones")
+  p.add_argument("--draft-scales", type=int, default=None, metavar="N",
+                 help="scales --model drafts before --refiner takes over (default: all but the "
+                 "last two)")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, what: str,
+                     example: str = "--config.seed=1") -> None:
   parser.add_argument("--config", required=True,
                       help=f"{what} config: a file (configs/var_d16.py), or a shipped config by name "
                            "from anywhere (var_d16); ':args' after it go to its get_config")
   parser.epilog = ("Any --config.FIELD=VALUE overrides a field of the config (--noconfig.FIELD for "
-                   "False), e.g. --config.seed=1.")
+                   f"False), e.g. {example}.")
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]):
-  """(args, config): the command's flags by argparse, the config file and its `--config.x=y`
-  overrides by ml_collections' config flag (`config_lib.load_config_file`). Errors exit 2 with usage."""
+def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str]):
+  """(args, overrides): the command's flags by argparse and the `--config.x=y` overrides left for
+  ml_collections' config flag (`config_lib.load_config_file`). Anything else exits 2 with usage."""
   from var_jax.train import config_lib
   args, rest = parser.parse_known_args(list(argv))
   overrides, unknown = config_lib.split_config_overrides(rest)
   if unknown:
     parser.error(f"unrecognized arguments: {' '.join(unknown)} (write config overrides as "
                  "--config.FIELD=VALUE)")
+  return args, overrides
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]):
+  """(args, config): `parse_config_args`, then the config file with its overrides. Errors exit 2
+  with usage."""
+  from var_jax.train import config_lib
+  args, overrides = parse_config_args(parser, argv)
   try:
     return args, config_lib.load_config_file(args.config, overrides, prog=parser.prog)
   except ConfigError as e:

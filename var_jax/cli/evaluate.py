@@ -50,20 +50,8 @@ def build_parser():
   p.add_argument("--out", default=None, metavar="R.json", help="write the results here (JSON)")
   s = p.add_argument_group("sampling (--model)")
   s.add_argument("--num-samples", type=common.positive_int, default=50_000)
-  s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
-  s.add_argument("--top-k", type=int, default=900, help="0, or any k >= the vocabulary: all")
-  s.add_argument("--top-p", type=float, default=0.96, help="0 = off")
-  s.add_argument("--more-smooth", action="store_true")
-  s.add_argument("--refiner", default=None, metavar="MODEL",
-                 help="collaborative decoding: a second model on the same tokenizer that samples "
-                 "the last scales (as var-jax sample --refiner)")
-  s.add_argument("--draft-scales", type=int, default=None, metavar="N",
-                 help="scales --model drafts before --refiner (default: all but the last two)")
-  s.add_argument("--dtype", default=None, help="model compute dtype override, e.g. bfloat16")
-  s.add_argument("--tokenizer-dtype", default=None,
-                 help="the tokenizer's compute dtype (float32 or bfloat16; default: as saved)")
-  s.add_argument("--mesh", type=common.mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR")
+  common.add_sampler_flags(s)
+  common.add_refiner_flags(s)
   s.add_argument("--batch-size", type=int, default=0,
                  help="images per sampling call over all local devices (0: %s per device)"
                  % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))

@@ -15,23 +15,10 @@ PROG = "var-jax sample"
 
 
 def add_sampling_flags(p) -> None:
-  """The flags `sample` and `edit` share."""
+  """The flags `sample` and `edit` share: the model and the sampler's options."""
   p.add_argument("--model", default=common.DEFAULT_MODEL,
                  help="shapes-tiny (shipped), d16|d20|d24|d30|d36 (released), or a converted directory")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (>= 0)")
-  p.add_argument("--top-k", type=int, default=900,
-                 help="keep the k largest logits (0, or any k >= the vocabulary size: all)")
-  p.add_argument("--top-p", type=float, default=0.96, help="nucleus filtering (0 = off)")
-  p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation)")
-  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  p.add_argument("--tokenizer-dtype", default=None,
-                 help="the tokenizer's compute dtype (float32 or bfloat16; default: as saved, "
-                 "float32 for the released models); bfloat16 decodes several times faster on CPUs "
-                 "with AMX")
-  p.add_argument("--mesh", type=common.mesh_sizes, default=(-1, 1, 1), metavar="DATA,FSDP,TENSOR",
-                 help="local devices as data,fsdp,tensor (-1 = the rest); tensor > 1 splits the "
-                 "weights of models too large for one chip (write --mesh=-1,1,4)")
+  common.add_sampler_flags(p)
 
 
 # Images per device in one sampling call when --batch-size is 0: what a 16 GB chip holds for
@@ -132,12 +119,7 @@ def build_parser():
                  % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
   p.add_argument("--out", default="samples.png", help="PNG grid path ('' to skip)")
   p.add_argument("--out-dir", default=None, help="also write one PNG per image and samples.npz here")
-  p.add_argument("--refiner", default=None, metavar="MODEL",
-                 help="collaborative decoding: a second model on the same tokenizer (as --model) "
-                 "that samples the last scales after --model drafted the first ones")
-  p.add_argument("--draft-scales", type=int, default=None, metavar="N",
-                 help="scales --model drafts before --refiner takes over (default: all but the "
-                 "last two)")
+  common.add_refiner_flags(p)
   return p
 
 
