@@ -72,7 +72,8 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-TIMING_ENV_VARS = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "NVIDIA_TF32_OVERRIDE")
+TIMING_ENV_VARS = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "NVIDIA_TF32_OVERRIDE",
+                   "GLIBC_TUNABLES")
 
 
 def environment() -> dict[str, Any]:
@@ -84,7 +85,8 @@ def environment() -> dict[str, Any]:
       "num_devices": jax.device_count(),
       "cpu_cores": cpu_count(),
       "jax": jax.__version__,
-      # Settings that change what is measured (XLA's autotuning, float32 matmul precision, TF32).
+      # Settings that change what is measured (XLA's autotuning, float32 matmul precision, TF32,
+      # glibc's malloc: huge pages change a CPU call's page faults; README, "Sampling speed").
       **{name.lower(): os.environ[name] for name in TIMING_ENV_VARS if os.environ.get(name)},
   }
 
