@@ -5,6 +5,7 @@
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --sample xla --dtypes float32 --batch-sizes 1,8
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --winograd-tiles --batch-sizes 1,2,8
   JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --winograd-tiles --public-call --batch-sizes 1,8
+  JAX_PLATFORMS=cpu python benchmarks/bench_conv.py --kernel-transform --dtypes float32 --batch-sizes 1,8
 
 Times `ops.conv.conv3x3(x, kernel, bias, impl=...)` (the call the tokenizer's resnet blocks and
 upsamplers make, jitted) for "xla" (XLA's convolution), "row_blocks" (matmuls over blocks of
@@ -24,12 +25,17 @@ random released-size weights) with Winograd's F(2x2, 3x3) only and with its defa
 (`conv_winograd.output_tile`: F(4x4, 3x3) for images of >= 64 x 64 px), alternately; with
 `--public-call`, the float32 public sampling call's program (random d16 weights) both ways
 instead (the tokens must be identical).
+
+`--kernel-transform` builds the public call's program with the decoder's Winograd kernels
+transformed in every call (as before `placement` transformed them once per model) and once at
+placement (the default), and times the two alternately: images and tokens must be identical.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,7 @@ import numpy as np
 
 import _common
 import var_jax
+from var_jax.inference import placement
 from var_jax.models.vqvae import VQVAE
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_winograd
@@ -73,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--public-call", action="store_true",
                       help="with --winograd-tiles: time the public sampling call's program "
                            "instead of the decoder")
+  parser.add_argument("--kernel-transform", action="store_true",
+                      help="time the public sampling call with the decoder's Winograd kernels "
+                           "transformed in every call and once at placement instead")
   return parser.parse_args(argv)
 
 
@@ -113,6 +123,28 @@ def bench_winograd_tiles_public_call(args, batch: int) -> None:
                                   args.seed, args.iters, f"d16 float32 batch {batch}")
 
 
+def _kernels_transformed_in_the_call():
+  """A placement without the decoder's transformed Winograd kernels: the call transforms them."""
+  return mock.patch.object(placement, "_with_winograd_kernels",
+                           lambda config, params, target: params)
+
+
+def bench_kernel_transform_public_call(args, dtype_name: str, batch: int) -> None:
+  """The public call's program with the Winograd kernels transformed in the call and at placement."""
+  tokenizer = _common.random_tokenizer(args.seed)
+  base = _common.random_var_model(16, tokenizer, args.seed)
+  tokenizer = var_jax.Tokenizer(dataclasses.replace(tokenizer.config, dtype=dtype_name),
+                                tokenizer.params)
+  config = dataclasses.replace(base.config, dtype=dtype_name)
+  # a model each: a model caches its placement
+  variants = {"in the call": (var_jax.VARModel(config, base.params, tokenizer),
+                              _kernels_transformed_in_the_call),
+              "at placement": (var_jax.VARModel(config, base.params, tokenizer),
+                               contextlib.nullcontext)}
+  _common.compare_sample_programs(variants, np.arange(batch) % config.num_classes, args.seed,
+                                  args.iters, f"d16 {dtype_name} batch {batch}")
+
+
 def bench_winograd_tiles(args, batch: int) -> None:
   """The float32 decoder built with F(2x2) only and with the default tiles, timed alternately."""
   tokenizer = _common.random_tokenizer(args.seed)
@@ -147,6 +179,11 @@ def main(argv=None) -> None:
   if args.winograd_tiles:
     for batch in args.batch_sizes:
       (bench_winograd_tiles_public_call if args.public_call else bench_winograd_tiles)(args, batch)
+    return
+  if args.kernel_transform:
+    for dtype_name in [d for d in args.dtypes.split(",") if d]:
+      for batch in args.batch_sizes:
+        bench_kernel_transform_public_call(args, dtype_name, batch)
     return
   if args.sample:
     for dtype_name in [d for d in args.dtypes.split(",") if d]:

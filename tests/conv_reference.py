@@ -68,9 +68,9 @@ def tokenizer_through_auto_and_xla(monkeypatch, module, name: str, config: dict,
   ch_mult has two levels)."""
   calls, implementation = [], getattr(module, name)
 
-  def counted(x, *args):
+  def counted(x, *args, **kwargs):
     calls.append(x.shape)
-    return implementation(x, *args)
+    return implementation(x, *args, **kwargs)
 
   monkeypatch.setattr(module, name, counted)
   xla = VQVAE(VQVAEConfig(**config, dtype=dtype, conv_impl="xla"))

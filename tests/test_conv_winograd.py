@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
 
 from var_jax.errors import InputError
 from var_jax.models.vqvae import VQVAE
@@ -144,10 +145,11 @@ def test_float32_tokenizer_on_cpu_runs_its_convs_by_winograd(monkeypatch):
   conv for every resnet and upsampling conv (the output heads, to 8 and 3 channels, stay XLA's),
   F(4x4, 3x3) at the 64 px level and F(2x2, 3x3) at 32 px, and reconstructs what the precision.Conv
   + nn.GroupNorm modules (conv_impl="xla") do, to float32 rounding."""
-  tiles = []
-  output_tile = conv_winograd.output_tile
-  monkeypatch.setattr(conv_winograd, "output_tile",
-                      lambda *args: tiles.append(output_tile(*args)) or tiles[-1])
+  tiles = []  # each call's m, as it transforms its kernel (no transformed kernels are passed here)
+  kernel_transform = conv_winograd.kernel_transform
+  monkeypatch.setattr(conv_winograd, "kernel_transform",
+                      lambda kernel, dtype, tile: tiles.append(tile) or kernel_transform(
+                          kernel, dtype, tile))
   # Encoder: 2 per resnet block (2 levels + 2 mid). Decoder: 2 per resnet block (2 levels of 2 +
   # 2 mid), one upsample.
   counts = {"encode_to_latent": 2 * 4, "decode_fhat_unclamped": 2 * 6 + 1}
@@ -180,3 +182,71 @@ def test_a_tokenizer_of_odd_latent_side_runs_under_auto(monkeypatch):
   model = VQVAE(VQVAEConfig(**config, conv_impl="winograd"))
   with pytest.raises(InputError, match="even output height and width, got 15 x 15"):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 30, 30, 3)))
+
+
+def test_a_kernel_transformed_before_gives_the_same_conv_and_gradients():
+  """`conv3x3(impl="winograd", winograd_kernel=U)` with U transformed outside the call (as a
+  sampler's placement does) computes what the call's own transform gives, differentiates as XLA's
+  convolution through the kernel (U gets no gradient), and a U of the wrong tile is refused."""
+  x, kernel, bias = conv_operands(3, 1, 8, 8, 16, 24)
+  u = conv_winograd.kernel_transform(kernel, jnp.float32, 2)
+  conv = lambda x, k, b, u=None: conv_ops.conv3x3(x, k, b, impl="winograd", winograd_kernel=u)
+  np.testing.assert_array_equal(conv(x, kernel, bias, u), conv(x, kernel, bias))
+  loss = lambda *args: jnp.sum(conv(*args) ** 2)
+  grads_with = jax.grad(loss, argnums=(0, 1, 2, 3))(x, kernel, bias, u)
+  grads_without = jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
+  for got, want in zip(grads_with, grads_without):
+    np.testing.assert_array_equal(got, want)
+  assert not np.any(grads_with[3])
+  with pytest.raises(ValueError, match=r"F\(2x2, 3x3\) must be \(4, 4, 16, 24\)"):
+    conv(x, kernel, bias, conv_winograd.kernel_transform(kernel, jnp.float32, 4))
+
+
+def test_sampler_decodes_with_the_kernels_transformed_once_at_placement(monkeypatch):
+  """`var_jax.sample` on CPU: its placement transforms the decoder's Winograd
+  kernels once (beside the tokenizer params it places), and the sampling program reads them
+  instead of transforming every kernel in every call: the images equal those of a program that
+  transforms them in the call (a placement without them), and zeroed placed kernels change them
+  (the program reads the placed ones)."""
+  import var_jax
+  from var_jax.inference import placement
+  from var_jax.models import var as var_module
+  from var_jax.models import vqvae
+  from var_jax.models.var_config import VARConfig
+  # Winograd by name at 32 channels ("auto" takes it from 160 on CPU: the same placement, costlier).
+  tok_cfg = VQVAEConfig(**{**_SMALL, "ch": 32, "patch_nums": (1, 2, 4, 8)}, conv_impl="winograd")
+  rng = np.random.default_rng(0)
+  random_like = lambda shapes: jax.tree.map(
+      lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), meta.unbox(shapes))
+  tokenizer = var_jax.Tokenizer(tok_cfg, random_like(vqvae.param_shapes(tok_cfg)))
+  var_cfg = VARConfig(depth=1, embed_dim=64, num_heads=2, num_classes=4, vocab_size=32,
+                      z_channels=8, patch_nums=(1, 2, 4, 8))
+  var_params = random_like(var_module.param_shapes(var_cfg))
+  make = lambda: var_jax.VARModel(var_cfg, var_params, tokenizer)
+  one_device = var_jax.sampling_mesh(devices=jax.devices()[:1])
+  sample = lambda model: np.asarray(var_jax.sample(model, [0, 3], rng=jax.random.key(2), top_k=4,
+                                                   mesh=one_device))
+
+  model = make()
+  images = sample(model)
+  (placed,) = model.placements.values()
+  decoder_params = placed.vae_params["decoder"]
+  transformed = [jax.tree_util.keystr(path) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(decoder_params)[0]
+                 if jax.tree_util.keystr(path).endswith("['F2_float32']")]
+  # The decoder's 3x3 convs after a GroupNorm, at 8 and 16 px: 2 per resnet block (2 mid, 2 levels
+  # of num_res_blocks + 1 = 2), the upsample's and conv_out (conv_in, on the latent, is XLA's).
+  assert len(transformed) == 2 * 2 + 2 * 2 * 2 + 1 + 1, transformed
+  conv1 = decoder_params["mid"]["block_1"]["conv1"]
+  G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])  # F(2x2, 3x3), Lavin & Gray
+  np.testing.assert_allclose(conv1["F2_float32"],
+                             np.einsum("ai,ijco,bj->abco", G, np.asarray(conv1["kernel"], np.float64), G),
+                             rtol=1e-6, atol=1e-7)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(placement, "_with_winograd_kernels", lambda config, params, target: params)
+    np.testing.assert_array_equal(sample(make()), images)
+  real = placement._winograd_kernels
+  monkeypatch.setattr(placement, "_winograd_kernels",
+                      lambda config, params: jax.tree.map(jnp.zeros_like, real(config, params)))
+  assert np.any(sample(make()) != images)

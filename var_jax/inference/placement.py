@@ -37,6 +37,7 @@ from var_jax import mesh_axes
 from var_jax.parallel import sharding
 from var_jax.errors import InputError
 from var_jax.models import var as var_model
+from var_jax.models import vqvae
 from var_jax.ops import attention
 from var_jax.ops import float_bits
 
@@ -160,7 +161,8 @@ class Placement:
     mesh: the mesh.
     var_params: the VAR params, split by their logical axes (device arrays, or ShapeDtypeStructs
       carrying their shardings for an abstract model).
-    vae_params: the tokenizer params, replicated.
+    vae_params: the tokenizer params, replicated; on CPU with the decoder's Winograd kernels
+      transformed once beside them (`vqvae.with_winograd_kernels`).
     source: (VAR params, tokenizer params) this was made from: assigning new params to the
       model places them anew.
   """
@@ -258,6 +260,23 @@ def _check_tree(params: Any, shardings: Any) -> None:
       raise InputError(f"VAR param {jax.tree_util.keystr(path)} is not an array.")
 
 
+# The tokenizer's transformed Winograd kernels from its params (traced once per tokenizer config
+# and param layout).
+_winograd_kernels = jax.jit(vqvae.winograd_kernels, static_argnums=0)
+
+
+def _with_winograd_kernels(tokenizer_config: Any, vae_params: Any, target: NamedSharding) -> Any:
+  """The placed tokenizer params with the decoder's Winograd kernels transformed once beside them
+  (`vqvae.winograd_kernels`, replicated on `target`'s mesh): the CPU decode's convs read them
+  instead of transforming every kernel in every call."""
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(vae_params)):
+    kernels = jax.eval_shape(_winograd_kernels, tokenizer_config, vae_params)
+  else:
+    kernels = _winograd_kernels(tokenizer_config, vae_params)
+  kernels = jax.tree.map(lambda x: _put_leaf(x, target, np.dtype(x.dtype)), kernels)
+  return vqvae.with_winograd_kernels(vae_params, kernels)
+
+
 def place(model: Any, mesh: Mesh | None = None) -> Placement:
   """The model's weights on `mesh` (default `default_mesh()`), placed once and cached per mesh.
 
@@ -287,6 +306,8 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
       for (path, x), s, dtype in zip(paths_leaves, jax.tree.leaves(shardings), dtypes)])
   repl = replicated(mesh)
   vae_params = jax.tree.map(lambda x: _put_leaf(x, repl, np.dtype(x.dtype)), model.tokenizer.params)
+  if attention.computation_platform(mesh) == "cpu":
+    vae_params = _with_winograd_kernels(model.tokenizer.config, vae_params, repl)
   placed = Placement(mesh, var_params, vae_params, (model.params, model.tokenizer.params))
   if not is_abstract(model):
     model.placements[mesh] = placed

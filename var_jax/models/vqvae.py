@@ -16,6 +16,7 @@ from var_jax.models import precision
 from var_jax.models.quant import MultiScaleQuantizer
 from var_jax.models.vqvae_config import VQVAEConfig
 from var_jax.ops import conv as conv_ops
+from var_jax.ops import conv_winograd
 
 _PAD1 = ((1, 1), (1, 1))
 _NORM_EPS = 1e-6
@@ -41,16 +42,33 @@ class GroupNormParams(nn.Module):
             self.param("bias", nn.initializers.zeros, (channels,), jnp.float32))
 
 
+# The variable collection that `winograd_kernels` fills with the decoder's Winograd kernels,
+# transformed once per model; placed beside the params (`with_winograd_kernels`), each conv that
+# runs as Winograd reads its own there, else transforms its kernel in every call.
+WINOGRAD_KERNELS = "winograd_kernels"
+
+
 class Conv3x3Params(nn.Module):
   """precision.Conv's parameters for a 3x3 kernel (kernel HWIO, bias; same names, shapes and
-  initialisers) without the op."""
+  initialisers) without the op, and, where `winograd_tile` = m is given, the kernel transformed
+  for Winograd's F(m x m, 3 x 3) in `dtype` if the params hold it (`with_winograd_kernels`; or
+  while `winograd_kernels` fills them), else None."""
   features: int
 
   @nn.compact
-  def __call__(self, in_features: int):
-    return (self.param("kernel", nn.initializers.lecun_normal(), (3, 3, in_features, self.features),
-                       jnp.float32),
-            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+  def __call__(self, in_features: int, winograd_tile: int | None = None, dtype=jnp.float32):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, in_features, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    transformed = None
+    if winograd_tile is not None:
+      name = f"F{winograd_tile}_{jnp.dtype(dtype).name}"
+      if self.has_variable("params", name):  # with_winograd_kernels
+        transformed = self.get_variable("params", name)
+      elif self.is_mutable_collection(WINOGRAD_KERNELS) and not self.is_initializing():
+        transformed = self.variable(WINOGRAD_KERNELS, name, conv_winograd.kernel_transform,
+                                    kernel.astype(dtype), dtype, winograd_tile).value
+    return kernel, bias, transformed
 
 
 def _conv3x3_impl(cfg: VQVAEConfig, x_BHWC, dtype, cout: int, upsample: bool = False) -> str:
@@ -63,6 +81,12 @@ def _conv3x3_impl(cfg: VQVAEConfig, x_BHWC, dtype, cout: int, upsample: bool = F
                                channels=(cin, cout))
 
 
+def _winograd_tile(impl: str, out_hw, dtype) -> int | None:
+  """m of the F(m x m, 3 x 3) a conv with `impl` runs for `out_hw` outputs in `dtype`, or None
+  where it does not run as Winograd."""
+  return conv_winograd.output_tile(*out_hw, dtype) if impl == "winograd" else None
+
+
 def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_name: str, dtype):
   """conv3x3(silu(group_norm(x))) with nn.GroupNorm `norm_name`'s and precision.Conv
   `conv_name`'s parameters: those modules on the XLA path, ops.conv.conv3x3 (one fused kernel on
@@ -71,9 +95,11 @@ def _norm_silu_conv(cfg: VQVAEConfig, x, features: int, norm_name: str, conv_nam
   if impl == "xla":
     return _conv(features, conv_name, dtype)(nn.silu(_norm(cfg, norm_name)(x)))
   gamma, beta = GroupNormParams(name=norm_name)(x.shape[-1])
-  kernel, bias = Conv3x3Params(features, name=conv_name)(x.shape[-1])
+  kernel, bias, transformed = Conv3x3Params(features, name=conv_name)(
+      x.shape[-1], _winograd_tile(impl, x.shape[1:3], dtype), dtype)
   scale, shift = conv_ops.group_norm_affine(x, gamma, beta, groups=cfg.num_groups, eps=_NORM_EPS)
-  return conv_ops.conv3x3(x, kernel.astype(dtype), bias.astype(dtype), scale, shift, impl=impl)
+  return conv_ops.conv3x3(x, kernel.astype(dtype), bias.astype(dtype), scale, shift, impl=impl,
+                          winograd_kernel=transformed)
 
 
 class ResnetBlock(nn.Module):
@@ -129,9 +155,11 @@ class Upsample(nn.Module):
     if impl == "xla":
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       return _conv(x.shape[-1], "conv", self.dtype)(x)
-    kernel, bias = Conv3x3Params(x.shape[-1], name="conv")(x.shape[-1])
+    out_hw = (2 * x.shape[1], 2 * x.shape[2])
+    kernel, bias, transformed = Conv3x3Params(x.shape[-1], name="conv")(
+        x.shape[-1], _winograd_tile(impl, out_hw, self.dtype), self.dtype)
     return conv_ops.conv3x3(x, kernel.astype(self.dtype), bias.astype(self.dtype), upsample=True,
-                            impl=impl)
+                            impl=impl, winograd_kernel=transformed)
 
 
 class Level(nn.Module):
@@ -268,6 +296,31 @@ class VQVAE(nn.Module):
     f = self.encode_to_latent(img_BHWC)
     f_hat, vq_loss, hits_SV = self.quantize(f)
     return self.decode_fhat_unclamped(f_hat), vq_loss, hits_SV
+
+
+def winograd_kernels(config: VQVAEConfig, params):
+  """The WINOGRAD_KERNELS of the decoder's convs that run as Winograd here: each conv's kernel
+  transformed for its F(m x m, 3 x 3) in its dtype (`ops.conv_winograd.kernel_transform`), laid
+  out like `params`; empty where none does (off CPU). The decoder is traced for one image at the
+  last scale's latent size, as a sampler's CPU decode runs it; only the transforms are computed
+  (the decode's outputs are unused). With `with_winograd_kernels` a sampling program reads them
+  instead of transforming every kernel in every call (a float32 VAR-d16 call at batch 1 on a
+  2-core CPU 5.76 -> 5.22 s, `benchmarks/bench_conv.py --kernel-transform`)."""
+  pn = config.patch_nums[-1]
+  f_hat = jnp.zeros((1, pn, pn, config.z_channels), jnp.float32)
+  _, variables = VQVAE(config).apply({"params": params}, f_hat, method=VQVAE.decode_fhat,
+                                     mutable=[WINOGRAD_KERNELS])
+  return variables.get(WINOGRAD_KERNELS, {})
+
+
+def with_winograd_kernels(params, kernels):
+  """`params` with `winograd_kernels`' entries beside each conv's kernel and bias (where the
+  Winograd convs look for them first). Inference only: they are the kernels' function, not
+  parameters of their own (nothing trains them)."""
+  merged = dict(params)
+  for name, entry in kernels.items():
+    merged[name] = with_winograd_kernels(params[name], entry) if name in params else entry
+  return merged
 
 
 def init_params(config: VQVAEConfig, key: jax.Array):

@@ -195,15 +195,17 @@ def _xla_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample):
 _BLOCKED_IMPLS = ("row_blocks", "winograd")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blocked(a_BHWC, kernel_HWIO, bias_O, upsample, impl):
-  forward = (conv_rows.conv3x3_row_blocks if impl == "row_blocks"
-             else conv_winograd.conv3x3_winograd)
-  return forward(a_BHWC, kernel_HWIO, bias_O, upsample)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(a_BHWC, kernel_HWIO, bias_O, winograd_kernel, upsample, impl):
+  if impl == "row_blocks":
+    return conv_rows.conv3x3_row_blocks(a_BHWC, kernel_HWIO, bias_O, upsample)
+  return conv_winograd.conv3x3_winograd(a_BHWC, kernel_HWIO, bias_O, upsample,
+                                        transformed_kernel=winograd_kernel)
 
 
-def _blocked_fwd(a_BHWC, kernel_HWIO, bias_O, upsample, impl):
-  return _blocked(a_BHWC, kernel_HWIO, bias_O, upsample, impl), (a_BHWC, kernel_HWIO, bias_O)
+def _blocked_fwd(a_BHWC, kernel_HWIO, bias_O, winograd_kernel, upsample, impl):
+  out = _blocked(a_BHWC, kernel_HWIO, bias_O, winograd_kernel, upsample, impl)
+  return out, (a_BHWC, kernel_HWIO, bias_O, winograd_kernel)
 
 
 def _xla_vjp(upsample, residuals, g_BHWO):
@@ -216,25 +218,31 @@ def _xla_vjp(upsample, residuals, g_BHWO):
 
 
 def _blocked_bwd(upsample, impl, residuals, g_BHWO):
-  # On the activated input: its activation is differentiated outside.
+  # On the activated input: its activation is differentiated outside. A transformed Winograd
+  # kernel is a function of the kernel computed outside (`kernel_transform`): the gradient flows
+  # through the kernel, and the transformed copy gets none.
   del impl
-  return _xla_vjp(upsample, residuals, g_BHWO)
+  *residuals, winograd_kernel = residuals
+  no_gradient = None if winograd_kernel is None else jnp.zeros_like(winograd_kernel)
+  return (*_xla_vjp(upsample, residuals, g_BHWO), no_gradient)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, impl):
+def _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, impl,
+                     winograd_kernel=None):
   a_BHWC = _activated(x_BHWC, scale_BC, shift_BC, kernel_HWIO.dtype)
-  per_device = lambda a, k, b: _blocked(a, k, b, upsample, impl)
+  operands = [a_BHWC, kernel_HWIO, bias_O] + ([] if winograd_kernel is None else [winograd_kernel])
+  per_device = lambda a, k, b, u=None: _blocked(a, k, b, u, upsample, impl)
   if a_BHWC.shape[0] % mesh_sharding.batch_shards():
     # A batch the mesh cannot split evenly: XLA partitions the loop (correct, not fast).
-    return per_device(a_BHWC, kernel_HWIO, bias_O)
+    return per_device(*operands)
   # Each device loops over its own images' row blocks (XLA would otherwise gather the batch to
   # index it). `interpret=True`: plain XLA ops, which a jit may also partition without a mesh.
-  return mesh_sharding.shard_map_over_batch(per_device, a_BHWC, kernel_HWIO, bias_O,
-                                            kernel=f"{impl} conv", interpret=True,
-                                            batch_dims=[0, None, None])
+  return mesh_sharding.shard_map_over_batch(per_device, *operands, kernel=f"{impl} conv",
+                                            interpret=True,
+                                            batch_dims=[0] + [None] * (len(operands) - 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -262,7 +270,7 @@ _kernel_conv3x3.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsample: bool = False,
-            impl: str = "auto", interpret: bool = False):
+            impl: str = "auto", interpret: bool = False, winograd_kernel=None):
   """conv3x3(a) + bias, a = x or silu(x * scale + shift) (float32, then the kernel's dtype),
   upsampled x2 by nearest neighbour first with `upsample` (the kernel reads x at its own size).
 
@@ -272,6 +280,10 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
     scale_BC, shift_BC: (B, Cin) float32 affine before the SiLU, together or neither.
     impl: "auto", "xla", "pallas_tpu", "row_blocks" or "winograd" (module docstring).
     interpret: run the kernel in interpret mode (any backend; slow).
+    winograd_kernel: where this runs as Winograd's F(m x m, 3 x 3), the kernel transformed before
+      (`conv_winograd.kernel_transform(kernel_HWIO, dtype, m)`, m = `conv_winograd.output_tile`
+      of the output's height, width and dtype), else None (transformed in the call); the other
+      implementations ignore it.
 
   Returns:
     (B, H, W, Cout), or (B, 2H, 2W, Cout) with `upsample`, in the kernel's dtype; matmuls
@@ -292,7 +304,8 @@ def conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC=None, shift_BC=None, *, upsamp
   resolved = conv3x3_impl(impl, out_hw=(out_H, out_W), interpret=interpret, batch=B,
                           dtype=kernel_HWIO.dtype, channels=kernel_HWIO.shape[2:])
   if resolved in _BLOCKED_IMPLS:
-    return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved)
+    return _blocked_conv3x3(x_BHWC, kernel_HWIO, bias_O, scale_BC, shift_BC, upsample, resolved,
+                            winograd_kernel if resolved == "winograd" else None)
   if (resolved == "xla"
       or not tpu_conv.fits(out_H, out_W, Cin, kernel_HWIO.shape[3], x_BHWC.dtype,
                            kernel_HWIO.dtype, upsample=upsample)):

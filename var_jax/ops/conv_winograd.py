@@ -163,12 +163,14 @@ def kernel_transform(kernel_HWIO, dtype, tile: int = 2):
 
 
 def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
-                     tile: int | None = None, max_tiles: int = MAX_BLOCK_TILES):
+                     tile: int | None = None, max_tiles: int = MAX_BLOCK_TILES,
+                     transformed_kernel=None):
   """conv3x3(x) + bias in the kernel's dtype (float32 accumulation), x upsampled x2 by nearest
   neighbour first with `upsample`, by F(m x m, 3 x 3) with m = `tile` (None: `output_tile`); the
   (upsampled) height and width must be multiples of m. Shapes as `ops.conv.conv3x3` (the caller
-  checks them). The forward only: `ops.conv.conv3x3(impl="winograd")` gives it the XLA
-  convolution's gradient."""
+  checks them). `transformed_kernel`: `kernel_transform(kernel_HWIO, dtype, m)` computed before
+  (a sampler computes it once per model instead of in every call), else it is computed here. The
+  forward only: `ops.conv.conv3x3(impl="winograd")` gives it the XLA convolution's gradient."""
   dtype = kernel_HWIO.dtype
   C, O = kernel_HWIO.shape[2:]
   H, W = (2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2]) if upsample else x_BHWC.shape[1:3]
@@ -179,7 +181,12 @@ def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
     raise ValueError(f"Winograd F({m}x{m}, 3x3) needs a height and width that are multiples of "
                      f"{m}, got {H} x {W}.")
   n = m + 2
-  u_K_IO = kernel_transform(kernel_HWIO, dtype, m).reshape(n * n, C, O)
+  if transformed_kernel is None:
+    transformed_kernel = kernel_transform(kernel_HWIO, dtype, m)
+  elif transformed_kernel.shape != (n, n, C, O) or transformed_kernel.dtype != dtype:
+    raise ValueError(f"a transformed kernel for F({m}x{m}, 3x3) must be {(n, n, C, O)} {dtype}, "
+                     f"got {transformed_kernel.shape} {transformed_kernel.dtype}.")
+  u_K_IO = transformed_kernel.reshape(n * n, C, O)
   bias_O = bias_O.astype(jnp.float32)
 
   def block(rows):
