@@ -27,7 +27,7 @@ random released-size weights) with Winograd's F(2x2, 3x3) only and with its defa
 instead (the tokens must be identical).
 
 `--kernel-transform` builds the public call's program with the decoder's Winograd kernels
-transformed in every call (as before `placement` transformed them once per model) and once at
+transformed in every call (as before the placement transformed them once per model) and once at
 placement (the default), and times the two alternately: images and tokens must be identical.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 
 import _common
 import var_jax
-from var_jax.inference import placement
+from var_jax.models import vqvae
 from var_jax.models.vqvae import VQVAE
 from var_jax.ops import conv as conv_ops
 from var_jax.ops import conv_winograd
@@ -125,8 +125,7 @@ def bench_winograd_tiles_public_call(args, batch: int) -> None:
 
 def _kernels_transformed_in_the_call():
   """A placement without the decoder's transformed Winograd kernels: the call transforms them."""
-  return mock.patch.object(placement, "_with_winograd_kernels",
-                           lambda config, params, target: params)
+  return mock.patch.object(vqvae, "winograd_kernels", lambda config, params: {})
 
 
 def bench_kernel_transform_public_call(args, dtype_name: str, batch: int) -> None:

@@ -202,35 +202,56 @@ def test_a_kernel_transformed_before_gives_the_same_conv_and_gradients():
     conv(x, kernel, bias, conv_winograd.kernel_transform(kernel, jnp.float32, 4))
 
 
-def test_sampler_decodes_with_the_kernels_transformed_once_at_placement(monkeypatch):
-  """`var_jax.sample` on CPU: its placement transforms the decoder's Winograd
-  kernels once (beside the tokenizer params it places), and the sampling program reads them
-  instead of transforming every kernel in every call: the images equal those of a program that
-  transforms them in the call (a placement without them), and zeroed placed kernels change them
-  (the program reads the placed ones)."""
+def _small_winograd_models():
+  """(tokenizer, make_model(seed)): a small tokenizer whose decoder's convs run as Winograd by
+  name (at 32 channels; "auto" takes it from 160 on CPU, the same code, costlier) and one-block
+  VAR models on it with random params."""
   import var_jax
-  from var_jax.inference import placement
   from var_jax.models import var as var_module
   from var_jax.models import vqvae
   from var_jax.models.var_config import VARConfig
-  # Winograd by name at 32 channels ("auto" takes it from 160 on CPU: the same placement, costlier).
   tok_cfg = VQVAEConfig(**{**_SMALL, "ch": 32, "patch_nums": (1, 2, 4, 8)}, conv_impl="winograd")
-  rng = np.random.default_rng(0)
-  random_like = lambda shapes: jax.tree.map(
+  random_like = lambda shapes, rng: jax.tree.map(
       lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), meta.unbox(shapes))
-  tokenizer = var_jax.Tokenizer(tok_cfg, random_like(vqvae.param_shapes(tok_cfg)))
+  tokenizer = var_jax.Tokenizer(tok_cfg, random_like(vqvae.param_shapes(tok_cfg),
+                                                     np.random.default_rng(0)))
   var_cfg = VARConfig(depth=1, embed_dim=64, num_heads=2, num_classes=4, vocab_size=32,
                       z_channels=8, patch_nums=(1, 2, 4, 8))
-  var_params = random_like(var_module.param_shapes(var_cfg))
-  make = lambda: var_jax.VARModel(var_cfg, var_params, tokenizer)
+  make = lambda seed=1: var_jax.VARModel(
+      var_cfg, random_like(var_module.param_shapes(var_cfg), np.random.default_rng(seed)),
+      tokenizer)
+  return tokenizer, make
+
+
+def _counting(monkeypatch, module):
+  """Counts the calls of module.winograd_kernels (patched to a counting wrapper)."""
+  calls, real = [], module.winograd_kernels
+  monkeypatch.setattr(module, "winograd_kernels",
+                      lambda config, params: calls.append(1) or real(config, params))
+  return calls
+
+
+def test_sampler_decodes_with_the_kernels_transformed_once_at_placement(monkeypatch):
+  """`var_jax.sample` on CPU: its placement transforms the decoder's Winograd kernels once
+  (beside the tokenizer params it places), and the sampling program reads them instead of
+  transforming every kernel in every call: the images equal those of a program that transforms
+  them in the call (a placement without them), and zeroed placed kernels change them (the
+  program reads the placed ones). A refiner's placement and `VARModel.logits`, which decode
+  nothing, never transform them."""
+  import var_jax
+  from var_jax.models import vqvae
+  _, make = _small_winograd_models()
   one_device = var_jax.sampling_mesh(devices=jax.devices()[:1])
-  sample = lambda model: np.asarray(var_jax.sample(model, [0, 3], rng=jax.random.key(2), top_k=4,
-                                                   mesh=one_device))
+  sample = lambda model, **kw: np.asarray(var_jax.sample(model, [0, 3], rng=jax.random.key(2),
+                                                         top_k=4, mesh=one_device, **kw))
 
   model = make()
+  calls = _counting(monkeypatch, vqvae)
   images = sample(model)
+  sample(model)
+  assert len(calls) == 1  # once per placement, not per call
   (placed,) = model.placements.values()
-  decoder_params = placed.vae_params["decoder"]
+  decoder_params = placed.decoding_vae_params["decoder"]
   transformed = [jax.tree_util.keystr(path) for path, _ in
                  jax.tree_util.tree_flatten_with_path(decoder_params)[0]
                  if jax.tree_util.keystr(path).endswith("['F2_float32']")]
@@ -243,10 +264,21 @@ def test_sampler_decodes_with_the_kernels_transformed_once_at_placement(monkeypa
                              np.einsum("ai,ijco,bj->abco", G, np.asarray(conv1["kernel"], np.float64), G),
                              rtol=1e-6, atol=1e-7)
 
+  # Decoding nothing, the logits and a refiner's placement transform no kernel.
+  del calls[:]
+  other = make()
+  idx = [np.zeros((2, pn, pn), np.int32) for pn in (1, 2, 4, 8)]
+  other.logits([0, 1], idx, mesh=one_device)
+  assert not calls
+  refiner = make(seed=2)
+  sample(other, refiner=refiner, draft_scales=2)
+  assert len(calls) == 1  # the drafting model's placement only
+  assert "decoding_vae_params" not in vars(refiner.placements[one_device])
+
   with monkeypatch.context() as patch:
-    patch.setattr(placement, "_with_winograd_kernels", lambda config, params, target: params)
+    patch.setattr(vqvae, "winograd_kernels", lambda config, params: {})
     np.testing.assert_array_equal(sample(make()), images)
-  real = placement._winograd_kernels
-  monkeypatch.setattr(placement, "_winograd_kernels",
+  real = vqvae.winograd_kernels
+  monkeypatch.setattr(vqvae, "winograd_kernels",
                       lambda config, params: jax.tree.map(jnp.zeros_like, real(config, params)))
   assert np.any(sample(make()) != images)

@@ -107,7 +107,7 @@ def build_edit_call(model, images, mask, labels, *, rng, cfg=1.5, top_k=900, top
   images = placement.put_batch(placement.pad_batch(images, size), mesh)
   static = dict(var_config=model.config, vae_config=tc, more_smooth=bool(more_smooth),
                 guided=float(cfg) != 0.0)
-  args = (placed.var_params, placed.vae_params, images, labels, keys, *scalars, masks)
+  args = (placed.var_params, placed.decoding_vae_params, images, labels, keys, *scalars, masks)
   return Call(_encode_and_generate, _edit_jit, args, static, mesh, B)
 
 

@@ -161,15 +161,33 @@ class Placement:
     mesh: the mesh.
     var_params: the VAR params, split by their logical axes (device arrays, or ShapeDtypeStructs
       carrying their shardings for an abstract model).
-    vae_params: the tokenizer params, replicated; on CPU with the decoder's Winograd kernels
-      transformed once beside them (`vqvae.with_winograd_kernels`).
+    vae_params: the tokenizer params, replicated.
     source: (VAR params, tokenizer params) this was made from: assigning new params to the
       model places them anew.
+    tokenizer_config: the tokenizer's config.
   """
   mesh: Mesh
   var_params: Any
   vae_params: Any
   source: Any
+  tokenizer_config: Any
+
+  @functools.cached_property
+  def decoding_vae_params(self) -> Any:
+    """`vae_params` as a program that decodes reads them: on CPU with the decoder's Winograd
+    kernels transformed once beside them (`vqvae.winograd_kernels`, replicated), which its convs
+    read instead of transforming every kernel in every call; elsewhere `vae_params`. Made on
+    first use and kept with the placement: one that only runs the transformer (a refiner's,
+    `VARModel.logits`') never holds them (~560 MB for the released tokenizer in float32)."""
+    if attention.computation_platform(self.mesh) != "cpu":
+      return self.vae_params
+    if _is_abstract_tree(self.vae_params):
+      kernels = jax.eval_shape(vqvae.winograd_kernels, self.tokenizer_config, self.vae_params)
+    else:
+      kernels = vqvae.winograd_kernels(self.tokenizer_config, self.vae_params)
+    target = replicated(self.mesh)
+    kernels = jax.tree.map(lambda x: _put_leaf(x, target, np.dtype(x.dtype)), kernels)
+    return vqvae.with_winograd_kernels(self.vae_params, kernels)
 
 
 def var_param_shardings(var_config, mesh: Mesh) -> Any:
@@ -260,23 +278,6 @@ def _check_tree(params: Any, shardings: Any) -> None:
       raise InputError(f"VAR param {jax.tree_util.keystr(path)} is not an array.")
 
 
-# The tokenizer's transformed Winograd kernels from its params (traced once per tokenizer config
-# and param layout).
-_winograd_kernels = jax.jit(vqvae.winograd_kernels, static_argnums=0)
-
-
-def _with_winograd_kernels(tokenizer_config: Any, vae_params: Any, target: NamedSharding) -> Any:
-  """The placed tokenizer params with the decoder's Winograd kernels transformed once beside them
-  (`vqvae.winograd_kernels`, replicated on `target`'s mesh): the CPU decode's convs read them
-  instead of transforming every kernel in every call."""
-  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(vae_params)):
-    kernels = jax.eval_shape(_winograd_kernels, tokenizer_config, vae_params)
-  else:
-    kernels = _winograd_kernels(tokenizer_config, vae_params)
-  kernels = jax.tree.map(lambda x: _put_leaf(x, target, np.dtype(x.dtype)), kernels)
-  return vqvae.with_winograd_kernels(vae_params, kernels)
-
-
 def place(model: Any, mesh: Mesh | None = None) -> Placement:
   """The model's weights on `mesh` (default `default_mesh()`), placed once and cached per mesh.
 
@@ -306,9 +307,8 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
       for (path, x), s, dtype in zip(paths_leaves, jax.tree.leaves(shardings), dtypes)])
   repl = replicated(mesh)
   vae_params = jax.tree.map(lambda x: _put_leaf(x, repl, np.dtype(x.dtype)), model.tokenizer.params)
-  if attention.computation_platform(mesh) == "cpu":
-    vae_params = _with_winograd_kernels(model.tokenizer.config, vae_params, repl)
-  placed = Placement(mesh, var_params, vae_params, (model.params, model.tokenizer.params))
+  placed = Placement(mesh, var_params, vae_params, (model.params, model.tokenizer.params),
+                     model.tokenizer.config)
   if not is_abstract(model):
     model.placements[mesh] = placed
   return placed
@@ -339,4 +339,8 @@ def _divisors(n: int) -> str:
 
 def is_abstract(model: Any) -> bool:
   """True when the model's params are ShapeDtypeStructs (a model for AOT compiles only)."""
-  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(model.params))
+  return _is_abstract_tree(model.params)
+
+
+def _is_abstract_tree(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))

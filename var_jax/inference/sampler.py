@@ -316,7 +316,7 @@ def build_sample_call(model, labels, *, rng, cfg=1.5, top_k=900, top_p=0.96, mor
   if refiner is not None:
     refiner_params = placement.place(refiner, mesh).var_params
     static.update(refiner_config=refiner.config, draft_scales=draft_scales)
-  args = (placed.var_params, placed.vae_params, labels, keys, *scalars, None, None, refiner_params)
+  args = (placed.var_params, placed.decoding_vae_params, labels, keys, *scalars, None, None, refiner_params)
   return Call(generate, _generate_jit, args, static, mesh, labels_B.shape[0])
 
 

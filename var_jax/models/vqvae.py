@@ -298,14 +298,18 @@ class VQVAE(nn.Module):
     return self.decode_fhat_unclamped(f_hat), vq_loss, hits_SV
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def winograd_kernels(config: VQVAEConfig, params):
   """The WINOGRAD_KERNELS of the decoder's convs that run as Winograd here: each conv's kernel
   transformed for its F(m x m, 3 x 3) in its dtype (`ops.conv_winograd.kernel_transform`), laid
   out like `params`; empty where none does (off CPU). The decoder is traced for one image at the
   last scale's latent size, as a sampler's CPU decode runs it; only the transforms are computed
-  (the decode's outputs are unused). With `with_winograd_kernels` a sampling program reads them
+  (the decode's outputs are unused); jitted, so traced once per config and param layout. With
+  `with_winograd_kernels` a sampling program (`Placement.decoding_vae_params`) reads them
   instead of transforming every kernel in every call (a float32 VAR-d16 call at batch 1 on a
-  2-core CPU 5.76 -> 5.22 s, `benchmarks/bench_conv.py --kernel-transform`)."""
+  2-core CPU 5.76 -> 5.22 s, `benchmarks/bench_conv.py --kernel-transform`). `Tokenizer.decode`
+  keeps transforming in the call: held beside its params they made one image's decode only 4%
+  faster (1.44 -> 1.39 s; 4 images within noise) for ~560 MB kept for the tokenizer's life."""
   pn = config.patch_nums[-1]
   f_hat = jnp.zeros((1, pn, pn, config.z_channels), jnp.float32)
   _, variables = VQVAE(config).apply({"params": params}, f_hat, method=VQVAE.decode_fhat,
