@@ -30,6 +30,16 @@ def test_sample_help_shows_defaults(capsys):
   assert "(default: 900)" in out and "(default: shapes-tiny)" in out and "(default: 0.96)" in out
 
 
+@pytest.mark.parametrize("command", ["sample", "edit", "evaluate", "train", "aot"])
+def test_help_says_each_default_once_and_never_none(command, capsys):
+  with pytest.raises(SystemExit):
+    cli.main([command, "--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "(default: None)" not in out
+  for flag_help in out.split(" --")[1:]:
+    assert flag_help.count("default") <= 1, flag_help
+
+
 def test_unknown_command_exits_2(capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["smaple"])

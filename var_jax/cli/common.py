@@ -15,7 +15,15 @@ DEFAULT_MODEL = "shapes-tiny"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """--help shows every flag's default and keeps the description's own line breaks."""
+  """--help shows every flag's default and keeps the description's own line breaks. A flag whose
+  help already says its default ("default: ...") or whose default is None (its help says what
+  happens without it) gets no second "(default: ...)"."""
+
+  def _get_help_string(self, action):
+    help_text = action.help or ""
+    if action.default is None or "default" in help_text:
+      return help_text
+    return super()._get_help_string(action)
 
 
 def new_parser(prog: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
@@ -131,7 +139,7 @@ def load_refiner(name: str | None, draft_scales: int | None, model, dtype: str |
 
 def add_sampler_flags(p) -> None:
   """The sampler's options, as `sample`, `edit` and `evaluate` take them (p: a parser or group)."""
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="the random seed")
   p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (>= 0)")
   p.add_argument("--top-k", type=int, default=900,
                  help="keep the k largest logits (0, or any k >= the vocabulary size: all)")

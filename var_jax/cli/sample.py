@@ -113,7 +113,7 @@ def build_parser():
   add_sampling_flags(p)
   p.add_argument("--classes", type=common.int_list("--classes", "207,360,388"), default=None,
                  help="class ids, e.g. 207,360,388 (default: all)")
-  p.add_argument("--per-class", type=int, default=4)
+  p.add_argument("--per-class", type=int, default=4, help="images of each class")
   p.add_argument("--batch-size", type=int, default=0,
                  help="images per jitted call (0: %s per device of the mesh's batch axes)"
                  % ", ".join(f"{v} on {k.upper()}" for k, v in PER_DEVICE_BATCH.items()))
