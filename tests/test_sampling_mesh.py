@@ -84,6 +84,36 @@ def test_second_call_transfers_no_weights():
   assert m.placements[placement.default_mesh()] is not placed
 
 
+def test_one_cpu_device_placement_shares_the_models_stacks_instead_of_copying_them():
+  """On one CPU device the blocks' weights are held per layer (`placement.held_per_layer`); for a
+  float32 model whose params are arrays on that device (as `var_jax.load_pretrained` gives),
+  each layer's array is the stack's own memory at that layer's offset (no second copy of the
+  weights) wherever that offset keeps the 64-byte alignment XLA:CPU's buffers have (elsewhere,
+  e.g. a 2-float layer, the layer is copied), and the samples equal those of the same params
+  given as host copies."""
+  m = model("tiny")
+  one = var_jax.sampling_mesh(devices=jax.devices()[:1])
+  on_device = var_jax.VARModel(m.config, jax.device_put(m.params, jax.devices()[0]), m.tokenizer)
+  on_host = var_jax.VARModel(m.config, jax.tree.map(np.array, m.params), m.tokenizer)
+  sample = lambda mm: np.asarray(var_jax.sample(mm, [1, 2], rng=jax.random.key(3), mesh=one))
+  images = sample(on_device)
+  stacks = jax.tree.leaves(on_device.params["blocks"])
+  held = jax.tree.leaves(on_device.placements[one].var_params["blocks"],
+                         is_leaf=lambda x: isinstance(x, tuple))
+  assert len(stacks) == len(held) > 0
+  shared = 0
+  for stack, layers in zip(stacks, held):
+    assert isinstance(layers, tuple) and len(layers) == stack.shape[0]
+    layer_bytes = stack.nbytes // stack.shape[0]
+    for i, a in enumerate(layers):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(stack)[i])
+      if i * layer_bytes % 64 == 0:
+        assert a.unsafe_buffer_pointer() == stack.unsafe_buffer_pointer() + i * layer_bytes
+        shared += a.nbytes
+  assert shared > 0.99 * sum(s.nbytes for s in stacks)
+  np.testing.assert_array_equal(sample(on_host), images)
+
+
 def test_weights_split_over_fsdp_and_tensor():
   m = model("tiny")
   mesh = var_jax.sampling_mesh(2, 2, 2)
