@@ -12,7 +12,8 @@ slice are one program:
   replicated. The matmul weights the model casts to its compute dtype at use are stored in that
   dtype (bfloat16 models hold half the bytes, with bit-identical results; on TPU the blocks'
   bfloat16 stacks are held as their uint16 bit patterns, `held_as_bits`; on CPU each block weight
-  is held as one array per layer, `held_per_layer`, which the model reads in place). The placement
+  is held as one array per layer, `held_per_layer`, which the model reads in place; for params
+  already on one CPU device those arrays share the model's stacks, `_layer`). The placement
   is cached on the model per mesh, so later calls transfer no weights. With `jax.ShapeDtypeStruct` params
   (a model that was never materialised, for AOT compiles) the placement is abstract.
 * `pad_batch` / `batch_shards`: any batch on any device count: the batch is padded to a multiple of
