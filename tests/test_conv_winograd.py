@@ -274,6 +274,7 @@ def test_sampler_decodes_with_the_kernels_transformed_once_at_placement(monkeypa
   sample(other, refiner=refiner, draft_scales=2)
   assert len(calls) == 1  # the drafting model's placement only
   assert "decoding_vae_params" not in vars(refiner.placements[one_device])
+  assert "vae_params" not in vars(refiner.placements[one_device])  # no tokenizer copy either
 
   with monkeypatch.context() as patch:
     patch.setattr(vqvae, "winograd_kernels", lambda config, params: {})

@@ -162,24 +162,31 @@ class Placement:
     mesh: the mesh.
     var_params: the VAR params, split by their logical axes (device arrays, or ShapeDtypeStructs
       carrying their shardings for an abstract model).
-    vae_params: the tokenizer params, replicated.
     source: (VAR params, tokenizer params) this was made from: assigning new params to the
       model places them anew.
     tokenizer_config: the tokenizer's config.
+
+  The tokenizer's part (`vae_params`, `decoding_vae_params`) is placed on first use and kept: a
+  placement that only runs the transformer (a refiner's in collaborative decoding) holds none.
   """
   mesh: Mesh
   var_params: Any
-  vae_params: Any
   source: Any
   tokenizer_config: Any
+
+  @functools.cached_property
+  def vae_params(self) -> Any:
+    """The tokenizer params, replicated."""
+    target = replicated(self.mesh)
+    return jax.tree.map(lambda x: _put_leaf(x, target, np.dtype(x.dtype)), self.source[1])
 
   @functools.cached_property
   def decoding_vae_params(self) -> Any:
     """`vae_params` as a program that decodes reads them: on CPU with the decoder's Winograd
     kernels transformed once beside them (`vqvae.winograd_kernels`, replicated), which its convs
     read instead of transforming every kernel in every call; elsewhere `vae_params`. Made on
-    first use and kept with the placement: one that only runs the transformer (a refiner's,
-    `VARModel.logits`') never holds them (~560 MB for the released tokenizer in float32)."""
+    first use: a placement that decodes nothing (a refiner's, `VARModel.logits`') never holds
+    them (~560 MB for the released tokenizer in float32)."""
     if attention.computation_platform(self.mesh) != "cpu":
       return self.vae_params
     if _is_abstract_tree(self.vae_params):
@@ -317,9 +324,7 @@ def place(model: Any, mesh: Mesh | None = None) -> Placement:
   var_params = jax.tree.unflatten(treedef, [
       _put_var_leaf(path, x, s, dtype, model.config, mesh)
       for (path, x), s, dtype in zip(paths_leaves, jax.tree.leaves(shardings), dtypes)])
-  repl = replicated(mesh)
-  vae_params = jax.tree.map(lambda x: _put_leaf(x, repl, np.dtype(x.dtype)), model.tokenizer.params)
-  placed = Placement(mesh, var_params, vae_params, (model.params, model.tokenizer.params),
+  placed = Placement(mesh, var_params, (model.params, model.tokenizer.params),
                      model.tokenizer.config)
   if not is_abstract(model):
     model.placements[mesh] = placed
