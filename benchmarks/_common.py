@@ -257,16 +257,27 @@ def reset_peak_rss() -> bool:
     return False
 
 
-def peak_rss_since_reset() -> int | None:
-  """Peak RSS in bytes since the last `reset_peak_rss` (Linux VmHWM), or None elsewhere."""
+def _own_status_bytes(field: str) -> int | None:
+  """A size field of this process's /proc/self/status ("VmHWM:", "VmRSS:") in bytes, or None
+  where there is none (not Linux)."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
   return None
+
+
+def peak_rss_since_reset() -> int | None:
+  """Peak RSS in bytes since the last `reset_peak_rss` (Linux VmHWM), or None elsewhere."""
+  return _own_status_bytes("VmHWM:")
+
+
+def resident_bytes() -> int | None:
+  """This process's resident memory now in bytes (Linux VmRSS), or None elsewhere."""
+  return _own_status_bytes("VmRSS:")
 
 
 def lifetime_peak_rss() -> int:

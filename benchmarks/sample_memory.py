@@ -32,11 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _rss_gb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 2**20
-  raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+  rss = _common.resident_bytes()
+  if rss is None:
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+  return rss / 2**30
 
 
 def _phase(name: str, fn):
