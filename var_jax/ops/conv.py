@@ -141,15 +141,17 @@ def group_norm_affine(x_BHWC, gamma_C, beta_C, *, groups: int, eps: float):
   """(scale_BC, shift_BC), float32, with x * scale + shift == GroupNorm(x) (biased variance over
   each image's group of H * W * C / groups values, then gamma, beta per channel).
 
-  One pass over x, where a two-pass variance reads it twice (42 MB per norm for 2 images at
-  256 x 256 x 160 in bf16): the sums of x and x² per channel, which XLA takes in the fusion that
-  writes x. Each channel's sum of squares about its mean, S2 - S1² / n, loses about
+  The sums of x and x² per channel, which need no mean first, where a two-pass variance reads x
+  after its mean (42 MB per norm for 2 images at 256 x 256 x 160 in bf16). XLA:CPU (jax 0.10)
+  runs each sum as its own library reduction over x: 3.5 ms together for one 256 x 256 x 160
+  float32 image on a 2-core AMD EPYC, against 9.8 ms as one variadic reduce of (x, x²) and 18.6 ms
+  as matmuls. Each channel's sum of squares about its mean, S2 - S1² / n, loses about
   float32 eps x mean² / variance of that channel relative to its variance (1e-6 for a channel
   mean 4 standard deviations from 0); the channels then combine into their group's mean and
   variance exactly (Chan et al.'s pairwise update), so a spread between channels costs nothing.
   Centring each channel on one of its own values first would remove that term, but reading a
-  pixel of x before summing it keeps XLA from fusing the sums into x's producer (measured: the
-  decoder's bytes rose by a quarter)."""
+  pixel of x before summing it keeps XLA from fusing the sums into x's producer where it does so
+  (measured: the decoder's bytes rose by a quarter)."""
   B, H, W, C = x_BHWC.shape
   if C % groups:
     raise InputError(f"GroupNorm over {C} channels needs a divisor of {C} as groups, got {groups}.")
