@@ -9,7 +9,9 @@ run) separately from steady-state calls, and, after jax.clear_caches(), the ahea
 `sampler.build_sample_call(...).lower()` (trace + lower) and `.compile()` (XLA) times with the executable's
 memory_analysis(). With VAR_REF and torch, the official
 `var.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg, top_k, top_p)` runs on the same weights
-and labels and the speed ratio ours/official is printed (> 1: ours faster).
+and labels and the speed ratio ours/official is printed (> 1: ours faster). On CPU the two
+sides' steady calls take turns (official, ours, official, ...), so that a host whose speed drifts
+meets both alike; --sequential times all of the official's calls first, as on a GPU.
 
 The bound (`var_jax.inference.bound`): the least time one call can take on this machine, the
 larger of its FLOPs (the transformer's analytic matmuls, attention over the visible pairs only,
@@ -61,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="batch sizes at which to also time lower()/compile() ahead of time "
                            "(one extra compile each; default 1)")
   parser.add_argument("--no-aot", action="store_true", help="skip the ahead-of-time compile timing")
+  parser.add_argument("--sequential", action="store_true",
+                      help="time the official's calls, then ours (the default on CPU: their "
+                           "steady calls in turns; a GPU is always sequential)")
   parser.add_argument("--profile-dir", default="",
                       help="also record a jax.profiler trace of one steady call per batch size here "
                            "(TensorBoard / Perfetto)")
@@ -125,19 +130,60 @@ def bound_of(model, batch: int, peaks: Peaks, guidance: bool, platform: str | No
 
 # -- timing ------------------------------------------------------------------------------------
 
+def _ours_call(model, labels: np.ndarray, args):
+  """The timed public call: var_jax.sample on `labels` with the flags' seed, cfg and filters."""
+  kwargs = dict(rng=jax.random.key(args.seed), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+  return lambda: var_jax.sample(model, labels, **kwargs)
+
+
+def _profile_ours(model, labels: np.ndarray, args) -> None:
+  if args.profile_dir:
+    with jax.profiler.trace(f"{args.profile_dir}/batch{labels.shape[0]}", create_perfetto_trace=True):
+      jax.block_until_ready(_ours_call(model, labels, args)())
+
+
 def time_ours(model, labels: np.ndarray, args) -> dict:
   """var_jax.sample: first call (compile) and steady state, from clean caches."""
   jax.clear_caches()
-  key = jax.random.key(args.seed)
-  kwargs = dict(rng=key, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
   _common.reset_peak_rss()
-  timing = _common.time_calls(lambda: var_jax.sample(model, labels, **kwargs), args.iters)
+  timing = _common.time_calls(_ours_call(model, labels, args), args.iters)
   result = {"timing": timing, "peak_rss": _common.peak_rss_since_reset(),
             "device_peak": _common.device_peak_bytes()}
-  if args.profile_dir:
-    with jax.profiler.trace(f"{args.profile_dir}/batch{labels.shape[0]}", create_perfetto_trace=True):
-      jax.block_until_ready(var_jax.sample(model, labels, **kwargs))
+  _profile_ours(model, labels, args)
   return result
+
+
+def time_both_alternately(official: _common.Official, model, labels: np.ndarray,
+                          args) -> tuple[dict, dict]:
+  """(ours, official) as `time_ours` and `time_official` give them, with the steady calls in
+  turns: official, ours, official, ours, ... after ours' first call (compile) and the official's
+  warm-up calls. The speed of this CPU host drifts between phases minutes long (its memory
+  bandwidth measured 35-50 GB/s on one day, and a batch-8 call of either moved with it), so one
+  side timed after the other carries the drift into the ratio; in turns both meet each phase
+  (the ratio still moves with it: ours slowed more than the official in the slow phases).
+  Each side's peak RSS is taken over its own first calls, before the turns. A failing official
+  (out of memory) raises before any turn, as `time_official` does."""
+  jax.clear_caches()
+  ours = _ours_call(model, labels, args)
+  _common.reset_peak_rss()
+  t0 = time.perf_counter()
+  jax.block_until_ready(ours())
+  ours_first = time.perf_counter() - t0
+  ours_peak, device_peak = _common.peak_rss_since_reset(), _common.device_peak_bytes()
+  theirs = _official_call(official, labels, args)
+  _common.reset_peak_rss()
+  warm_s = []
+  for _ in range(args.torch_warmup):
+    t0 = time.perf_counter()
+    theirs()
+    warm_s.append(time.perf_counter() - t0)
+  theirs_peak = _common.peak_rss_since_reset()
+  times = _common.time_alternately({"official": theirs, "ours": ours}, args.iters)
+  theirs_first = (warm_s or times["official"])[0]
+  _profile_ours(model, labels, args)
+  return ({"timing": _common.Timing(ours_first, times["ours"]), "peak_rss": ours_peak,
+           "device_peak": device_peak},
+          {"timing": _common.Timing(theirs_first, times["official"]), "peak_rss": theirs_peak})
 
 
 def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
@@ -177,18 +223,26 @@ def greedy_token_shares(official, model32, model16, labels: np.ndarray, args) ->
   return out
 
 
-def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
-  """The official autoregressive_infer_cfg on the same weights and labels."""
+def _official_call(official: _common.Official, labels: np.ndarray, args):
+  """The official autoregressive_infer_cfg on the same weights and labels (under inference mode
+  and, for --dtype bfloat16, autocast), waiting for its device; returns None."""
   label_B = official.tensor(labels, np.int64)
   B = labels.shape[0]
 
   def run():
-    return official.var.autoregressive_infer_cfg(B, label_B, g_seed=args.seed, cfg=args.cfg,
-                                                 top_k=args.top_k, top_p=args.top_p)
+    with official.torch.inference_mode(), official.autocast(args.dtype):
+      official.var.autoregressive_infer_cfg(B, label_B, g_seed=args.seed, cfg=args.cfg,
+                                            top_k=args.top_k, top_p=args.top_p)
+    official.synchronize()
 
+  return run
+
+
+def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
+  """The official sampler alone: its warm-up calls, then --iters timed ones."""
   _common.reset_peak_rss()
-  with official.torch.inference_mode(), official.autocast(args.dtype):
-    timing = _common.time_torch(run, args.iters, args.torch_warmup, official.synchronize)
+  timing = _common.time_torch(_official_call(official, labels, args), args.iters,
+                              args.torch_warmup)  # the call synchronizes
   return {"timing": timing, "peak_rss": _common.peak_rss_since_reset()}
 
 
@@ -245,28 +299,43 @@ def report_goals(rows: list[dict]) -> None:
           f"AOT lower+compile {aot_text}: {'MET' if worst < COMPILE_GOAL_S else 'NOT MET'}")
 
 
+def alternate(args, official) -> bool:
+  """Whether ours and the official take turns (`time_both_alternately`): on CPU unless
+  --sequential; never on a GPU, where each side's allocator must have the device to itself."""
+  return (not args.sequential and official.device == "cpu"
+          and jax.default_backend() == "cpu")
+
+
 def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dict:
   """Ours (first call, steady state, optionally AOT) and the official at one batch size: one row."""
   cfg = model.config
   labels = np.random.default_rng(args.seed + batch).integers(0, cfg.num_classes, (batch,)).astype(np.int32)
-  # The official first: JAX's GPU allocator keeps what it grew to, torch's hands its cache back
-  # (`release_memory`), so in this order both find room at large batches. Its failure (running
-  # out of memory at a batch ours fits) is recorded in the row instead of losing ours.
-  theirs, official_error = None, None
+  # Sequential (off CPU, or --sequential): the official first. JAX's GPU allocator keeps what it
+  # grew to, torch's hands its cache back (`release_memory`), so in this order both find room at
+  # large batches. On CPU both share the host's memory and the steady calls alternate
+  # (`time_both_alternately`). The official's failure (running out of memory at a batch ours
+  # fits) is recorded in the row instead of losing ours.
+  theirs, ours, official_error = None, None, None
+  alternated = official is not None and alternate(args, official)
   if official is not None:
     try:
-      theirs = time_official(official, labels, args)
+      if alternated:
+        ours, theirs = time_both_alternately(official, model, labels, args)
+      else:
+        theirs = time_official(official, labels, args)
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
       official_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
       print(f"batch {batch}: the official failed ({official_error}); timing ours alone", flush=True)
     official.release_memory()
-  ours = time_ours(model, labels, args)
+  if ours is None:
+    ours = time_ours(model, labels, args)
   t = ours["timing"]
   row = {
       "bench": "sample", "depth": cfg.depth, "batch": batch, "iters": args.iters, "cfg": args.cfg,
       "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
       "tokenizer_dtype": args.tokenizer_dtype,
       "ours_images_per_s": batch / t.median_s, "ours_steady_s": t.median_s, "ours_steady_min_s": t.min_s,
+      "ours_calls_s": [round(x, 3) for x in t.steady_s], "turns": alternated and theirs is not None,
       "ours_first_call_s": t.first_s, "ours_compile_s": t.first_minus_steady_s,
       "ours_peak_rss_bytes": ours["peak_rss"], "ours_device_peak_bytes": ours["device_peak"],
   }
@@ -289,6 +358,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
     o = theirs["timing"]
     row.update({"official_images_per_s": batch / o.median_s, "official_steady_s": o.median_s,
                 "official_first_call_s": o.first_s, "official_peak_rss_bytes": theirs["peak_rss"],
+                "official_calls_s": [round(x, 3) for x in o.steady_s],
                 "speedup": _common.speedup(t.median_s, o.median_s)})
     if direct is not None:  # the official convolves directly (its own bound)
       row.update({"official_flops_per_s": direct.total_flops / o.median_s,
@@ -336,7 +406,8 @@ def tpu_rows(model, args) -> list[dict]:
 
 def print_tables(rows: list[dict], depth: int, iters: int, env: dict) -> None:
   _common.print_table(
-      f"VAR-d{depth} sampling, {env['backend']} ({env['device']}), median of {iters} steady calls",
+      f"VAR-d{depth} sampling, {env['backend']} ({env['device']}), median of {iters} steady calls"
+      + (" (ours and the official's in turns)" if any(r.get("turns") for r in rows) else ""),
       rows,
       [("batch", "batch", "d"), ("ours img/s", "ours_images_per_s", ".4f"), ("ours s", "ours_steady_s", ".2f"),
        ("first call s", "ours_first_call_s", ".1f"), ("compile s", "ours_compile_s", ".1f"),
