@@ -117,20 +117,21 @@ class Timing:
     return self.first_s - self.median_s
 
 
+def call_seconds(fn: Callable[[], Any]) -> float:
+  """Wall seconds of one call of `fn`, waiting for its JAX result (block_until_ready; a call that
+  returns None, such as one that waits for its own device, is timed as it returns)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
 def time_calls(fn: Callable[[], Any], iters: int) -> Timing:
   """JAX: calls `fn` 1 + iters times, waiting for its result (block_until_ready) each time.
 
   The first call (trace + compile + run) is timed on its own.
   """
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  steady = []
-  for _ in range(max(iters, 1)):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    steady.append(time.perf_counter() - t0)
-  return Timing(first, steady)
+  first = call_seconds(fn)
+  return Timing(first, [call_seconds(fn) for _ in range(max(iters, 1))])
 
 
 def time_alternately(fns: dict[str, Callable[[], Any]], iters: int) -> dict[str, list[float]]:
@@ -139,9 +140,7 @@ def time_alternately(fns: dict[str, Callable[[], Any]], iters: int) -> dict[str,
   times = {name: [] for name in fns}
   for _ in range(max(iters, 1)):
     for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
+      times[name].append(call_seconds(fn))
   return times
 
 

@@ -166,17 +166,11 @@ def time_both_alternately(official: _common.Official, model, labels: np.ndarray,
   jax.clear_caches()
   ours = _ours_call(model, labels, args)
   _common.reset_peak_rss()
-  t0 = time.perf_counter()
-  jax.block_until_ready(ours())
-  ours_first = time.perf_counter() - t0
+  ours_first = _common.call_seconds(ours)
   ours_peak, device_peak = _common.peak_rss_since_reset(), _common.device_peak_bytes()
   theirs = _official_call(official, labels, args)
   _common.reset_peak_rss()
-  warm_s = []
-  for _ in range(args.torch_warmup):
-    t0 = time.perf_counter()
-    theirs()
-    warm_s.append(time.perf_counter() - t0)
+  warm_s = [_common.call_seconds(theirs) for _ in range(args.torch_warmup)]
   theirs_peak = _common.peak_rss_since_reset()
   times = _common.time_alternately({"official": theirs, "ours": ours}, args.iters)
   theirs_first = (warm_s or times["official"])[0]
