@@ -125,6 +125,27 @@ def call_seconds(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - t0
 
 
+@dataclasses.dataclass(frozen=True)
+class HostUsage:
+  """The kernel's share of one call: this process's system CPU seconds and minor page faults
+  (getrusage deltas over the call). On CPU they are mostly fresh memory being mapped and zeroed:
+  glibc's malloc hands large blocks back to the kernel when they are freed, so every call of an
+  XLA executable or a torch loop faults its buffers in again (README, "Sampling speed")."""
+  system_s: float
+  minor_faults: int
+
+
+def recording_host_usage(fn: Callable[[], Any], record: list[HostUsage]) -> Callable[[], Any]:
+  """`fn`, waiting for its JAX result, with every call's HostUsage appended to `record`."""
+  def call():
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    out = jax.block_until_ready(fn())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    record.append(HostUsage(after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
+    return out
+  return call
+
+
 def time_calls(fn: Callable[[], Any], iters: int) -> Timing:
   """JAX: calls `fn` 1 + iters times, waiting for its result (block_until_ready) each time.
 

@@ -11,7 +11,9 @@ memory_analysis(). With VAR_REF and torch, the official
 `var.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg, top_k, top_p)` runs on the same weights
 and labels and the speed ratio ours/official is printed (> 1: ours faster). On CPU the two
 sides' steady calls take turns (official, ours, official, ...), so that a host whose speed drifts
-meets both alike; --sequential times all of the official's calls first, as on a GPU.
+meets both alike; --sequential times all of the official's calls first, as on a GPU. Each
+steady call's system CPU seconds and minor page faults (the kernel's share: fresh memory mapped
+and zeroed, `_common.HostUsage`) go into the row too, for both sides.
 
 The bound (`var_jax.inference.bound`): the least time one call can take on this machine, the
 larger of its FLOPs (the transformer's analytic matmuls, attention over the visible pairs only,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 import jax
@@ -146,9 +149,11 @@ def time_ours(model, labels: np.ndarray, args) -> dict:
   """var_jax.sample: first call (compile) and steady state, from clean caches."""
   jax.clear_caches()
   _common.reset_peak_rss()
-  timing = _common.time_calls(_ours_call(model, labels, args), args.iters)
+  usage = []
+  timing = _common.time_calls(_common.recording_host_usage(_ours_call(model, labels, args), usage),
+                              args.iters)
   result = {"timing": timing, "peak_rss": _common.peak_rss_since_reset(),
-            "device_peak": _common.device_peak_bytes()}
+            "device_peak": _common.device_peak_bytes(), "host_usage": usage[-args.iters:]}
   _profile_ours(model, labels, args)
   return result
 
@@ -164,11 +169,12 @@ def time_both_alternately(official: _common.Official, model, labels: np.ndarray,
   Each side's peak RSS is taken over its own first calls, before the turns. A failing official
   (out of memory) raises before any turn, as `time_official` does."""
   jax.clear_caches()
-  ours = _ours_call(model, labels, args)
+  ours_usage, theirs_usage = [], []
+  ours = _common.recording_host_usage(_ours_call(model, labels, args), ours_usage)
   _common.reset_peak_rss()
   ours_first = _common.call_seconds(ours)
   ours_peak, device_peak = _common.peak_rss_since_reset(), _common.device_peak_bytes()
-  theirs = _official_call(official, labels, args)
+  theirs = _common.recording_host_usage(_official_call(official, labels, args), theirs_usage)
   _common.reset_peak_rss()
   warm_s = [_common.call_seconds(theirs) for _ in range(args.torch_warmup)]
   theirs_peak = _common.peak_rss_since_reset()
@@ -176,8 +182,9 @@ def time_both_alternately(official: _common.Official, model, labels: np.ndarray,
   theirs_first = (warm_s or times["official"])[0]
   _profile_ours(model, labels, args)
   return ({"timing": _common.Timing(ours_first, times["ours"]), "peak_rss": ours_peak,
-           "device_peak": device_peak},
-          {"timing": _common.Timing(theirs_first, times["official"]), "peak_rss": theirs_peak})
+           "device_peak": device_peak, "host_usage": ours_usage[-args.iters:]},
+          {"timing": _common.Timing(theirs_first, times["official"]), "peak_rss": theirs_peak,
+           "host_usage": theirs_usage[-args.iters:]})
 
 
 def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
@@ -235,9 +242,12 @@ def _official_call(official: _common.Official, labels: np.ndarray, args):
 def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
   """The official sampler alone: its warm-up calls, then --iters timed ones."""
   _common.reset_peak_rss()
-  timing = _common.time_torch(_official_call(official, labels, args), args.iters,
-                              args.torch_warmup)  # the call synchronizes
-  return {"timing": timing, "peak_rss": _common.peak_rss_since_reset()}
+  usage = []
+  timing = _common.time_torch(  # the call synchronizes
+      _common.recording_host_usage(_official_call(official, labels, args), usage), args.iters,
+      args.torch_warmup)
+  return {"timing": timing, "peak_rss": _common.peak_rss_since_reset(),
+          "host_usage": usage[-args.iters:]}
 
 
 def _official_greedy_tokens(official, label_B, args) -> np.ndarray:
@@ -300,6 +310,16 @@ def alternate(args, official) -> bool:
           and jax.default_backend() == "cpu")
 
 
+def host_usage_fields(side: str, usage: list[_common.HostUsage]) -> dict:
+  """Row fields of one side's steady calls: each call's system CPU seconds and minor page faults,
+  and their medians (the kernel's share of a call, `_common.HostUsage`)."""
+  system_s = [round(u.system_s, 2) for u in usage]
+  faults = [u.minor_faults for u in usage]
+  return {f"{side}_calls_system_s": system_s, f"{side}_calls_minor_faults": faults,
+          f"{side}_system_s": statistics.median(system_s),
+          f"{side}_minor_faults": statistics.median(faults)}
+
+
 def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dict:
   """Ours (first call, steady state, optionally AOT) and the official at one batch size: one row."""
   cfg = model.config
@@ -332,6 +352,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
       "ours_calls_s": [round(x, 3) for x in t.steady_s], "turns": alternated and theirs is not None,
       "ours_first_call_s": t.first_s, "ours_compile_s": t.first_minus_steady_s,
       "ours_peak_rss_bytes": ours["peak_rss"], "ours_device_peak_bytes": ours["device_peak"],
+      **host_usage_fields("ours", ours["host_usage"]),
   }
   bound = direct = None
   if peaks is not None:
@@ -353,7 +374,8 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
     row.update({"official_images_per_s": batch / o.median_s, "official_steady_s": o.median_s,
                 "official_first_call_s": o.first_s, "official_peak_rss_bytes": theirs["peak_rss"],
                 "official_calls_s": [round(x, 3) for x in o.steady_s],
-                "speedup": _common.speedup(t.median_s, o.median_s)})
+                "speedup": _common.speedup(t.median_s, o.median_s),
+                **host_usage_fields("official", theirs["host_usage"])})
     if direct is not None:  # the official convolves directly (its own bound)
       row.update({"official_flops_per_s": direct.total_flops / o.median_s,
                   "official_of_peak": direct.compute_s / o.median_s,
@@ -410,7 +432,8 @@ def print_tables(rows: list[dict], depth: int, iters: int, env: dict) -> None:
        ("ours/official", "speedup", ".2f")])
   _common.print_table(
       "the bound (FLOPs at the peak matmul rate, least bytes at the measured bandwidth), achieved "
-      "FLOP/s = bound FLOPs / measured time, and memory (MiB)",
+      "FLOP/s = bound FLOPs / measured time, the kernel's share of a call (medians of its system "
+      "CPU seconds and minor page faults) and memory (MiB)",
       [{**r, **{k: _common.mib(r.get(k)) for k in r if k.endswith("_bytes") and k != "bound_bytes"},
         **{k: r[k] / 1e9 for k in r if k.endswith("_flops_per_s") and r[k] is not None},
         **{k: 100 * r[k] for k in r if k.endswith("_of_peak") and r[k] is not None},
@@ -421,6 +444,9 @@ def print_tables(rows: list[dict], depth: int, iters: int, env: dict) -> None:
        ("ours GFLOP/s", "ours_flops_per_s", ".1f"), ("ours % peak", "ours_of_peak", ".1f"),
        ("ours / bound", "ours_over_bound", ".2f"),
        ("official GFLOP/s", "official_flops_per_s", ".1f"), ("official % peak", "official_of_peak", ".1f"),
+       ("ours sys s", "ours_system_s", ".2f"), ("ours faults", "ours_minor_faults", ".0f"),
+       ("official sys s", "official_system_s", ".2f"),
+       ("official faults", "official_minor_faults", ".0f"),
        ("XLA temp", "ours_temp_bytes", ""), ("ours peak RSS", "ours_peak_rss_bytes", ""),
        ("official peak RSS", "official_peak_rss_bytes", "")])
   for r in rows:
