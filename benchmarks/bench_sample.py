@@ -153,7 +153,7 @@ def time_ours(model, labels: np.ndarray, args) -> dict:
   timing = _common.time_calls(_common.recording_host_usage(_ours_call(model, labels, args), usage),
                               args.iters)
   result = {"timing": timing, "peak_rss": _common.peak_rss_since_reset(),
-            "device_peak": _common.device_peak_bytes(), "host_usage": usage[-args.iters:]}
+            "device_peak": _common.device_peak_bytes(), "host_usage": usage}
   _profile_ours(model, labels, args)
   return result
 
@@ -182,9 +182,9 @@ def time_both_alternately(official: _common.Official, model, labels: np.ndarray,
   theirs_first = (warm_s or times["official"])[0]
   _profile_ours(model, labels, args)
   return ({"timing": _common.Timing(ours_first, times["ours"]), "peak_rss": ours_peak,
-           "device_peak": device_peak, "host_usage": ours_usage[-args.iters:]},
+           "device_peak": device_peak, "host_usage": ours_usage},
           {"timing": _common.Timing(theirs_first, times["official"]), "peak_rss": theirs_peak,
-           "host_usage": theirs_usage[-args.iters:]})
+           "host_usage": theirs_usage})
 
 
 def aot_compile_ours(model, labels: np.ndarray, args) -> dict:
@@ -247,7 +247,7 @@ def time_official(official: _common.Official, labels: np.ndarray, args) -> dict:
       _common.recording_host_usage(_official_call(official, labels, args), usage), args.iters,
       args.torch_warmup)
   return {"timing": timing, "peak_rss": _common.peak_rss_since_reset(),
-          "host_usage": usage[-args.iters:]}
+          "host_usage": usage}
 
 
 def _official_greedy_tokens(official, label_B, args) -> np.ndarray:
@@ -310,13 +310,14 @@ def alternate(args, official) -> bool:
           and jax.default_backend() == "cpu")
 
 
-def host_usage_fields(side: str, usage: list[_common.HostUsage]) -> dict:
-  """Row fields of one side's steady calls: each call's system CPU seconds and minor page faults,
-  and their medians (the kernel's share of a call, `_common.HostUsage`)."""
-  system_s = [round(u.system_s, 2) for u in usage]
-  faults = [u.minor_faults for u in usage]
-  return {f"{side}_calls_system_s": system_s, f"{side}_calls_minor_faults": faults,
-          f"{side}_system_s": statistics.median(system_s),
+def host_usage_fields(side: str, usage: list[_common.HostUsage], iters: int) -> dict:
+  """Row fields of one side's steady calls, the last `iters` of its recorded calls (the first and
+  warm-up calls come before them): each call's system CPU seconds and minor page faults, and
+  their medians (the kernel's share of a call, `_common.HostUsage`)."""
+  system_s = [u.system_s for u in usage[-iters:]]
+  faults = [u.minor_faults for u in usage[-iters:]]
+  return {f"{side}_calls_system_s": [round(x, 2) for x in system_s],
+          f"{side}_calls_minor_faults": faults, f"{side}_system_s": statistics.median(system_s),
           f"{side}_minor_faults": statistics.median(faults)}
 
 
@@ -352,7 +353,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
       "ours_calls_s": [round(x, 3) for x in t.steady_s], "turns": alternated and theirs is not None,
       "ours_first_call_s": t.first_s, "ours_compile_s": t.first_minus_steady_s,
       "ours_peak_rss_bytes": ours["peak_rss"], "ours_device_peak_bytes": ours["device_peak"],
-      **host_usage_fields("ours", ours["host_usage"]),
+      **host_usage_fields("ours", ours["host_usage"], args.iters),
   }
   bound = direct = None
   if peaks is not None:
@@ -375,7 +376,7 @@ def measure_batch(args, official, model, batch: int, peaks: Peaks | None) -> dic
                 "official_first_call_s": o.first_s, "official_peak_rss_bytes": theirs["peak_rss"],
                 "official_calls_s": [round(x, 3) for x in o.steady_s],
                 "speedup": _common.speedup(t.median_s, o.median_s),
-                **host_usage_fields("official", theirs["host_usage"])})
+                **host_usage_fields("official", theirs["host_usage"], args.iters)})
     if direct is not None:  # the official convolves directly (its own bound)
       row.update({"official_flops_per_s": direct.total_flops / o.median_s,
                   "official_of_peak": direct.compute_s / o.median_s,
