@@ -44,6 +44,27 @@ def test_winograd_matches_the_float64_convolution(B, H, W, cin, cout, upsample, 
   np.testing.assert_allclose(np.asarray(got), want, rtol=_TOLERANCE[tile], atol=_TOLERANCE[tile])
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_convs_of_one_shape_trace_the_transforms_once(monkeypatch, tile):
+  """Each block's transforms are hundreds of traced ops: a decoder's convs of one shape share
+  one trace of them (the released decoder traced 76 blocks for 11 shapes), and repeating the conv
+  still gives each kernel's own result."""
+  traced = []
+  real = conv_winograd._input_transform
+  monkeypatch.setattr(conv_winograd, "_input_transform",
+                      lambda d, m: traced.append(d.shape) or real(d, m))
+  x, kernel_a, bias = conv_operands(3, 1, 8, 12, 8, 8)
+  kernel_b = -2.0 * kernel_a
+  # A fresh trace cache: another test may have traced these shapes already.
+  jax.clear_caches()
+  both = jax.jit(lambda x: [conv_winograd.conv3x3_winograd(x, k, bias, False, tile, 10_000)
+                            for k in (kernel_a, kernel_b)])(x)
+  assert len(traced) == 1, traced
+  for got, k in zip(both, (kernel_a, kernel_b)):
+    want = numpy_conv3x3(np.asarray(x), k, bias)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=_TOLERANCE[tile], atol=_TOLERANCE[tile])
+
+
 # G of F(2x2, 3x3) and F(4x4, 3x3), Lavin & Gray (2016).
 _G = {2: np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
       4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],

@@ -46,6 +46,9 @@ training through this path is the same computation as through XLA's.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from var_jax.ops import conv_rows, float_bits
@@ -154,6 +157,18 @@ def _output_transform(m_AB_TO, tile: int):
   return tiles.reshape(tile * Rm, tile * Wm, O)
 
 
+# The transforms below are a few hundred array ops per block (`_combine`'s adds), traced anew for
+# every conv that calls them: the released decoder has 38 Winograd convs, each block of which
+# `conv_rows.map_over_row_blocks` traces twice (its output shape, then its loop step), in
+# eleven distinct shapes. As jitted functions they are traced once per shape and dtype (jax.jit's
+# cache) and enter the program as calls, which XLA inlines: the same optimized HLO (op for op)
+# and the same images. On a 2-core Xeon, the released tokenizer in float32: one trace of its
+# decoder (`jax.eval_shape(vqvae.winograd_kernels, ...)`) 5.65 -> 2.03 s; VAR-d16's first
+# sampling call at batch 1 (which traces the decoder twice) spent 48.1 and 41.2 s beyond a steady
+# call's time before, 40.7 and 39.5 s after (two runs each; the host's speed drifts).
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "tile"))
 def kernel_transform(kernel_HWIO, dtype, tile: int = 2):
   """G g G^T per (Cin, Cout) pair: (3, 3, Cin, Cout) -> (m + 2, m + 2, Cin, Cout), computed in
   float32, then cast to `dtype`."""
@@ -186,15 +201,21 @@ def conv3x3_winograd(x_BHWC, kernel_HWIO, bias_O, upsample: bool = False,
   elif transformed_kernel.shape != (n, n, C, O) or transformed_kernel.dtype != dtype:
     raise ValueError(f"a transformed kernel for F({m}x{m}, 3x3) must be {(n, n, C, O)} {dtype}, "
                      f"got {transformed_kernel.shape} {transformed_kernel.dtype}.")
-  u_K_IO = transformed_kernel.reshape(n * n, C, O)
-  bias_O = bias_O.astype(jnp.float32)
-
-  def block(rows):
-    R, W = rows.shape[0] - 2, rows.shape[1] - 2
-    d = float_bits.from_bits(rows, dtype).astype(jnp.float32)
-    v_K_TC = _input_transform(d, m).astype(dtype).reshape(n * n, (R // m) * (W // m), C)
-    m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
-    return _output_transform(m_K_TO.reshape(n, n, R // m, W // m, O), m) + bias_O
-
+  block = functools.partial(_block, u_K_IO=transformed_kernel.reshape(n * n, C, O),
+                            bias_O=bias_O.astype(jnp.float32), dtype=jnp.dtype(dtype), tile=m)
   return conv_rows.map_over_row_blocks(
       x_BHWC, dtype, upsample, lambda H, W: block_rows(H, W, m, max_tiles), block)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "tile"))
+def _block(rows, u_K_IO, bias_O, *, dtype, tile: int):
+  """One block of output rows (float32, bias added) from its R + 2 padded input rows as bit
+  patterns in `dtype` ((R + 2, W + 2, C), `conv_rows.map_over_row_blocks`) and the transformed
+  kernel (m + 2)^2 x (C, O)."""
+  m, n = tile, tile + 2
+  R, W = rows.shape[0] - 2, rows.shape[1] - 2
+  O = u_K_IO.shape[-1]
+  d = float_bits.from_bits(rows, dtype).astype(jnp.float32)
+  v_K_TC = _input_transform(d, m).astype(dtype).reshape(n * n, (R // m) * (W // m), -1)
+  m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
+  return _output_transform(m_K_TO.reshape(n, n, R // m, W // m, O), m) + bias_O
