@@ -200,7 +200,9 @@ def compare_sample_programs(variants: dict[str, tuple[Any, Callable[[], Any]]], 
     print(f"  {name}: " + " ".join(f"{t:.2f}" for t in ts)
           + f" s (median {float(np.median(ts)):.2f}, min {min(ts):.2f})")
   ratio = np.median(times[first]) / np.median(times[second])
-  print(f"  {first} / {second} (medians): x{ratio:.3f}", flush=True)
+  turns = turn_speedups(times[second], times[first])
+  print(f"  {first} / {second} (medians): x{ratio:.3f}; per turn: median x{np.median(turns):.3f} "
+        f"(x{min(turns):.3f}-x{max(turns):.3f})", flush=True)
   return times
 
 
@@ -367,6 +369,17 @@ def speedup(ours_s: float | None, official_s: float | None) -> float | None:
   if not ours_s or not official_s:
     return None
   return official_s / ours_s
+
+
+def turn_speedups(ours_s: Sequence[float], official_s: Sequence[float]) -> list[float]:
+  """official time / our time of each turn of alternated calls (`time_alternately`: the i-th
+  calls of the two sides ran next to each other). A host whose speed drifts between phases
+  minutes long moves both calls of a turn alike, so these ratios spread less than the calls do,
+  and their median is steadier than the ratio of the two medians (which may pair a call of a
+  fast phase with one of a slow phase)."""
+  if len(ours_s) != len(official_s):
+    raise ValueError(f"turns need as many calls on each side, got {len(ours_s)} and {len(official_s)}")
+  return [o / t for t, o in zip(ours_s, official_s)]
 
 
 # -- models ------------------------------------------------------------------------------------
