@@ -106,15 +106,23 @@ def test_shipped_model_samples_on_slices(topology, batch, per_chip):
 def test_sampler_report_counts_every_block_of_the_public_call():
   """The sampler's report takes its costs from the public call's program with the block scans
   fully unrolled (no while loop left, so XLA's cost analysis counts every block of every scale
-  once) and its memory from the program as it runs (one loop per scale)."""
-  shipped = _shipped()
-  m = aot.abstract_model(shipped.config, shipped.tokenizer.config)
+  once) and its memory from the program as it runs (one loop per scale). On a two-block model of
+  three scales with a two-level tokenizer: the report compiles two programs, which for the
+  shipped model took ~65 s of the suite (its decoder's many conv kernels), ~12 s here."""
+  from var_jax.models.var_config import VARConfig
+  from var_jax.models.vqvae_config import VQVAEConfig
+  patch_nums = (1, 2, 4)
+  vae_cfg = VQVAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
+                        num_groups=8, using_sa=False, using_mid_sa=False, patch_nums=patch_nums)
+  var_cfg = VARConfig(depth=2, embed_dim=128, num_heads=2, num_classes=4, vocab_size=32,
+                      z_channels=8, patch_nums=patch_nums)
+  m = aot.abstract_model(var_cfg, vae_cfg)
   mesh = aot.topology_mesh("v5e:2x2")
   report = aot.sampler_report(m.config, m.tokenizer.config, mesh, aot.chip_spec("v5e:2x2"), 8,
                               model=m)
   assert aot.while_loops(report.program.compiled) == len(m.config.patch_nums)
   # The costs' program is the public call traced with every block scan unrolled: the same
-  # StableHLO as a lowering of `lower_sample` here (compiling that again would take ~40 s).
+  # StableHLO as a lowering of `lower_sample` here (compiling that too would add a third compile).
   with aot.scan_unroll(m.config.depth, slice_each_step=True):
     lowered = aot.lower_sample(m, jax.ShapeDtypeStruct((8,), jnp.int32), mesh=mesh)
   assert lowered.as_text() == report.unrolled.lowered.as_text()

@@ -99,14 +99,15 @@ def test_next_autoregressive_input_walks_to_the_same_fhat(tok, ref):
 def test_training_forward_straight_through_and_usage(tok, ref):
   import jax
   img = jnp.asarray(_nhwc(ref["inp_img"]))
-  rec, vq_loss, hits = tok.apply(img, method=VQVAE.__call__)
+  # Jitted: op by op, the forward and its gradient compiled one program per op (~35 s).
+  rec, vq_loss, hits = jax.jit(lambda x: tok.apply(x, method=VQVAE.__call__))(img)
   assert rec.shape == img.shape and np.isfinite(float(vq_loss))
   assert hits.shape == (4, 64) and np.asarray(hits.sum(1)).tolist() == [2 * p * p for p in PATCH_NUMS]
   # Straight-through: the gradient reaches the encoder although argmin has none.
   def loss(p):
     r, l, _ = tok.module.apply({"params": p}, img)
     return jnp.mean(jnp.abs(r - img)) + l
-  g = jax.grad(loss)(tok.params)
+  g = jax.jit(jax.grad(loss))(tok.params)
   assert float(jnp.abs(g["encoder"]["conv_in"]["kernel"]).sum()) > 0
   assert float(jnp.abs(g["quantize"]["embedding"]["embedding"]).sum()) > 0
 

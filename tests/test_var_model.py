@@ -43,7 +43,7 @@ def test_block_inputs_and_loss_and_grads_match_official(tag):
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, target[..., None], axis=-1))
 
-  loss, grads = jax.value_and_grad(loss_fn)(m.params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(m.params)  # jitted: op by op is slower
   np.testing.assert_allclose(float(loss), float(ref["tf_loss"]), rtol=1e-5)
   # Map the official gradient names onto our tree with the same converter as the weights.
   sd_grads = {k[len("grad/var/"):]: v for k, v in ref.items() if k.startswith("grad/var/")}
@@ -188,8 +188,8 @@ def test_params_carry_logical_axis_names():
 def test_official_init_statistics():
   cfg = VARConfig(depth=4, patch_nums=(1, 2, 3), num_classes=10, vocab_size=256, z_channels=8,
                   init_adaln_gamma=1e-3)
-  params = meta.unbox(VAR(cfg).init(jax.random.key(0), jnp.zeros((2,), jnp.int32),
-                                    jnp.zeros((2, 13, 8)))["params"])
+  params = meta.unbox(jax.jit(VAR(cfg).init)(jax.random.key(0), jnp.zeros((2,), jnp.int32),
+                                             jnp.zeros((2, 13, 8)))["params"])
   sigma = cfg.init_sigma
   np.testing.assert_allclose(np.std(params["blocks"]["ffn"]["fc1"]["kernel"]), sigma, rtol=0.05)
   np.testing.assert_allclose(np.std(params["blocks"]["ffn"]["fc2"]["kernel"]), sigma / np.sqrt(8), rtol=0.05)
