@@ -3,7 +3,7 @@ sampler's analytic bytes (the sampler itself: tests/test_aot_sampling.py; FLOPs:
 
 Needs libtpu (the tpu extra), no TPU: libtpu's compile-only client gives the devices of a v5e
 2x2 and a v4 2x2x1 slice, and the programs are partitioned, given their Pallas (Mosaic) kernels and
-memory-planned for them. A small model keeps the compiles near a minute on 2 cores: depth 2
+memory-planned for them. A small model keeps each compile near 20 s on 2 cores: depth 2
 (2 heads of 64), patch_nums (1, 2, 3, 4, 5, 6, 8) so that L = 155 >= 128 takes the splash
 training kernel at 128 px (with (1, 3, 12), 192 px, each train step compile took ~60% longer),
 bfloat16 compute, pre-tokenized batches, and a small tokenizer for the decoder compile.

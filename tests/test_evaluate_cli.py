@@ -58,7 +58,7 @@ def _few_sample_fid(a, b_mu, b_sigma):
   2048-d product took ~14 s per call here; tests/test_fid.py compares against it.)"""
   n, mu = len(a), a.mean(0)
   A = (a - mu) / np.sqrt(n - 1)
-  eigenvalues = np.linalg.eigvals(A @ b_sigma @ A.T).real
+  eigenvalues = np.linalg.eigvalsh(A @ b_sigma @ A.T)  # symmetric positive semi-definite
   trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
   return float(((mu - b_mu) ** 2).sum() + (A * A).sum() + np.trace(b_sigma) - 2 * trace_sqrt)
 
