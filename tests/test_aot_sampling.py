@@ -79,7 +79,8 @@ def _compile_and_check(lowered, topology, model, batch_per_chip):
     pytest.param("v5e:1x1", 8, 8, marks=pytest.mark.slow),  # ~70 s; the 2x2 cases stay in CI
     ("v5e:2x2", 12, 3),
     pytest.param("v5e:2x2", 3, 1, marks=pytest.mark.slow),  # padded to 4 (4x8 pads 12 to 32)
-    ("v4:2x2x1", 8, 2),
+    # ~50 s: CI keeps v5e:2x2 (the same conv-kernel path) and test_aot_tpu's v4:2x2x1 train step
+    pytest.param("v4:2x2x1", 8, 2, marks=pytest.mark.slow),
     pytest.param("v5e:4x8", 12, 1, marks=pytest.mark.slow),  # 32 chips: padded to 32 (~35 s)
 ])
 def test_shipped_model_samples_on_slices(topology, batch, per_chip):
