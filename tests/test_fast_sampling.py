@@ -54,7 +54,8 @@ def test_draft_scales_at_the_ends_give_the_official_greedy_tokens(draft_scales, 
   np.testing.assert_array_equal(concat_tokens(tokens), ref["greedy_cfg1p5_idx_BL"])
 
 
-@pytest.mark.parametrize("draft_scales", [1, pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("draft_scales", [1, pytest.param(2, marks=pytest.mark.slow),
+                                          pytest.param(3, marks=pytest.mark.slow)])  # ~20 s each
 def test_refined_scales_follow_the_refiners_teacher_forcing(draft_scales):
   """Greedy: the drafted scales are the drafter's official greedy tokens; every refined token is
   the argmax of the refiner's guided teacher-forcing logits given the tokens before it (which

@@ -199,7 +199,8 @@ def _ops_making(hlo: str, shapes: set) -> set:
           if tuple(int(d) for d in dims.split(",") if d) in shapes}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [
+    "float32", pytest.param("bfloat16", marks=pytest.mark.slow)])  # ~34 s: the same placement code
 def test_on_cpu_the_blocks_read_each_layers_weights_where_it_lies(dtype):
   """On CPU the placement holds every block weight as one array per layer and the model unrolls
   its blocks over them (`var.weights_per_layer`): in the compiled program of the public call no
