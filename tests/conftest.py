@@ -54,9 +54,9 @@ def fixtures_dir():
 
 
 # A worker keeps what JAX compiled from one test file to the next while it stays under this much
-# resident memory: files do share programs (the eager ops every file runs, the tiny models' helpers),
-# and recompiling them after every file cost ~10% of the run's time (5 sampling and model files:
-# 321 s with a clear after each file, 289 s without). Two workers at this size leave most of the
+# resident memory: files compile some of the same programs, and clearing after every file cost ~10%
+# of the run's time (5 sampling and model files: 321 s with a clear after each file, 289 s without;
+# which programs they share was not broken down). Two workers at this size leave most of the
 # machine's 24 GB to the tests' own peaks.
 _KEEP_COMPILED_BELOW_BYTES = 4 << 30
 
