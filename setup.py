@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2",
     "huggingface_hub>=0.24",
     "tqdm>=4.66",
+    # OpenBLAS (headers and library) for the float32 CPU matmuls built on first use
+    # (var_jax/ops/cpu_gemm.py).
+    "scipy-openblas32>=0.3.27",
 ]
 
 TRAIN_REQUIRES = [
@@ -52,7 +55,7 @@ setup(
     packages=find_namespace_packages(include=["var_jax", "var_jax.*"]) + ["var_jax.configs"],
     # The repository's configs/ installs as var_jax.configs, so `--config var_tiny` works anywhere.
     package_dir={"var_jax.configs": "configs"},
-    package_data={"var_jax": ["assets/*", "assets/**/*"]},
+    package_data={"var_jax": ["assets/*", "assets/**/*", "ops/*.cc"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
