@@ -238,13 +238,21 @@ def aot_compile(jitted, *args, **kwargs):
 
 
 def matmul_flops_per_s(n: int = 2048, iters: int = 5, dtype: str = "float32") -> float:
-  """Achieved FLOP/s of one (n, n) @ (n, n) matmul on the default backend (best of iters), the
-  operands in `dtype`, accumulated in float32 (as the models' matmuls)."""
+  """Achieved FLOP/s of one (n, n) @ (n, n) matmul on one device of the default backend (best of
+  iters), the operands in `dtype`, accumulated in float32, through the models' own choice of
+  matmul: OpenBLAS for float32 on one CPU device (`ops/cpu_gemm.py`), XLA's dot otherwise."""
+  from var_jax.ops import cpu_gemm
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
-  mm = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST,
-                                    preferred_element_type=jnp.float32))
-  t = time_calls(lambda: mm(a, b), iters)
+
+  def product(x, y):
+    if cpu_gemm.enabled(x, y):
+      return cpu_gemm.matmul(x[None], y[None])[0]
+    return jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+  mm = jax.jit(product)
+  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))):
+    t = time_calls(lambda: mm(a, b), iters)
   return 2.0 * n ** 3 / t.min_s
 
 

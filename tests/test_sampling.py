@@ -224,6 +224,11 @@ def test_on_cpu_the_blocks_read_each_layers_weights_where_it_lies(dtype):
   kernels = {tuple(x.shape[1:]) for x in jax.tree.leaves(m32.params["blocks"])
              if x.ndim >= 3 and math.prod(x.shape[1:]) >= C * C}
   assert len(kernels) >= 4, kernels
+  # and their views as one matmul's operand (the float32 OpenBLAS call, `ops/cpu_gemm.py`, takes
+  # (1, K, N)): (in, out) splits, with and without a leading 1
+  views = lambda s: {v for i in range(1, len(s))
+                     for v in [(math.prod(s[:i]), math.prod(s[i:]))]} | {s}
+  kernels = {w for s in kernels for v in views(s) for w in (v, (1, *v))}
 
   def ran(m):
     """The program `sample` just ran: lowering the same call again hits jit's caches."""

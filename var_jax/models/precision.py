@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from var_jax.ops import cpu_gemm
+
 
 def _rounded_once(sums, bias, dtype):
   """float32 `sums` plus `bias` (None: none; broadcasting against them, rounded to `dtype` first,
@@ -31,10 +33,15 @@ def _rounded_once(sums, bias, dtype):
 
 def einsum(subscripts: str, *operands, bias=None):
   """`jnp.einsum` accumulated in float32, returned in the operands' dtype; `bias` is added to the
-  float32 sums before the one rounding (`_rounded_once`)."""
+  float32 sums before the one rounding (`_rounded_once`). A float32 einsum that is one matmul
+  runs through OpenBLAS where `cpu_gemm.enabled` (one CPU device)."""
   dtype = jnp.result_type(*operands)
-  return _rounded_once(jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32),
-                       bias, dtype)
+  sums = None
+  if len(operands) == 2 and cpu_gemm.enabled(*operands):
+    sums = cpu_gemm.einsum_as_matmul(subscripts, *operands)
+  if sums is None:
+    sums = jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32)
+  return _rounded_once(sums, bias, dtype)
 
 
 class Dense(nn.Module):

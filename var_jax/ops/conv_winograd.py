@@ -51,7 +51,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from var_jax.ops import conv_rows, float_bits
+from var_jax.ops import conv_rows, cpu_gemm, float_bits
 
 # (B^T, G, A^T) of F(m x m, 3 x 3) by output tile m, from the interpolation points 0, +-1 (m = 2)
 # and 0, +-1, +-2 (m = 4), each with the point at infinity (Lavin & Gray 2016).
@@ -217,5 +217,8 @@ def _block(rows, u_K_IO, bias_O, *, dtype, tile: int):
   O = u_K_IO.shape[-1]
   d = float_bits.from_bits(rows, dtype).astype(jnp.float32)
   v_K_TC = _input_transform(d, m).astype(dtype).reshape(n * n, (R // m) * (W // m), -1)
-  m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
+  if cpu_gemm.enabled(v_K_TC, u_K_IO):
+    m_K_TO = cpu_gemm.matmul(v_K_TC, u_K_IO)
+  else:
+    m_K_TO = jnp.einsum("ktc,kco->kto", v_K_TC, u_K_IO, preferred_element_type=jnp.float32)
   return _output_transform(m_K_TO.reshape(n, n, R // m, W // m, O), m) + bias_O
