@@ -17,7 +17,8 @@ PACKAGE = ROOT / "var_jax"
 # Lowest first. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
     {"var_jax.errors", "var_jax.scales",    # the foundation every layer may use
-     "var_jax.compile_cache", "var_jax.mesh_axes", "var_jax.paths"},
+     "var_jax.compile_cache", "var_jax.mesh_axes", "var_jax.paths",
+     "var_jax.cpu_gemm_library"},          # builds and registers ops/cpu_gemm's handler
     {"var_jax.kernels"},                    # Pallas kernels, the XLA reference, their shard_map
     {"var_jax.ops"},                        # attention dispatch, exact resizes
     {"var_jax.models"},                     # the paper's networks and their configs

@@ -13,6 +13,7 @@ from helpers import concat_tokens, model, reference
 from var_jax.errors import ConfigError
 from var_jax.inference import sampler
 from var_jax.models import precision
+from var_jax import cpu_gemm_library
 from var_jax.ops import cpu_gemm
 
 
@@ -22,7 +23,7 @@ def one_device_mesh():
 
 def test_the_handler_builds_here():
   """CI and this machine have a C++ compiler: the fast path must be what the suite runs."""
-  assert cpu_gemm.available()
+  assert cpu_gemm_library.available()
 
 
 @pytest.mark.parametrize("G,Gw,M,K,N", [
@@ -104,22 +105,22 @@ def test_enabled_on_one_cpu_device_for_float32_only(monkeypatch):
   with jax.set_mesh(one_device_mesh()):
     assert cpu_gemm.enabled(x, x)
     assert not cpu_gemm.enabled(x.astype(jnp.bfloat16), x)
-    monkeypatch.setenv(cpu_gemm.ENV, "xla")
+    monkeypatch.setenv(cpu_gemm_library.ENV, "xla")
     assert not cpu_gemm.enabled(x, x)
-    monkeypatch.setenv(cpu_gemm.ENV, "openblas")
+    monkeypatch.setenv(cpu_gemm_library.ENV, "openblas")
     with pytest.raises(ConfigError, match="VAR_JAX_CPU_GEMM"):
       cpu_gemm.enabled(x, x)
 
 
 def test_a_failed_build_warns_once_and_leaves_xla(monkeypatch, caplog):
   def fail(*args, **kwargs):
-    raise cpu_gemm.BuildError("no C++ compiler 'c++' on PATH")
-  monkeypatch.setattr(cpu_gemm, "build", fail)
+    raise cpu_gemm_library.BuildError("no C++ compiler 'c++' on PATH")
+  monkeypatch.setattr(cpu_gemm_library, "build", fail)
   with caplog.at_level(logging.WARNING):
-    assert cpu_gemm._registered.__wrapped__() is False  # the uncached body: this process keeps its build
+    assert cpu_gemm_library._registered.__wrapped__() is False  # the uncached body: this process keeps its build
   assert "no C++ compiler" in caplog.text and "XLA's own" in caplog.text
   # and with the handler unavailable, the models' einsums are XLA's dots
-  monkeypatch.setattr(cpu_gemm, "available", lambda: False)
+  monkeypatch.setattr(cpu_gemm_library, "available", lambda: False)
   x = jnp.ones((3, 16))
   with jax.set_mesh(one_device_mesh()):
     hlo = jax.jit(lambda x, w: precision.einsum("...i,io->...o", x, w)).lower(x, x.T).as_text()
@@ -127,15 +128,15 @@ def test_a_failed_build_warns_once_and_leaves_xla(monkeypatch, caplog):
 
 
 def test_build_names_a_missing_compiler(tmp_path):
-  with pytest.raises(cpu_gemm.BuildError, match="no C..? compiler '/nonexistent/c[+][+]'"):
-    cpu_gemm.build(tmp_path, environ={"CXX": "/nonexistent/c++"})
+  with pytest.raises(cpu_gemm_library.BuildError, match="no C..? compiler '/nonexistent/c[+][+]'"):
+    cpu_gemm_library.build(tmp_path, environ={"CXX": "/nonexistent/c++"})
   assert not list(tmp_path.iterdir())
 
 
 def test_build_is_cached_by_its_key(tmp_path):
-  first = cpu_gemm.build(tmp_path)
+  first = cpu_gemm_library.build(tmp_path)
   stamp = first.stat().st_mtime_ns
-  assert cpu_gemm.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+  assert cpu_gemm_library.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no half-built files left
 
 
