@@ -1,14 +1,15 @@
-"""The sampler's transformer matmuls, XLA against torch, at VAR's shapes on this backend.
+"""The sampler's transformer matmuls, JAX against torch, at VAR's shapes on this backend.
 
   JAX_PLATFORMS=cpu python benchmarks/bench_matmul.py                       # d16, batch 8, bf16
   JAX_PLATFORMS=cpu PYTHONPATH=<torch> python benchmarks/bench_matmul.py --dtypes bfloat16,float32
 
 For the dense layers of one block (qkv C -> 3C, proj C -> C, fc1 C -> 4C, fc2 4C -> C; C = 64 x
 depth) at the rows of a sampling step (2 x batch x pn², guidance doubling the batch) of the given
-scales, times XLA's dot as the model computes it (operands in the dtype, float32 accumulation, a
-float32 bias, the result cast back) and, where torch is importable, torch's `addmm` in the same
-dtype (what the official runs under `torch.autocast`), alternating the two call by call so that a
-host whose speed drifts slows both alike. Prints GFLOP/s per layer and the block's total: the
+scales, times the model's matmul as it computes it on one device (operands in the dtype, float32
+accumulation, a float32 bias, the result cast back; float32 on CPU through OpenBLAS,
+`ops/cpu_gemm.py`, else XLA's dot: the script prints which) and, where torch is importable,
+torch's `addmm` in the same dtype (what the official runs under `torch.autocast`), alternating
+the two call by call so that a host whose speed drifts slows both alike. Prints GFLOP/s per layer and the block's total: the
 figure that says how far the sampler's largest ops sit from the other framework's on this host.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import _common
+from var_jax.models import precision
+from var_jax.ops import cpu_gemm
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +59,9 @@ def _import_torch():
 
 @jax.jit
 def dense(x, w, b):
-  """A dense layer as the model computes it: float32 accumulation and bias, cast back."""
-  return (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(x.dtype)
+  """A dense layer as the model computes it (`precision.Dense`): float32 accumulation and bias,
+  cast back; called on one device, so that on CPU float32 takes the model's OpenBLAS path."""
+  return precision.einsum("...i,io->...o", x, w, bias=b)
 
 
 def _seconds(call) -> float:
@@ -73,6 +77,16 @@ def main(argv=None) -> None:
   env["torch"] = torch.__version__ if torch is not None else "off (--no-official) or not importable"
   _common.print_environment(env)
   width = 64 * args.depth
+  one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  with jax.set_mesh(one_device):
+    for dtype_name in args.dtypes:
+      ones = jnp.ones((2, 2), dtype_name)
+      path = "OpenBLAS (ops/cpu_gemm.py)" if cpu_gemm.enabled(ones, ones) else "XLA's dot"
+      print(f"JAX's {dtype_name} matmuls: {path}")
+    _measure(args, torch, width)
+
+
+def _measure(args, torch, width: int) -> None:
   rows_out = []
   for dtype_name in args.dtypes:
     dtype = jnp.dtype(dtype_name)
@@ -117,11 +131,11 @@ def main(argv=None) -> None:
                      jax_over_torch=total["jax"] / total["torch"])
         rows_out.append(row)
   columns = [("dtype", "dtype", ""), ("batch", "batch", "d"), ("pn", "pn", "d"),
-             ("layer", "layer", ""), ("shape", "shape", ""), ("XLA ms", "jax_ms", ".2f"),
-             ("XLA GFLOP/s", "jax_gflops", ".0f")]
+             ("layer", "layer", ""), ("shape", "shape", ""), ("JAX ms", "jax_ms", ".2f"),
+             ("JAX GFLOP/s", "jax_gflops", ".0f")]
   if torch is not None:
     columns += [("torch ms", "torch_ms", ".2f"), ("torch GFLOP/s", "torch_gflops", ".0f"),
-                ("XLA / torch time", "jax_over_torch", ".2f")]
+                ("JAX / torch time", "jax_over_torch", ".2f")]
   _common.print_table(f"VAR-d{args.depth} block matmuls per sampling step", rows_out, columns)
 
 
