@@ -241,6 +241,7 @@ def matmul_flops_per_s(n: int = 2048, iters: int = 5, dtype: str = "float32") ->
   """Achieved FLOP/s of one (n, n) @ (n, n) matmul on one device of the default backend (best of
   iters), the operands in `dtype`, accumulated in float32, through the models' own choice of
   matmul: OpenBLAS for float32 on one CPU device (`ops/cpu_gemm.py`), XLA's dot otherwise."""
+  import var_jax
   from var_jax.ops import cpu_gemm
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
@@ -251,7 +252,7 @@ def matmul_flops_per_s(n: int = 2048, iters: int = 5, dtype: str = "float32") ->
     return jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
   mm = jax.jit(product)
-  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))):
+  with jax.set_mesh(var_jax.sampling_mesh(devices=jax.devices()[:1])):
     t = time_calls(lambda: mm(a, b), iters)
   return 2.0 * n ** 3 / t.min_s
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import _common
+import var_jax
 from var_jax.models import precision
 from var_jax.ops import cpu_gemm
 
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
   env["torch"] = torch.__version__ if torch is not None else "off (--no-official) or not importable"
   _common.print_environment(env)
   width = 64 * args.depth
-  one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  one_device = var_jax.sampling_mesh(devices=jax.devices()[:1])
   with jax.set_mesh(one_device):
     for dtype_name in args.dtypes:
       ones = jnp.ones((2, 2), dtype_name)

@@ -18,7 +18,8 @@ from var_jax.ops import cpu_gemm
 
 
 def one_device_mesh():
-  return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  """The mesh a user's call on one CPU device runs under (`var_jax.sampling_mesh`)."""
+  return var_jax.sampling_mesh(devices=jax.devices()[:1])
 
 
 def test_the_handler_builds_here():
@@ -100,7 +101,7 @@ def test_other_einsums_are_left_to_xla(subscripts, x_shape, w_shape):
 def test_enabled_on_one_cpu_device_for_float32_only(monkeypatch):
   x = jnp.zeros((4, 8), jnp.float32)
   assert not cpu_gemm.enabled(x, x)  # no mesh: nothing says the program runs on one device
-  with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()), ("data",))):
+  with jax.set_mesh(var_jax.sampling_mesh()):  # every device
     assert len(jax.devices()) > 1 and not cpu_gemm.enabled(x, x)
   with jax.set_mesh(one_device_mesh()):
     assert cpu_gemm.enabled(x, x)
@@ -148,7 +149,7 @@ def test_public_sample_on_one_cpu_device_runs_openblas_and_matches_official(tag)
   ref = reference(tag)
   m = model(tag)
   kw = dict(rng=jax.random.key(0), cfg=1.5, top_k=1, top_p=0.0,
-            mesh=var_jax.sampling_mesh(devices=jax.devices()[:1]))
+            mesh=one_device_mesh())
   labels = ref["sample_label"]
   images, tokens = var_jax.sample(m, labels, return_tokens=True, **kw)
   assert cpu_gemm.TARGET in sampler.build_sample_call(m, labels, **kw).lower().as_text()

@@ -27,13 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from var_jax import cpu_gemm_library
+from var_jax.ops import attention as attention_ops
 
 TARGET = cpu_gemm_library.TARGET
-
-
-def _platform(mesh) -> str:
-  device = mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()
 
 
 def enabled(*operands) -> bool:
@@ -43,7 +39,7 @@ def enabled(*operands) -> bool:
   if cpu_gemm_library.choice() == "xla":
     return False
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size != 1 or _platform(mesh) != "cpu":
+  if mesh.empty or mesh.size != 1 or attention_ops.computation_platform() != "cpu":
     return False
   return cpu_gemm_library.available()
 
